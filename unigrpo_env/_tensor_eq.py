@@ -1,0 +1,31 @@
+"""Exact, NaN-aware equality of nested structures holding tensors (used by ``__eq__`` of the
+typed observations and trajectories, so Gymnasium's checker and tests can compare them)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def tensors_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape, dtype and values; NaN equals NaN."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point():
+        same = (a == b) | (torch.isnan(a) & torch.isnan(b))
+        return bool(same.all())
+    return bool(torch.equal(a, b))
+
+
+def deep_equal(a: Any, b: Any) -> bool:
+    """Recursive exact equality over dicts, lists, tuples, tensors and plain values."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and tensors_equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(deep_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(deep_equal(x, y) for x, y in zip(a, b))
+    if hasattr(a, "model_fields") and type(a) is type(b):
+        return all(deep_equal(getattr(a, k), getattr(b, k)) for k in type(a).model_fields)
+    return bool(a == b)

@@ -1,0 +1,139 @@
+"""Typed actions: what an agent sends to ``env.step``.
+
+Two kinds, one per phase of the interleaved MDP (DESIGN.md section 2):
+
+* :class:`TextAction` — the next token, or a whole segment of tokens, of the reasoning text.
+  A 1-D ``tokens`` tensor is one episode's segment; a 2-D ``[N, L]`` tensor with ``lengths``
+  is one segment per episode of a batched environment.
+* :class:`FlowAction` — the next latent ``x_{t+Δt}`` of the denoising trajectory, ``[C, H, W]``
+  for one episode or ``[N, C, H, W]`` for a batch.
+
+Both optionally carry the log-probability the agent's policy assigned to the action, which the
+environment records in the trajectory (the "old" log-probabilities of GRPO / Flow-GRPO).
+
+The models only coerce their inputs (lists and numpy arrays become tensors); everything that
+depends on the environment's state (phase, shape, vocabulary, device) is checked by the
+environment before it changes anything.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+
+__all__ = ["TextAction", "FlowAction", "as_tensor"]
+
+
+def as_tensor(value: Any, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Coerce lists, tuples, numbers and numpy arrays to a tensor; tensors pass through as they are
+    (their dtype and device are validated later, not silently converted)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    return torch.tensor(value, dtype=dtype)
+
+
+class _TensorModel(BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+
+
+class TextAction(_TensorModel):
+    """One token or a whole segment of reasoning tokens.
+
+    Attributes:
+        tokens: token ids, ``[L]`` for one episode or ``[N, L]`` for a batch of N episodes.
+        log_probs: optional log-probabilities of the tokens under the acting policy, same shape.
+        lengths: for a batched ``[N, L]`` action, how many leading tokens of each row are real
+            (the rest is padding). ``0`` means "no text for this episode" — required for the
+            episodes whose text phase has already closed. Defaults to ``L`` for every row.
+    """
+
+    tokens: torch.Tensor
+    log_probs: torch.Tensor | None = None
+    lengths: torch.Tensor | None = None
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _tokens(cls, value: Any) -> torch.Tensor:
+        if isinstance(value, (int, np.integer)):
+            value = [int(value)]
+        tensor = as_tensor(value, dtype=torch.long)
+        if tensor.dim() not in (1, 2):
+            raise ValueError(f"tokens must be 1-D [L] or 2-D [N, L], got shape {tuple(tensor.shape)}")
+        return tensor
+
+    @field_validator("log_probs", mode="before")
+    @classmethod
+    def _log_probs(cls, value: Any) -> torch.Tensor | None:
+        if value is None:
+            return None
+        if isinstance(value, (float, int)):
+            value = [float(value)]
+        return as_tensor(value, dtype=torch.float32)
+
+    @field_validator("lengths", mode="before")
+    @classmethod
+    def _lengths(cls, value: Any) -> torch.Tensor | None:
+        return None if value is None else as_tensor(value, dtype=torch.long)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TextAction":
+        if self.log_probs is not None and self.log_probs.shape != self.tokens.shape:
+            raise ValueError(
+                f"log_probs must have the shape of tokens {tuple(self.tokens.shape)}, "
+                f"got {tuple(self.log_probs.shape)}"
+            )
+        if self.lengths is not None:
+            if self.tokens.dim() != 2:
+                raise ValueError("lengths only applies to batched [N, L] tokens")
+            if self.lengths.shape != (self.tokens.shape[0],):
+                raise ValueError(
+                    f"lengths must have shape [N]=({self.tokens.shape[0]},), got {tuple(self.lengths.shape)}"
+                )
+        return self
+
+    @property
+    def batched(self) -> bool:
+        return self.tokens.dim() == 2
+
+    def row_lengths(self) -> torch.Tensor:
+        """Number of real tokens per row of a batched action (``lengths`` or ``L``)."""
+        if not self.batched:
+            raise ValueError("row_lengths is only defined for batched [N, L] actions")
+        if self.lengths is not None:
+            return self.lengths
+        return torch.full((self.tokens.shape[0],), self.tokens.shape[1], dtype=torch.long)
+
+
+class FlowAction(_TensorModel):
+    """One denoising step: the next latent ``x_{t+Δt}``.
+
+    Attributes:
+        x_next: ``[C, H, W]`` for one episode or ``[N, C, H, W]`` for a batch; float32.
+        log_prob: optional log-density of ``x_next`` under the acting policy's Gaussian
+            transition (``unigrpo_env.flow.sde_step``), a scalar or ``[N]``.
+        stochastic: whether the step was sampled (SDE) rather than deterministic (ODE).
+            Defaults to ``log_prob is not None``.
+    """
+
+    x_next: torch.Tensor
+    log_prob: torch.Tensor | None = None
+    stochastic: bool | None = None
+
+    @field_validator("x_next", mode="before")
+    @classmethod
+    def _x_next(cls, value: Any) -> torch.Tensor:
+        return as_tensor(value, dtype=torch.float32)
+
+    @field_validator("log_prob", mode="before")
+    @classmethod
+    def _log_prob(cls, value: Any) -> torch.Tensor | None:
+        return None if value is None else as_tensor(value, dtype=torch.float32)
+
+    @property
+    def is_stochastic(self) -> bool:
+        return self.log_prob is not None if self.stochastic is None else bool(self.stochastic)

@@ -1,0 +1,224 @@
+"""Gymnasium spaces over the typed actions and observations.
+
+* :class:`TextActionSpace` — segments of token ids; ``sample()`` returns a valid
+  :class:`~unigrpo_env.TextAction`, ``contains()`` validates one.
+* :class:`FlowActionSpace` — next latents of a fixed shape; ``sample()`` returns a
+  :class:`~unigrpo_env.FlowAction` with a standard-normal ``x_next``.
+* :class:`InterleavedActionSpace` — the environment's ``action_space``: both of the above, and
+  the phase the environment is in, which the environment keeps current. Sampling and membership
+  follow the phase, so ``env.step(env.action_space.sample())`` is always valid (a random agent
+  finishes episodes). This is the phase-dependent analogue of Gymnasium's action masks.
+* :class:`ObservationSpace` — membership of an :class:`~unigrpo_env.Observation`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from unigrpo_env.actions import FlowAction, TextAction
+from unigrpo_env.observation import Observation, Phase
+
+__all__ = ["TextActionSpace", "FlowActionSpace", "InterleavedActionSpace", "ObservationSpace"]
+
+
+class TextActionSpace(spaces.Space[TextAction]):
+    """Segments of 1 to ``max_length`` token ids in ``[0, vocab_size)`` for one episode, where
+    the end-of-thinking token may only come last.
+
+    ``max_length`` is how many tokens the current text phase still accepts; the environment
+    updates it after every text step.
+    """
+
+    def __init__(self, vocab_size: int, eot_id: int, max_length: int, seed: int | np.random.Generator | None = None):
+        super().__init__(shape=None, dtype=None, seed=seed)
+        self.vocab_size = int(vocab_size)
+        self.eot_id = int(eot_id)
+        self.max_length = int(max_length)
+
+    @property
+    def is_np_flattenable(self) -> bool:
+        return False
+
+    def sample(self, mask: Any = None, probability: Any = None) -> TextAction:
+        """A random segment: a uniform length in ``[1, max_length]``, uniform token ids, cut
+        right after the first end-of-thinking token if one is drawn."""
+        if mask is not None or probability is not None:
+            raise NotImplementedError("TextActionSpace.sample does not take a mask or probability")
+        length = int(self.np_random.integers(1, max(self.max_length, 1) + 1))
+        ids = self.np_random.integers(0, self.vocab_size, size=length)
+        eot = np.flatnonzero(ids == self.eot_id)
+        if eot.size:
+            ids = ids[: eot[0] + 1]
+        return TextAction(tokens=torch.from_numpy(ids.astype(np.int64)))
+
+    def contains(self, x: Any) -> bool:
+        if not isinstance(x, TextAction) or x.tokens.dim() != 1:
+            return False
+        tokens = x.tokens
+        if tokens.is_floating_point() or tokens.dtype == torch.bool or not 1 <= tokens.numel() <= self.max_length:
+            return False
+        if bool(((tokens < 0) | (tokens >= self.vocab_size)).any()):
+            return False
+        if bool((tokens[:-1] == self.eot_id).any()):
+            return False
+        return x.log_probs is None or bool(torch.isfinite(x.log_probs).all())
+
+    def __repr__(self) -> str:
+        return f"TextActionSpace(vocab_size={self.vocab_size}, max_length={self.max_length})"
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, TextActionSpace)
+            and (other.vocab_size, other.eot_id, other.max_length) == (self.vocab_size, self.eot_id, self.max_length)
+        )
+
+
+class FlowActionSpace(spaces.Space[FlowAction]):
+    """Next latents ``x_next`` of shape ``latent_shape``, float32, finite."""
+
+    def __init__(self, latent_shape: tuple[int, ...], seed: int | np.random.Generator | None = None):
+        super().__init__(shape=tuple(latent_shape), dtype=np.float32, seed=seed)
+        self.latent_shape = tuple(int(d) for d in latent_shape)
+
+    @property
+    def is_np_flattenable(self) -> bool:
+        return False
+
+    def sample(self, mask: Any = None, probability: Any = None) -> FlowAction:
+        """A random latent, ``x_next ~ N(0, I)`` (what a policy that ignores the state would do)."""
+        if mask is not None or probability is not None:
+            raise NotImplementedError("FlowActionSpace.sample does not take a mask or probability")
+        x = self.np_random.standard_normal(self.latent_shape).astype(np.float32)
+        return FlowAction(x_next=torch.from_numpy(x))
+
+    def contains(self, x: Any) -> bool:
+        if not isinstance(x, FlowAction):
+            return False
+        latent = x.x_next
+        return (
+            tuple(latent.shape) == self.latent_shape
+            and latent.dtype == torch.float32
+            and bool(torch.isfinite(latent).all())
+        )
+
+    def __repr__(self) -> str:
+        return f"FlowActionSpace(latent_shape={self.latent_shape})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FlowActionSpace) and other.latent_shape == self.latent_shape
+
+
+class InterleavedActionSpace(spaces.Space[Any]):
+    """The action space of an interleaved environment: ``text`` in the text phase, ``image`` in the
+    image phase. ``phase`` is kept current by the environment that owns the space."""
+
+    def __init__(self, text: TextActionSpace, image: FlowActionSpace, seed: int | None = None):
+        self.text = text
+        self.image = image
+        self.phase: Phase = "text"
+        super().__init__(shape=None, dtype=None, seed=seed)
+
+    @property
+    def is_np_flattenable(self) -> bool:
+        return False
+
+    def seed(self, seed: int | None = None) -> tuple[int, int, int]:
+        """Seed this space and its two sub-spaces (deterministically derived from ``seed``)."""
+        own = super().seed(seed)
+        sub = self.np_random.integers(0, 2**31 - 1, size=2)
+        return (own[0], self.text.seed(int(sub[0]))[0], self.image.seed(int(sub[1]))[0])
+
+    @property
+    def current(self) -> spaces.Space[Any]:
+        """The sub-space of the current phase (the text space once the episode is done)."""
+        return self.image if self.phase == "image" else self.text
+
+    def sample(self, mask: Any = None, probability: Any = None) -> TextAction | FlowAction:
+        return self.current.sample(mask, probability)
+
+    def contains(self, x: Any) -> bool:
+        return self.current.contains(x)
+
+    def __repr__(self) -> str:
+        return f"InterleavedActionSpace(phase={self.phase!r}, text={self.text!r}, image={self.image!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, InterleavedActionSpace) and other.text == self.text and other.image == self.image
+
+
+class ObservationSpace(spaces.Space[Observation]):
+    """Observations of one episode of a scenario: shapes, dtypes and ranges are checked."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        max_tokens: int,
+        latent_shape: tuple[int, ...],
+        image_size: int,
+        seed: int | None = None,
+    ):
+        super().__init__(shape=None, dtype=None, seed=seed)
+        self.vocab_size = int(vocab_size)
+        self.max_tokens = int(max_tokens)
+        self.latent_shape = tuple(latent_shape)
+        self.image_size = int(image_size)
+
+    @property
+    def is_np_flattenable(self) -> bool:
+        return False
+
+    def sample(self, mask: Any = None, probability: Any = None) -> Observation:
+        """A random text-phase observation (for tests of agents; not a reachable state in general)."""
+        length = int(self.np_random.integers(0, self.max_tokens + 1))
+        tokens = torch.from_numpy(self.np_random.integers(0, self.vocab_size, size=length).astype(np.int64))
+        return Observation(
+            phase="text",
+            turn=0,
+            num_turns=1,
+            prompt="",
+            prompts=("",),
+            tokens=tokens,
+            tokens_left=self.max_tokens - length,
+            num_steps=1,
+            cond_images=torch.zeros((0, self.image_size, self.image_size, 3), dtype=torch.uint8),
+        )
+
+    def contains(self, x: Any) -> bool:
+        if not isinstance(x, Observation):
+            return False
+        tokens = x.tokens
+        ok = (
+            tokens.dim() == 1
+            and tokens.dtype == torch.long
+            and tokens.numel() + x.tokens_left <= self.max_tokens
+            and bool(((tokens >= 0) & (tokens < self.vocab_size)).all())
+            and 0 <= x.turn < x.num_turns
+            and x.cond_images.dtype == torch.uint8
+            and tuple(x.cond_images.shape[1:]) == (self.image_size, self.image_size, 3)
+        )
+        if not ok:
+            return False
+        if x.phase == "image":
+            return (
+                x.x_t is not None
+                and tuple(x.x_t.shape) == self.latent_shape
+                and x.t is not None
+                and x.t_next is not None
+                and 0.0 <= x.t_next < x.t <= 1.0
+            )
+        return True
+
+    def __repr__(self) -> str:
+        return f"ObservationSpace(max_tokens={self.max_tokens}, latent_shape={self.latent_shape})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ObservationSpace) and (
+            other.vocab_size,
+            other.max_tokens,
+            other.latent_shape,
+            other.image_size,
+        ) == (self.vocab_size, self.max_tokens, self.latent_shape, self.image_size)
