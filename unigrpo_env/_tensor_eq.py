@@ -26,6 +26,6 @@ def deep_equal(a: Any, b: Any) -> bool:
         return a.keys() == b.keys() and all(deep_equal(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return type(a) is type(b) and len(a) == len(b) and all(deep_equal(x, y) for x, y in zip(a, b))
-    if hasattr(a, "model_fields") and type(a) is type(b):
+    if type(a) is type(b) and hasattr(type(a), "model_fields"):
         return all(deep_equal(getattr(a, k), getattr(b, k)) for k in type(a).model_fields)
     return bool(a == b)

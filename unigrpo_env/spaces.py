@@ -130,7 +130,7 @@ class InterleavedActionSpace(spaces.Space[Any]):
         """Seed this space and its two sub-spaces (deterministically derived from ``seed``)."""
         own = super().seed(seed)
         sub = self.np_random.integers(0, 2**31 - 1, size=2)
-        return (own[0], self.text.seed(int(sub[0]))[0], self.image.seed(int(sub[1]))[0])
+        return (int(own), int(self.text.seed(int(sub[0]))), int(self.image.seed(int(sub[1]))))
 
     @property
     def current(self) -> spaces.Space[Any]:

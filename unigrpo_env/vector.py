@@ -57,8 +57,8 @@ class BatchActionSpace(spaces.Space[Any]):
         return False
 
     def seed(self, seed: int | None = None) -> tuple[int, ...]:
-        own = super().seed(seed)
-        return own + tuple(self.single.seed(int(self.np_random.integers(0, 2**31 - 1))))
+        own = int(super().seed(seed))
+        return (own, *self.single.seed(int(self.np_random.integers(0, 2**31 - 1))))
 
     def sample(self, mask: Any = None, probability: Any = None) -> TextAction | FlowAction:
         if mask is not None or probability is not None:

@@ -1,0 +1,35 @@
+"""ShapesWorld's word-level tokenizer, built with Hugging Face ``tokenizers``.
+
+Every word of every prompt, reasoning chain and description (``tasks.vocabulary()``) gets an id
+after the special tokens; text is split on whitespace. The same tokenizer wraps into a
+``transformers`` fast tokenizer for the ShapesWorld language model.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from unigrpo_env.scenarios.shapes.tasks import vocabulary
+
+__all__ = ["PAD", "UNK", "BOS", "EOS", "END_OF_THINKING", "SPECIAL_TOKENS", "build_tokenizer"]
+
+PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
+END_OF_THINKING = "</think>"
+SPECIAL_TOKENS = (PAD, UNK, BOS, EOS, END_OF_THINKING)
+
+
+@lru_cache(maxsize=1)
+def _vocab() -> tuple[str, ...]:
+    return (*SPECIAL_TOKENS, *(w for w in vocabulary() if w not in SPECIAL_TOKENS))
+
+
+def build_tokenizer() -> Tokenizer:
+    """A fresh word-level tokenizer over ShapesWorld's vocabulary (ids are stable: specials
+    first, then the sorted vocabulary)."""
+    vocab = {word: i for i, word in enumerate(_vocab())}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    return tokenizer

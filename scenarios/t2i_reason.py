@@ -1,0 +1,88 @@
+"""``t2i_reason``: single-round reasoning, then one image, in ShapesWorld.
+
+The user gives a riddle ("draw one shape like a wheel in the colour of grass"); the policy
+reasons in text and writes the explicit scene description, closes its thinking with ``</think>``,
+then draws the scene by flow denoising in pixel space. The reward is the exact verifier's score
+(GenEval-style checks) of the finished image. Gymnasium id: ``unigrpo/T2IReason-v0``.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any
+
+import torch
+
+from unigrpo_env.codecs import PixelCodec, TextCodec
+from unigrpo_env.rewards import get_reward
+from unigrpo_env.scenario import Scenario
+from unigrpo_env.task import Task
+from unigrpo_env.scenarios.shapes import ShapesTask, answer_text, render, task_split
+from unigrpo_env.scenarios.shapes.tokenizer import END_OF_THINKING, build_tokenizer
+
+__all__ = ["T2IReasonScenario"]
+
+
+class T2IReasonScenario(Scenario):
+    """ShapesWorld, one turn: riddle -> reasoning and description -> image.
+
+    Args:
+        image_size: canvas size in pixels (the latent is the ``3 × size × size`` image).
+        num_steps: denoising steps per image (Flow-GRPO trains with 10, evaluates with 40).
+        shift: timestep shift of the schedule (1 = uniform; SD3 and Bagel use 3 at 1024 px, but a
+            32-px canvas has little low-frequency structure to spend extra high-noise steps on).
+        max_tokens: the text phase's token limit; the longest oracle answer is well under it.
+        reward: a registered reward name; ``reward_options`` are passed to its factory.
+    """
+
+    name = "t2i_reason"
+
+    def __init__(
+        self,
+        image_size: int = 32,
+        num_steps: int = 10,
+        shift: float = 1.0,
+        max_tokens: int = 48,
+        reward: str = "shapes_verifier",
+        reward_options: dict[str, Any] | None = None,
+    ):
+        self.text_codec = TextCodec(build_tokenizer(), end_of_thinking=END_OF_THINKING, max_tokens=max_tokens)
+        self.image_codec = PixelCodec(image_size)
+        self.num_steps = int(num_steps)
+        self.shift = float(shift)
+        self.reward = get_reward(reward, **(reward_options or {}))
+        self.timesteps()  # validate num_steps and shift now, with the schedule's own error
+
+    @cached_property
+    def _tasks(self) -> dict[str, list[Task]]:
+        return {
+            split: [
+                Task(
+                    prompts=(shapes.prompt,),
+                    category=shapes.category,
+                    split=split,
+                    index=i,
+                    meta={"shapes_task": shapes.to_dict()},
+                )
+                for i, shapes in enumerate(task_split(split))
+            ]
+            for split in self.splits
+        }
+
+    def tasks(self, split: str) -> list[Task]:
+        return self._tasks[split]
+
+    # -- the oracle's two halves (used by examples/oracle_agent.py and the tests) -------------
+
+    def oracle_tokens(self, task: Task) -> list[int]:
+        """The correct reasoning and description, ending with the end-of-thinking token."""
+        return self.text_codec.encode(answer_text(ShapesTask.from_dict(task.meta["shapes_task"])), end_of_thinking=True)
+
+    def target_image(self, task: Task) -> torch.Tensor:
+        """The rendered target scene, ``[H, W, 3]`` uint8."""
+        scene = ShapesTask.from_dict(task.meta["shapes_task"]).target
+        return torch.from_numpy(render(scene, size=self.image_codec.image_size))
+
+    def target_latent(self, task: Task) -> torch.Tensor:
+        """The target image as a latent ``x_0`` ``[3, H, W]``."""
+        return self.image_codec.encode(self.target_image(task).unsqueeze(0))[0]

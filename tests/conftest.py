@@ -1,0 +1,57 @@
+"""Shared fixtures: a small toy scenario (independent of ShapesWorld) with a configurable number
+of turns, so the environment's mechanics are tested on multi-turn episodes too."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from unigrpo_env import PixelCodec, RewardInputs, RewardOutput, Scenario, Task, TextCodec
+
+TOY_WORDS = ["<pad>", "<unk>", "</think>", "red", "green", "blue", "draw", "it", "again", "a", "dot"]
+
+
+def toy_tokenizer() -> Tokenizer:
+    vocab = {w: i for i, w in enumerate(TOY_WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<pad>", "<unk>", "</think>"])
+    return tok
+
+
+class MeanColourReward:
+    """Scores how close the final image's mean colour is to the task's target (in [0, 1])."""
+
+    def __call__(self, inputs: RewardInputs) -> RewardOutput:
+        target = torch.tensor([t.meta["rgb"] for t in inputs.tasks], dtype=torch.float32)
+        mean = inputs.images.float().mean(dim=(1, 2))
+        score = 1.0 - (mean - target).abs().mean(dim=1) / 255.0
+        return RewardOutput(scores=score, components={"colour": score})
+
+
+class ToyScenario(Scenario):
+    name = "toy"
+
+    def __init__(self, num_turns: int = 2, num_steps: int = 3, max_tokens: int = 4, image_size: int = 4):
+        self.text_codec = TextCodec(toy_tokenizer(), end_of_thinking="</think>", max_tokens=max_tokens)
+        self.image_codec = PixelCodec(image_size)
+        self.reward = MeanColourReward()
+        self.num_steps = num_steps
+        self.shift = 1.0
+        colours = {"red": [255, 0, 0], "green": [0, 255, 0], "blue": [0, 0, 255]}
+        self._tasks = {
+            split: [
+                Task(prompts=(f"draw a {c} dot",) + ("draw it again",) * (num_turns - 1), category=c, split=split, index=i, meta={"rgb": rgb})
+                for i, (c, rgb) in enumerate(colours.items())
+            ]
+            for split in ("train", "heldout")
+        }
+
+    def tasks(self, split: str):
+        return self._tasks[split]
+
+
+@pytest.fixture
+def toy_scenario() -> ToyScenario:
+    return ToyScenario()
