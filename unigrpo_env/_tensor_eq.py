@@ -3,6 +3,7 @@ typed observations and trajectories, so Gymnasium's checker and tests can compar
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -26,6 +27,8 @@ def deep_equal(a: Any, b: Any) -> bool:
         return a.keys() == b.keys() and all(deep_equal(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return type(a) is type(b) and len(a) == len(b) and all(deep_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
     if type(a) is type(b) and hasattr(type(a), "model_fields"):
         return all(deep_equal(getattr(a, k), getattr(b, k)) for k in type(a).model_fields)
     return bool(a == b)

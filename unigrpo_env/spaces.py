@@ -44,15 +44,15 @@ class TextActionSpace(spaces.Space[TextAction]):
         return False
 
     def sample(self, mask: Any = None, probability: Any = None) -> TextAction:
-        """A random segment: a uniform length in ``[1, max_length]``, uniform token ids, cut
-        right after the first end-of-thinking token if one is drawn."""
+        """A random segment of ``1 … max(1, max_length // 2)`` uniform token ids, never the
+        end-of-thinking token: the token limit closes a random agent's text phase after a few
+        steps. So a sample drawn at any point of a text phase is also valid at the start of the
+        next one (Gymnasium's ``check_env`` samples an action before it calls ``reset``)."""
         if mask is not None or probability is not None:
             raise NotImplementedError("TextActionSpace.sample does not take a mask or probability")
-        length = int(self.np_random.integers(1, max(self.max_length, 1) + 1))
-        ids = self.np_random.integers(0, self.vocab_size, size=length)
-        eot = np.flatnonzero(ids == self.eot_id)
-        if eot.size:
-            ids = ids[: eot[0] + 1]
+        length = int(self.np_random.integers(1, max(1, self.max_length // 2) + 1))
+        ids = self.np_random.integers(0, self.vocab_size - 1, size=length)
+        ids = ids + (ids >= self.eot_id)  # uniform over the vocabulary without the end-of-thinking id
         return TextAction(tokens=torch.from_numpy(ids.astype(np.int64)))
 
     def contains(self, x: Any) -> bool:
