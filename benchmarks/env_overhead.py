@@ -45,6 +45,13 @@ class SmallVelocityNet(nn.Module):
         return self.out(self.body(h))
 
 
+class ZeroCostVelocity(nn.Module):
+    """``v = −x_t``: no compute, so the timing difference is the environment's own cost."""
+
+    def forward(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        return -x
+
+
 def env_episode(envs, net, tokens, seed: int) -> float:
     start = time.perf_counter()
     obs, _ = envs.reset(seed=seed)
@@ -93,23 +100,31 @@ def main() -> None:
     envs.reset(seed=0)
     tasks = envs.episodes.tasks
     tokens = torch.full((n, 1), scenario.text_codec.eot_id)  # one end-of-thinking token per episode
-    net = SmallVelocityNet().eval()
 
-    env_times, bare_times = [], []
-    with torch.no_grad():
-        env_episode(envs, net, tokens, seed=123)  # warm-up
-        bare_episode(scenario, tasks, net, n, seed=123)
-        for k in range(args.episodes):
-            env_times.append(env_episode(envs, net, tokens, seed=k))
-            bare_times.append(bare_episode(scenario, tasks, net, n, seed=k))
+    def measure(net: nn.Module) -> tuple[float, float]:
+        env_times, bare_times = [], []
+        with torch.no_grad():
+            env_episode(envs, net, tokens, seed=123)  # warm-up
+            bare_episode(scenario, tasks, net, n, seed=123)
+            for k in range(args.episodes):
+                env_times.append(env_episode(envs, net, tokens, seed=k))
+                bare_times.append(bare_episode(scenario, tasks, net, n, seed=k))
+        return statistics.median(env_times), statistics.median(bare_times)
 
-    env_med, bare_med = statistics.median(env_times), statistics.median(bare_times)
     print(f"machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}, python {platform.python_version()}")
     print(f"batch: {args.prompts}x{args.group_size} = {n} episodes, {args.steps} SDE steps, 3x32x32 latents")
-    print(f"bare loop : {bare_med * 1e3:8.1f} ms per batch (median of {args.episodes})")
-    print(f"make_vec  : {env_med * 1e3:8.1f} ms per batch (median of {args.episodes})")
-    print(f"ratio env/bare = {env_med / bare_med:.3f}  (overhead {100 * (env_med / bare_med - 1):+.1f}%)")
+    env_med, bare_med = measure(SmallVelocityNet().eval())
+    print("small velocity network (3 convs of 64 channels):")
+    print(f"  bare loop : {bare_med * 1e3:8.1f} ms per batch (median of {args.episodes})")
+    print(f"  make_vec  : {env_med * 1e3:8.1f} ms per batch (median of {args.episodes})")
+    print(f"  ratio env/bare = {env_med / bare_med:.3f}  (overhead {100 * (env_med / bare_med - 1):+.1f}%)")
+    env_zero, bare_zero = measure(ZeroCostVelocity())
+    per_step = (env_zero - bare_zero) / (args.steps + 1)
+    print("zero-cost velocity (v = -x_t), i.e. the environment's own cost:")
+    print(f"  bare loop : {bare_zero * 1e3:8.1f} ms per batch;  make_vec: {env_zero * 1e3:8.1f} ms per batch")
+    print(f"  the environment adds {(env_zero - bare_zero) * 1e3:.2f} ms per batch = {per_step * 1e6:.0f} us per step "
+          f"({per_step / ((bare_med - bare_zero) / args.steps) * 100:.1f}% of one network call)")
 
 
 if __name__ == "__main__":
