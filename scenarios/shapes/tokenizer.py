@@ -13,11 +13,12 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from unigrpo_env.scenarios.shapes.tasks import vocabulary
 
-__all__ = ["PAD", "UNK", "BOS", "EOS", "END_OF_THINKING", "SPECIAL_TOKENS", "build_tokenizer"]
+__all__ = ["PAD", "UNK", "BOS", "EOS", "THINK", "END_OF_THINKING", "IMAGE", "SPECIAL_TOKENS", "build_tokenizer"]
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
-END_OF_THINKING = "</think>"
-SPECIAL_TOKENS = (PAD, UNK, BOS, EOS, END_OF_THINKING)
+THINK, END_OF_THINKING = "<think>", "</think>"  # open and close the reasoning, as Bagel and Qwen do
+IMAGE = "<image>"  # stands for an earlier turn's image in a multi-turn context
+SPECIAL_TOKENS = (PAD, UNK, BOS, EOS, THINK, END_OF_THINKING, IMAGE)
 
 
 @lru_cache(maxsize=1)
