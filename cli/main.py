@@ -1,12 +1,18 @@
 """The ``unigrpo`` command (Typer).
 
-Commands so far: ``unigrpo list scenarios|rewards``. Bad arguments print one line and exit with
-code 2.
+    unigrpo list scenarios|rewards
+    unigrpo pretrain shapes --out DIR [--seed S]
+    unigrpo eval scenario t2i_reason [--checkpoint DIR] [--cfg SCALE] [--seed S] [--out DIR]
+
+Bad arguments, unknown scenarios and unreadable checkpoints print one line
+(``unigrpo: error: ...``) and exit with code 2, without a traceback.
 """
 
 from __future__ import annotations
 
 from enum import Enum
+from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -55,10 +61,96 @@ def list_(what: Listable = typer.Argument(..., help="What to list: scenarios or 
     console.print(table)
 
 
+class UserError(Exception):
+    """An error in what the user asked for: reported in one line, exit code 2."""
+
+
+class Pretrainable(str, Enum):
+    shapes = "shapes"
+
+
+class Evaluable(str, Enum):
+    scenario = "scenario"
+
+
+@app.command()
+def pretrain(
+    world: Pretrainable = typer.Argument(..., help="What to pretrain: 'shapes' (ShapesWorld's language and image models)."),
+    out: Path = typer.Option(..., "--out", help="Folder to write the checkpoint to (language_model/, flow_model/, pretrain.json)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of data, initialisation and batches (the shipped checkpoint uses 0)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Torch CPU threads (default: torch's choice)."),
+    evaluate_after: bool = typer.Option(True, "--eval/--no-eval", help="Evaluate the new checkpoint on the held-out tasks afterwards."),
+) -> None:
+    """Train ShapesWorld's base models from scratch, deterministically, on the CPU."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from unigrpo_env.scenarios.shapes.pretrain import PretrainConfig, pretrain_shapes
+
+    config = PretrainConfig(seed=seed, num_threads=threads)
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeElapsedColumn(), console=console,
+    ) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(part: str, step: int, total: int, loss: float) -> None:
+            if part not in tasks:
+                tasks[part] = bar.add_task(part, total=total, loss=float("nan"))
+            bar.update(tasks[part], completed=step, loss=loss)
+
+        summary = pretrain_shapes(out, config, progress)
+    console.print(f"checkpoint written to {out} in {summary['wall_seconds'] / 60:.1f} min")
+    if evaluate_after:
+        _evaluate_and_print("t2i_reason", checkpoint=out, cfg=1.0, seed=0, out=out / "eval", split="heldout", temperature=1.0, limit=None)
+
+
+@app.command("eval")
+def eval_(
+    kind: Evaluable = typer.Argument(..., help="What to evaluate: 'scenario'."),
+    name: str = typer.Argument(..., help="The scenario, e.g. t2i_reason."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint folder (default: the shipped ShapesWorld checkpoint)."),
+    cfg: float = typer.Option(1.0, "--cfg", min=1.0, help="Classifier-free guidance scale of the image model (1 = none)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the text sampling and the initial noise."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for eval.json and grid.png."),
+    split: str = typer.Option("heldout", "--split", help="Task split to evaluate."),
+    temperature: float = typer.Option(1.0, "--temperature", min=0.0, help="Text sampling temperature (0 = greedy)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only the first N tasks."),
+) -> None:
+    """Score a policy on a scenario's held-out tasks: a GenEval-style table per category."""
+    _evaluate_and_print(name, checkpoint=checkpoint, cfg=cfg, seed=seed, out=out, split=split, temperature=temperature, limit=limit)
+
+
+def _evaluate_and_print(name: str, *, checkpoint, cfg: float, seed: int, out, split: str, temperature: float, limit) -> None:
+    from unigrpo_env.agents.evaluation import evaluate
+    from unigrpo_env.agents.shapes_policy import load_shapes_policy
+    from unigrpo_env.registration import make_scenario
+
+    make_scenario(name)  # unknown scenario -> RegistryError, reported in one line
+    policy = load_shapes_policy(checkpoint)
+    report = evaluate(policy, name, split=split, cfg_scale=cfg, seed=seed, temperature=temperature, limit=limit,
+                      checkpoint=None if checkpoint is None else str(checkpoint), out_dir=out)
+    table = Table(title=f"{name} · {split} · cfg {cfg} · temperature {temperature} · seed {seed}")
+    for column in ("category", "tasks", "pipeline correct", "pipeline reward", "image | true desc. correct", "description accuracy"):
+        table.add_column(column, justify="right" if column != "category" else "left")
+    for category, scores in report.pipeline.items():
+        truth = report.image_given_truth[category]
+        style = "bold" if category == "overall" else None
+        table.add_row(category, str(scores.count), f"{scores.correct:.3f}", f"{scores.reward:.3f}", f"{truth.correct:.3f}",
+                      f"{report.description_accuracy[category]:.3f}", style=style)
+    console.print(table)
+    console.print(f"{report.seconds:.0f} s" + (f"; eval.json and grid.png in {out}" if out else ""))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; usage errors print one line (``unigrpo: error: ...``) and exit with code 2."""
+    from unigrpo_env.agents.shapes_policy import CheckpointError
+    from unigrpo_env.registration import RegistryError
+
     try:
         code = app(args=argv, standalone_mode=False)
+    except (UserError, CheckpointError, RegistryError) as exc:
+        typer.echo(f"unigrpo: error: {' '.join(str(exc).split())}", err=True)
+        raise SystemExit(2)
     except _ABORT_TYPES:
         raise SystemExit(130)
     except _USAGE_ERROR_TYPES as exc:  # bad command, option or value

@@ -1,0 +1,151 @@
+"""The policy protocol: what the UniGRPO agent needs from a unified model, and nothing more.
+
+A unified model (Bagel-style) has two halves acting in the two phases of an episode:
+
+* a :class:`TextPolicy` writes the reasoning: it samples a whole segment per episode with
+  per-token log-probabilities, and recomputes log-probabilities of given tokens *with gradients*
+  (for the GRPO ratio);
+* a :class:`FlowPolicy` predicts the velocity ``v_θ(x_t, t, c)`` with gradients; its condition
+  ``c`` (the turn's reasoning, earlier images) is prepared once per image by :meth:`FlowPolicy.condition`,
+  then every denoising step is one network call — two with classifier-free guidance, batched.
+
+:class:`UnifiedPolicy` holds both and exposes their parameters as separate groups, for separate
+learning rates and for training one side only. Any model can be adapted: the agent only sees
+these protocols (see :mod:`unigrpo_env.agents.hf_policies` for ``transformers`` and ``diffusers``
+adapters).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+__all__ = ["TurnContext", "TextSample", "TextPolicy", "FlowPolicy", "UnifiedPolicy"]
+
+
+class TurnContext(BaseModel):
+    """What N episodes condition on at one turn, batched.
+
+    Attributes:
+        prompts: each episode's user prompts, from the first turn to the current one.
+        history: each episode's reasoning token ids of the earlier turns (one 1-D tensor per turn).
+        images: finished images of the earlier turns, ``[N, K, H, W, 3]`` uint8 (K = turn index).
+        reasoning: the current turn's reasoning ``[N, L]`` (padded) with ``reasoning_lengths``
+            ``[N]`` — empty while the text phase has not run yet; what the flow policy draws from.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+
+    prompts: list[tuple[str, ...]]
+    history: list[list[torch.Tensor]]
+    images: torch.Tensor
+    reasoning: torch.Tensor
+    reasoning_lengths: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def turn(self) -> int:
+        return len(self.prompts[0]) - 1 if self.prompts else 0
+
+    def reasoning_of(self, i: int) -> torch.Tensor:
+        """Episode ``i``'s reasoning tokens of the current turn (unpadded)."""
+        return self.reasoning[i, : int(self.reasoning_lengths[i])]
+
+    def with_reasoning(self, tokens: torch.Tensor, lengths: torch.Tensor) -> "TurnContext":
+        """The same context once the current turn's reasoning is written."""
+        return self.model_copy(update={"reasoning": tokens, "reasoning_lengths": lengths})
+
+    def select(self, index: torch.Tensor | list[int]) -> "TurnContext":
+        """The sub-batch of episodes ``index`` (for minibatches)."""
+        idx = torch.as_tensor(index, dtype=torch.long)
+        rows = idx.tolist()
+        return TurnContext(
+            prompts=[self.prompts[i] for i in rows],
+            history=[self.history[i] for i in rows],
+            images=self.images[idx],
+            reasoning=self.reasoning[idx.to(self.reasoning.device)],
+            reasoning_lengths=self.reasoning_lengths[idx.to(self.reasoning_lengths.device)],
+        )
+
+
+class TextSample(BaseModel):
+    """A sampled reasoning segment per episode: ``tokens`` ``[N, L]`` (padded after ``lengths``),
+    ``lengths`` ``[N]``, and the sampling policy's ``log_probs`` ``[N, L]`` (0 beyond lengths)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    log_probs: torch.Tensor
+
+
+@runtime_checkable
+class TextPolicy(Protocol):
+    """The text half: ``π_θ(y_k | c, y_<k)``."""
+
+    def sample(
+        self,
+        context: TurnContext,
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> TextSample:
+        """Sample each episode's segment until its end-of-thinking token or ``max_new_tokens``."""
+        ...
+
+    def log_probs(self, context: TurnContext, tokens: torch.Tensor, lengths: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+        """``log π_θ(tokens | context)`` per token ``[N, L]`` with gradients (0 beyond ``lengths``)."""
+        ...
+
+    def parameters(self) -> Iterator[nn.Parameter]: ...
+
+
+@runtime_checkable
+class FlowPolicy(Protocol):
+    """The image half: the velocity ``v_θ(x_t, t, c)`` of a flow-matching model."""
+
+    def condition(self, context: TurnContext) -> Any:
+        """Prepare the condition of the current turn's image (once per image, not per step)."""
+        ...
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor | float, condition: Any, *, cfg_scale: float = 1.0) -> torch.Tensor:
+        """``v_θ`` ``[N, C, H, W]`` with gradients. ``cfg_scale == 1``: one network call, no
+        unconditional branch; otherwise ``v_u + s·(v_c − v_u)`` from one batched call."""
+        ...
+
+    def parameters(self) -> Iterator[nn.Parameter]: ...
+
+
+class UnifiedPolicy(nn.Module):
+    """A text policy and a flow policy, trained together by UniGRPO.
+
+    The two halves are registered as sub-modules, so ``state_dict``, ``to(device)`` and
+    Accelerate's wrapping see the whole model; :meth:`text_parameters` and
+    :meth:`image_parameters` give the two parameter groups (a model whose halves share a
+    backbone overrides them).
+    """
+
+    def __init__(self, text: TextPolicy, image: FlowPolicy):
+        super().__init__()
+        for name, part in (("text", text), ("image", image)):
+            if not isinstance(part, nn.Module):
+                raise TypeError(f"the {name} policy must be a torch.nn.Module, got {type(part).__name__}")
+        if not isinstance(text, TextPolicy):
+            raise TypeError(f"{type(text).__name__} does not implement the TextPolicy protocol (sample, log_probs)")
+        if not isinstance(image, FlowPolicy):
+            raise TypeError(f"{type(image).__name__} does not implement the FlowPolicy protocol (condition, velocity)")
+        self.text = text
+        self.image = image
+
+    def text_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.text.parameters() if p.requires_grad]
+
+    def image_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.image.parameters() if p.requires_grad]

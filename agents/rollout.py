@@ -1,0 +1,148 @@
+"""Rollouts: a unified policy plays a batched environment from reset to the terminal reward.
+
+For each turn: the text policy samples every episode's reasoning in one batched call (with
+per-token log-probabilities) and the segments go to the environment as one batched action; then
+the flow policy's condition is built once and every denoising step is one network call for the
+whole batch (CFG-free by default), an SDE step (``flow.sde_step``, recording its log-probability)
+inside the SDE window and an ODE step outside it, as Flow-GRPO's "Fast" variant does.
+The environment records everything; :class:`Rollout` keeps what a trainer needs beside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from pydantic import BaseModel, Field, model_validator
+
+from unigrpo_env import FlowAction, TextAction, flow
+from unigrpo_env.agents.policy import TextSample, TurnContext, UnifiedPolicy
+from unigrpo_env.vector import InterleavedVectorEnv
+
+__all__ = ["RolloutSettings", "Rollout", "rollout", "turn_context"]
+
+
+class RolloutSettings(BaseModel):
+    """How a rollout samples.
+
+    Attributes:
+        temperature: text sampling temperature (0 = greedy).
+        noise_level: the SDE noise level ``a`` of the stochastic steps (0 makes every step an ODE step).
+        sde_window: ``(start, size)``: steps ``start … start + size − 1`` of each image are SDE
+            steps, the others ODE steps; None makes every step an SDE step.
+        cfg_scale: classifier-free guidance scale of the velocity (1 = CFG-free, one call per step).
+    """
+
+    temperature: float = Field(default=1.0, ge=0.0)
+    noise_level: float = Field(default=0.7, ge=0.0)
+    sde_window: tuple[int, int] | None = None
+    cfg_scale: float = Field(default=1.0, ge=1.0)
+
+    @model_validator(mode="after")
+    def _window(self) -> "RolloutSettings":
+        if self.sde_window is not None and (self.sde_window[0] < 0 or self.sde_window[1] < 1):
+            raise ValueError(f"sde_window must be (start >= 0, size >= 1), got {self.sde_window}")
+        return self
+
+    def is_sde_step(self, step: int) -> bool:
+        if self.noise_level == 0.0:
+            return False
+        if self.sde_window is None:
+            return True
+        start, size = self.sde_window
+        return start <= step < start + size
+
+
+@dataclass
+class Rollout:
+    """One finished batch: per turn the context, the text sample and the flow condition; the
+    rewards; and the environment, whose episode engine holds the batched trajectory."""
+
+    envs: InterleavedVectorEnv
+    contexts: list[TurnContext] = field(default_factory=list)
+    texts: list[TextSample] = field(default_factory=list)
+    conditions: list[Any] = field(default_factory=list)
+    rewards: torch.Tensor | None = None
+    reward_components: dict[str, torch.Tensor] = field(default_factory=dict)
+    reward_error: str | None = None
+    network_calls: int = 0
+
+    @property
+    def tasks(self):
+        return self.envs.episodes.tasks
+
+    @property
+    def group_ids(self) -> torch.Tensor:
+        return self.envs.group_ids
+
+
+def turn_context(obs, history: list[list[torch.Tensor]]) -> TurnContext:
+    """The context of the current turn, before its reasoning is written."""
+    n = len(obs.prompts)
+    return TurnContext(
+        prompts=list(obs.prompts),
+        history=[list(h) for h in history],
+        images=obs.cond_images,
+        reasoning=torch.zeros((n, 0), dtype=torch.long),
+        reasoning_lengths=torch.zeros(n, dtype=torch.long),
+    )
+
+
+TextWriter = Callable[[TurnContext, InterleavedVectorEnv], TextSample]
+
+
+@torch.no_grad()
+def rollout(
+    policy: UnifiedPolicy,
+    envs: InterleavedVectorEnv,
+    settings: RolloutSettings | None = None,
+    *,
+    seed: int | None = None,
+    options: dict[str, Any] | None = None,
+    generator: torch.Generator | None = None,
+    write_text: TextWriter | None = None,
+) -> Rollout:
+    """Play one batch of ``envs`` with ``policy``. ``write_text`` replaces the text policy (e.g.
+    an oracle that writes the true descriptions, to evaluate the image model alone)."""
+    settings = settings or RolloutSettings()
+    obs, _ = envs.reset(seed=seed, options=options)
+    if generator is None:
+        generator = torch.Generator().manual_seed(0 if seed is None else seed)
+    result = Rollout(envs=envs)
+    history: list[list[torch.Tensor]] = [[] for _ in range(envs.num_envs)]
+    while True:
+        # -- text phase: one batched segment per episode ------------------------------------
+        context = turn_context(obs, history)
+        if write_text is not None:
+            sample = write_text(context, envs)
+        else:
+            budget = int(envs.episodes.tokens_left().max())
+            sample = policy.text.sample(context, max_new_tokens=budget, temperature=settings.temperature, generator=generator)
+        obs, *_ = envs.step(TextAction(tokens=sample.tokens, lengths=sample.lengths, log_probs=sample.log_probs))
+        context = context.with_reasoning(sample.tokens, sample.lengths)
+        for i in range(envs.num_envs):
+            history[i].append(sample.tokens[i, : int(sample.lengths[i])].cpu())
+        result.contexts.append(context)
+        result.texts.append(sample)
+        # -- image phase: one network call per denoising step -----------------------------
+        condition = policy.image.condition(context)
+        result.conditions.append(condition)
+        step = 0
+        while obs.phase == "image":
+            velocity = policy.image.velocity(obs.x_t, obs.t, condition, cfg_scale=settings.cfg_scale)
+            result.network_calls += 1 if settings.cfg_scale == 1.0 else 2
+            if settings.is_sde_step(step):
+                x_next, log_prob, _, _ = flow.sde_step(velocity, obs.x_t, obs.t, obs.t_next, settings.noise_level, generator=generator)
+                action = FlowAction(x_next=x_next, log_prob=log_prob, stochastic=True)
+            else:
+                action = FlowAction(x_next=flow.ode_step(velocity, obs.x_t, obs.t, obs.t_next), stochastic=False)
+            obs, rewards, terminated, _, info = envs.step(action)
+            step += 1
+        if obs.phase == "done":
+            reward = envs.episodes.reward
+            result.rewards = reward.scores.clone()
+            result.reward_components = {k: v.clone() for k, v in reward.components.items()}
+            result.reward_error = reward.error
+            return result
