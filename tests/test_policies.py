@@ -1,0 +1,193 @@
+"""The policy protocol and its Hugging Face adapters, on tiny models of the real classes saved to a
+temporary folder and loaded back with ``from_pretrained``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import unigrpo_env
+from unigrpo_env.agents.evaluation import evaluate
+from unigrpo_env.agents.policy import FlowPolicy, TextPolicy, TurnContext, UnifiedPolicy
+from unigrpo_env.agents.rollout import RolloutSettings, rollout
+from unigrpo_env.agents.shapes_policy import CheckpointError, load_shapes_policy, shapes_policy
+from unigrpo_env.scenarios.shapes import task_split
+from unigrpo_env.scenarios.shapes.flow_model import ShapesFlowTransformer
+from unigrpo_env.scenarios.shapes.language_model import LanguageModelConfig, build_language_model, hf_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny, randomly initialised ShapesWorld checkpoint in the shipped layout."""
+    root = tmp_path_factory.mktemp("checkpoint")
+    tokenizer = hf_tokenizer()
+    lm = build_language_model(
+        LanguageModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2), tokenizer
+    )
+    lm.save_pretrained(root / "language_model")
+    tokenizer.save_pretrained(root / "language_model")
+    torch.manual_seed(0)
+    flow = ShapesFlowTransformer(
+        vocab_size=len(tokenizer), num_layers=1, num_attention_heads=2, attention_head_dim=8, patch_size=8,
+        pad_token_id=tokenizer.pad_token_id, zero_init=False,
+    )
+    flow.save_pretrained(root / "flow_model")
+    return root
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_checkpoint) -> UnifiedPolicy:
+    return load_shapes_policy(tiny_checkpoint)
+
+
+def context_for(prompts, reasoning=None) -> TurnContext:
+    n = len(prompts)
+    tokens = torch.zeros((n, 0), dtype=torch.long) if reasoning is None else reasoning
+    return TurnContext(
+        prompts=[(p,) for p in prompts],
+        history=[[] for _ in prompts],
+        images=torch.zeros((n, 0, 32, 32, 3), dtype=torch.uint8),
+        reasoning=tokens,
+        reasoning_lengths=torch.full((n,), tokens.shape[1], dtype=torch.long),
+    )
+
+
+def test_loaded_policy_follows_the_protocol_and_splits_parameters(policy):
+    assert isinstance(policy.text, TextPolicy) and isinstance(policy.image, FlowPolicy)
+    text, image = policy.text_parameters(), policy.image_parameters()
+    assert text and image and not ({id(p) for p in text} & {id(p) for p in image})
+    assert {id(p) for p in policy.parameters()} == {id(p) for p in text} | {id(p) for p in image}
+
+
+def test_sampled_tokens_and_log_probs_match_a_recomputation(policy):
+    prompts = [t.prompt for t in task_split("heldout")[:6]]
+    context = context_for(prompts)
+    sample = policy.text.sample(context, max_new_tokens=12, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert sample.tokens.shape == sample.log_probs.shape and sample.lengths.max() == sample.tokens.shape[1]
+    again = policy.text.sample(context, max_new_tokens=12, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again.tokens, sample.tokens)
+    recomputed = policy.text.log_probs(context, sample.tokens, sample.lengths)
+    assert torch.allclose(recomputed, sample.log_probs, atol=1e-4)
+    mask = torch.arange(sample.tokens.shape[1])[None] < sample.lengths[:, None]
+    assert (sample.log_probs[~mask] == 0).all() and (sample.log_probs[mask] < 0).all()
+    recomputed.sum().backward()
+    assert all(p.grad is not None for p in policy.text_parameters() if p.requires_grad and p.dim() > 1)
+    policy.zero_grad()
+
+
+def test_greedy_sampling_is_deterministic_and_temperature_is_validated(policy):
+    context = context_for([t.prompt for t in task_split("train")[:3]])
+    a = policy.text.sample(context, max_new_tokens=8, temperature=0.0)
+    b = policy.text.sample(context, max_new_tokens=8, temperature=0.0, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a.tokens, b.tokens)
+    with pytest.raises(ValueError):
+        policy.text.sample(context, max_new_tokens=8, temperature=-1.0)
+
+
+class CountingModel(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.model(*args, **kwargs)
+
+
+def test_velocity_has_gradients_and_cfg_behaves(policy):
+    codec = unigrpo_env.make_scenario("t2i_reason").text_codec
+    task = task_split("heldout")[0]
+    from unigrpo_env.scenarios.shapes import answer_text
+
+    reasoning = torch.tensor([codec.encode(answer_text(task), end_of_thinking=True)] * 2)
+    condition = policy.image.condition(context_for([task.prompt] * 2, reasoning))
+    assert (condition["text_ids"] != codec.pad_id).any() and condition["cond_image"] is None
+    x_t = torch.randn(2, 3, 32, 32)
+    v = policy.image.velocity(x_t, 0.5, condition)
+    v.square().mean().backward()
+    assert all(p.grad is not None for p in policy.image_parameters() if p.dim() > 1)
+    policy.zero_grad()
+    with torch.no_grad():
+        v1 = policy.image.velocity(x_t, 0.5, condition, cfg_scale=1.0)
+        v3 = policy.image.velocity(x_t, 0.5, condition, cfg_scale=3.0)
+        v_uncond = policy.image.velocity(x_t, 0.5, policy.image.unconditional(condition))
+    assert torch.allclose(v1, v.detach(), atol=1e-6)
+    assert not torch.allclose(v3, v1, atol=1e-4)
+    assert torch.allclose(v3, v_uncond + 3.0 * (v1 - v_uncond), atol=1e-5)
+    counting = CountingModel(policy.image.model)
+    original, policy.image.model = policy.image.model, counting
+    try:
+        policy.image.velocity(x_t, 0.5, condition)
+        assert counting.calls == 1
+        policy.image.velocity(x_t, 0.5, condition, cfg_scale=2.0)
+        assert counting.calls == 2  # conditional and unconditional in one batched call
+    finally:
+        policy.image.model = original
+
+
+def test_rollout_records_on_policy_log_probs(policy):
+    envs = unigrpo_env.make_vec("t2i_reason", num_prompts=2, group_size=2, num_steps=4)
+    result = rollout(policy, envs, RolloutSettings(sde_window=(1, 2)), seed=0)
+    assert result.rewards.shape == (4,) and result.network_calls == 4
+    trajectories = envs.trajectories()
+    text = trajectories[0].turns[0].text
+    assert text.has_log_probs and torch.equal(text.tokens, result.texts[0].tokens[0, : result.texts[0].lengths[0]])
+    assert trajectories[0].turns[0].image.stochastic.tolist() == [False, True, True, False]
+    recomputed = policy.text.log_probs(result.contexts[0], result.texts[0].tokens, result.texts[0].lengths)
+    assert torch.allclose(recomputed, result.texts[0].log_probs, atol=1e-4)  # the ratio is 1 on-policy
+
+
+def test_evaluation_reports_every_category_and_writes_files(policy, tmp_path):
+    report = evaluate(policy, "t2i_reason", limit=12, batch_size=6, out_dir=tmp_path, num_steps=3)
+    assert set(report.pipeline) >= {"overall"} and report.pipeline["overall"].count == 12
+    assert 0.0 <= report.image_given_truth["overall"].correct <= 1.0
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["pipeline"]["overall"]["count"] == 12 and (tmp_path / "grid.png").stat().st_size > 0
+
+
+def test_bad_checkpoints_raise_checkpoint_error(tmp_path, tiny_checkpoint):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_shapes_policy(tmp_path / "missing")
+    (tmp_path / "half" / "language_model").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="language_model/config.json"):
+        load_shapes_policy(tmp_path / "half")
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken)
+    (broken / "flow_model" / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointError, match="could not load"):
+        load_shapes_policy(broken)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "unigrpo_env.cli.main", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["eval", "scenario", "t2i_reason", "--checkpoint", "/nonexistent/ckpt"], "does not exist"),
+        (["eval", "scenario", "no_such_scenario"], "unknown scenario"),
+        (["eval", "scenario", "t2i_reason", "--cfg", "0.5"], "--cfg"),
+        (["eval", "scenario", "t2i_reason", "--bogus"], "No such option"),
+        (["list", "everything"], "everything"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_exit_code_2(args, message):
+    done = run_cli(*args)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("unigrpo: error:") and message in lines[0]
+    assert "Traceback" not in done.stderr
+
+
+def test_cli_eval_on_a_checkpoint_folder(tiny_checkpoint, tmp_path):
+    done = run_cli("eval", "scenario", "t2i_reason", "--checkpoint", str(tiny_checkpoint), "--limit", "6", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "overall" in done.stdout and (tmp_path / "eval.json").exists() and (tmp_path / "grid.png").exists()
