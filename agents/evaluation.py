@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from unigrpo_env.agents.policy import TextSample, TurnContext, UnifiedPolicy
 from unigrpo_env.agents.rollout import Rollout, RolloutSettings, rollout
@@ -34,7 +34,9 @@ __all__ = ["CategoryScores", "EvalReport", "evaluate", "oracle_text_writer"]
 
 
 class CategoryScores(BaseModel):
-    """Mean dense reward and GenEval-correct rate over ``count`` tasks."""
+    """Mean dense reward and GenEval-correct rate over ``count`` tasks (NaN where not measured)."""
+
+    model_config = ConfigDict(ser_json_inf_nan="constants")
 
     reward: float
     correct: float
@@ -43,6 +45,8 @@ class CategoryScores(BaseModel):
 
 class EvalReport(BaseModel):
     """The numbers of one evaluation (saved as JSON)."""
+
+    model_config = ConfigDict(ser_json_inf_nan="constants")
 
     scenario: str
     split: str
@@ -78,18 +82,41 @@ def _by_category(categories: Sequence[str], rewards: Sequence[float], correct: S
         groups[c].append(i)
     out = {
         c: CategoryScores(
-            reward=float(np.nanmean([rewards[i] for i in idx])),
-            correct=float(np.nanmean([correct[i] for i in idx])),
+            reward=_nanmean([rewards[i] for i in idx]),
+            correct=_nanmean([correct[i] for i in idx]),
             count=len(idx),
         )
         for c, idx in sorted(groups.items())
     }
     out["overall"] = CategoryScores(
-        reward=float(np.mean([s.reward for s in out.values()])),
-        correct=float(np.mean([s.correct for s in out.values()])),
+        reward=_nanmean([s.reward for s in out.values()]),
+        correct=_nanmean([s.correct for s in out.values()]),
         count=len(categories),
     )
     return out
+
+
+def _spread(tasks: list, limit: int | None) -> list:
+    """The first ``limit`` tasks taken round-robin over categories (all tasks if None), so a
+    small evaluation still covers every category."""
+    if limit is None or limit >= len(tasks):
+        return tasks
+    by_category: dict[str, list] = defaultdict(list)
+    for task in tasks:
+        by_category[task.category].append(task)
+    queues = [iter(v) for _, v in sorted(by_category.items())]
+    chosen: list = []
+    while len(chosen) < limit:
+        for queue in queues:
+            task = next(queue, None)
+            if task is not None and len(chosen) < limit:
+                chosen.append(task)
+    return sorted(chosen, key=lambda t: t.index)
+
+
+def _nanmean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else math.nan
 
 
 def _batches(total: int, size: int):
@@ -110,16 +137,19 @@ def evaluate(
     limit: int | None = None,
     checkpoint: str | None = None,
     out_dir: str | Path | None = None,
+    image_given_truth: bool = True,
 ) -> EvalReport:
-    """Evaluate ``policy`` on every task of ``split`` (or the first ``limit``); images are drawn
+    """Evaluate ``policy`` on every task of ``split`` (or ``limit`` of them, spread over the
+    categories); images are drawn
     with the deterministic ODE sampler, text sampled at ``temperature`` with a seeded generator.
-    With ``out_dir``, saves ``eval.json`` and ``grid.png`` (a few tasks per category)."""
+    With ``out_dir``, saves ``eval.json`` and ``grid.png`` (a few tasks per category).
+    ``image_given_truth=False`` skips the second rollout (the image model alone)."""
     if cfg_scale < 1.0:
         raise ValueError(f"cfg_scale must be >= 1 (1 = no guidance), got {cfg_scale}")
     start = time.perf_counter()
     options = {} if num_steps is None else {"num_steps": num_steps}
     world = make_scenario(scenario, **options)
-    tasks = list(world.tasks(split))[:limit]
+    tasks = _spread(list(world.tasks(split)), limit)
     settings = RolloutSettings(temperature=temperature, noise_level=0.0, cfg_scale=cfg_scale)
     generator = torch.Generator().manual_seed(seed)
     rows: dict[str, list] = defaultdict(list)
@@ -130,8 +160,11 @@ def evaluate(
         rows["pipeline"] += _scores(piped)
         rows["images"] += list(envs.episodes.records[-1].images.numpy())
         rows["described"] += _description_hits(piped)
-        truth = rollout(policy, envs, settings, seed=seed, options={"task_index": indices}, write_text=oracle_text_writer)
-        rows["truth"] += _scores(truth)
+        if image_given_truth:
+            truth = rollout(policy, envs, settings, seed=seed, options={"task_index": indices}, write_text=oracle_text_writer)
+            rows["truth"] += _scores(truth)
+        else:
+            rows["truth"] += [(math.nan, math.nan)] * len(chunk)
     categories = [t.category for t in tasks]
     described = _by_category(categories, rows["described"], rows["described"])
     report = EvalReport(

@@ -37,9 +37,10 @@ class CausalLMTextPolicy(nn.Module):
         pad_id: the padding id of batched outputs.
     """
 
-    def __init__(self, model: nn.Module, prompt_ids: PromptBuilder, eot_id: int, pad_id: int):
+    def __init__(self, model: nn.Module, prompt_ids: PromptBuilder, eot_id: int, pad_id: int, tokenizer: Any = None):
         super().__init__()
         self.model = model
+        self.tokenizer = tokenizer
         self.prompt_ids = prompt_ids
         self.eot_id = int(eot_id)
         self.pad_id = int(pad_id)
@@ -49,6 +50,12 @@ class CausalLMTextPolicy(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def save_pretrained(self, path: str) -> None:
+        """Save the model (and its tokenizer, if given) with ``save_pretrained``."""
+        self.model.save_pretrained(path)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(path)
 
     def context_ids(self, context: TurnContext) -> list[list[int]]:
         return [
@@ -151,6 +158,9 @@ class ConditionedFlowPolicy(nn.Module):
         self.model = model
         self.conditioner = conditioner
         self.unconditional = unconditional
+
+    def save_pretrained(self, path: str) -> None:
+        self.model.save_pretrained(path)
 
     def condition(self, context: TurnContext) -> dict[str, Any]:
         device = next(self.model.parameters()).device

@@ -18,6 +18,7 @@ adapters).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -104,6 +105,10 @@ class TextPolicy(Protocol):
         """``log π_θ(tokens | context)`` per token ``[N, L]`` with gradients (0 beyond ``lengths``)."""
         ...
 
+    def save_pretrained(self, path: str) -> None:
+        """Write the weights (and what loading them needs) to a folder."""
+        ...
+
     def parameters(self) -> Iterator[nn.Parameter]: ...
 
 
@@ -118,6 +123,10 @@ class FlowPolicy(Protocol):
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor | float, condition: Any, *, cfg_scale: float = 1.0) -> torch.Tensor:
         """``v_θ`` ``[N, C, H, W]`` with gradients. ``cfg_scale == 1``: one network call, no
         unconditional branch; otherwise ``v_u + s·(v_c − v_u)`` from one batched call."""
+        ...
+
+    def save_pretrained(self, path: str) -> None:
+        """Write the weights (and what loading them needs) to a folder."""
         ...
 
     def parameters(self) -> Iterator[nn.Parameter]: ...
@@ -138,11 +147,17 @@ class UnifiedPolicy(nn.Module):
             if not isinstance(part, nn.Module):
                 raise TypeError(f"the {name} policy must be a torch.nn.Module, got {type(part).__name__}")
         if not isinstance(text, TextPolicy):
-            raise TypeError(f"{type(text).__name__} does not implement the TextPolicy protocol (sample, log_probs)")
+            raise TypeError(f"{type(text).__name__} does not implement the TextPolicy protocol (sample, log_probs, save_pretrained)")
         if not isinstance(image, FlowPolicy):
-            raise TypeError(f"{type(image).__name__} does not implement the FlowPolicy protocol (condition, velocity)")
+            raise TypeError(f"{type(image).__name__} does not implement the FlowPolicy protocol (condition, velocity, save_pretrained)")
         self.text = text
         self.image = image
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Save both halves in the checkpoint layout: ``language_model/`` and ``flow_model/``."""
+        path = Path(path)
+        self.text.save_pretrained(str(path / "language_model"))
+        self.image.save_pretrained(str(path / "flow_model"))
 
     def text_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.text.parameters() if p.requires_grad]

@@ -64,6 +64,7 @@ class Rollout:
     contexts: list[TurnContext] = field(default_factory=list)
     texts: list[TextSample] = field(default_factory=list)
     conditions: list[Any] = field(default_factory=list)
+    sde_means: list[dict[int, torch.Tensor]] = field(default_factory=list)  # per turn: step -> mean of the SDE step
     rewards: torch.Tensor | None = None
     reward_components: dict[str, torch.Tensor] = field(default_factory=dict)
     reward_error: str | None = None
@@ -129,12 +130,14 @@ def rollout(
         # -- image phase: one network call per denoising step -----------------------------
         condition = policy.image.condition(context)
         result.conditions.append(condition)
+        result.sde_means.append({})
         step = 0
         while obs.phase == "image":
             velocity = policy.image.velocity(obs.x_t, obs.t, condition, cfg_scale=settings.cfg_scale)
             result.network_calls += 1 if settings.cfg_scale == 1.0 else 2
             if settings.is_sde_step(step):
-                x_next, log_prob, _, _ = flow.sde_step(velocity, obs.x_t, obs.t, obs.t_next, settings.noise_level, generator=generator)
+                x_next, log_prob, mean, _ = flow.sde_step(velocity, obs.x_t, obs.t, obs.t_next, settings.noise_level, generator=generator)
+                result.sde_means[-1][step] = mean
                 action = FlowAction(x_next=x_next, log_prob=log_prob, stochastic=True)
             else:
                 action = FlowAction(x_next=flow.ode_step(velocity, obs.x_t, obs.t, obs.t_next), stochastic=False)

@@ -39,7 +39,9 @@ def shapes_policy(language_model, tokenizer, flow_model) -> UnifiedPolicy:
     if vocab != reference:
         raise CheckpointError("the checkpoint's tokenizer does not match ShapesWorld's vocabulary (ids differ)")
     end = vocab[END_OF_THINKING]
-    text = CausalLMTextPolicy(language_model, partial(chat_prompt_ids, tokenizer), eot_id=end, pad_id=tokenizer.pad_token_id)
+    text = CausalLMTextPolicy(
+        language_model, partial(chat_prompt_ids, tokenizer), eot_id=end, pad_id=tokenizer.pad_token_id, tokenizer=tokenizer
+    )
     conditioner = ShapesConditioner(
         vocab,
         max_text_tokens=flow_model.config.max_text_tokens,

@@ -1,5 +1,7 @@
 """The ``unigrpo`` command (Typer).
 
+    unigrpo run scenario t2i_reason [--config FILE] [--steps N] [--seed S] [--out DIR] [--resume]
+                                    [--train both|text|image] [--reg mse|kl|none] [--rollout-cfg SCALE]
     unigrpo list scenarios|rewards
     unigrpo pretrain shapes --out DIR [--seed S]
     unigrpo eval scenario t2i_reason [--checkpoint DIR] [--cfg SCALE] [--seed S] [--out DIR]
@@ -63,6 +65,87 @@ def list_(what: Listable = typer.Argument(..., help="What to list: scenarios or 
 
 class UserError(Exception):
     """An error in what the user asked for: reported in one line, exit code 2."""
+
+
+class Runnable(str, Enum):
+    scenario = "scenario"
+
+
+class TrainWhat(str, Enum):
+    both = "both"
+    text = "text"
+    image = "image"
+
+
+class Regularizer(str, Enum):
+    mse = "mse"
+    kl = "kl"
+    none = "none"
+
+
+@app.command()
+def run(
+    kind: Runnable = typer.Argument(..., help="What to run: 'scenario'."),
+    name: str = typer.Argument(..., help="The scenario to train on, e.g. t2i_reason."),
+    config: Optional[Path] = typer.Option(None, "--config", help="A YAML or JSON file of UniGRPOConfig options; flags override it."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Training iterations."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of prompts, sampling and updates."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: runs/<scenario>-<time>)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    train: Optional[TrainWhat] = typer.Option(None, "--train", help="both (UniGRPO), text (TextGRPO only) or image (FlowGRPO only)."),
+    reg: Optional[Regularizer] = typer.Option(None, "--reg", help="Regulariser: mse (velocity MSE), kl (latent KL) or none."),
+    rollout_cfg: Optional[float] = typer.Option(None, "--rollout-cfg", min=1.0, help="CFG scale in rollouts (1 = CFG-free)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Starting checkpoint (default: the shipped one)."),
+) -> None:
+    """Train a policy with UniGRPO on a scenario; writes a run folder and prints a before/after table."""
+    import time as _time
+
+    from pydantic import ValidationError
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from unigrpo_env.agents.config import UniGRPOConfig
+    from unigrpo_env.agents.trainer import Trainer
+    from unigrpo_env.registration import make_scenario
+
+    overrides = {"scenario": name}
+    for key, value in {"steps": steps, "seed": seed, "rollout_cfg": rollout_cfg}.items():
+        if value is not None:
+            overrides[key] = value
+    if train is not None:
+        overrides["train"] = train.value
+    if reg is not None:
+        overrides["regularizer"] = reg.value
+    if checkpoint is not None:
+        overrides["checkpoint"] = str(checkpoint)
+    try:
+        settings = UniGRPOConfig.from_file(config, **overrides) if config else UniGRPOConfig(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise UserError(f"invalid config: {'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from exc
+    make_scenario(settings.scenario, **settings.scenario_options)
+    if resume and out is None:
+        raise UserError("--resume needs --out, the run folder to continue")
+    out = out or Path("runs") / f"{name}-{_time.strftime('%Y%m%d-%H%M%S')}"
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("reward {task.fields[reward]}"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+    ) as bar:
+        task = bar.add_task("UniGRPO" if settings.train == "both" else f"{settings.train}-only GRPO", total=settings.steps, reward="  -  ")
+
+        def on_iteration(metrics: dict) -> None:
+            bar.update(task, completed=int(metrics["iteration"]) + 1, reward=f"{metrics.get('reward_mean', float('nan')):.3f}")
+
+        trainer = Trainer(settings, out, resume=resume, on_iteration=on_iteration, on_status=lambda m: bar.console.print(f"[dim]{m}[/dim]"))
+        bar.update(task, completed=trainer.agent.iteration)
+        summary = trainer.run()
+    table = Table(title=f"held-out reward, before → after ({settings.steps} iterations, train={settings.train}, seed {settings.seed})")
+    for column in ("category", "reward before", "reward after", "correct before", "correct after"):
+        table.add_column(column, justify="left" if column == "category" else "right")
+    for category, row in summary["per_category"].items():
+        table.add_row(category, f"{row['reward_before']:.3f}", f"{row['reward_after']:.3f}", f"{row['correct_before']:.3f}",
+                      f"{row['correct_after']:.3f}", style="bold" if category == "overall" else None)
+    console.print(table)
+    console.print(f"run folder: {out} ({summary['wall_seconds'] / 60:.1f} min)")
 
 
 class Pretrainable(str, Enum):
@@ -143,12 +226,16 @@ def _evaluate_and_print(name: str, *, checkpoint, cfg: float, seed: int, out, sp
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; usage errors print one line (``unigrpo: error: ...``) and exit with code 2."""
+    from unigrpo_env.agents.config import ConfigError
     from unigrpo_env.agents.shapes_policy import CheckpointError
+    from unigrpo_env.agents.trainer import RunFolderError
+    from unigrpo_env.agents.unigrpo import RewardFailureError
     from unigrpo_env.registration import RegistryError
 
+    _quiet_libraries()
     try:
         code = app(args=argv, standalone_mode=False)
-    except (UserError, CheckpointError, RegistryError) as exc:
+    except (UserError, CheckpointError, RegistryError, ConfigError, RunFolderError, RewardFailureError) as exc:
         typer.echo(f"unigrpo: error: {' '.join(str(exc).split())}", err=True)
         raise SystemExit(2)
     except _ABORT_TYPES:
@@ -158,6 +245,22 @@ def main(argv: list[str] | None = None) -> None:
         typer.echo(f"unigrpo: error: {message}", err=True)
         raise SystemExit(2)
     raise SystemExit(code if isinstance(code, int) else 0)
+
+
+def _quiet_libraries() -> None:
+    """Our own progress bars only: silence the loading/saving bars and notices of HF libraries."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+    except Exception:  # noqa: BLE001 - cosmetic only
+        pass
 
 
 def _exception_types(name: str) -> tuple[type[BaseException], ...]:

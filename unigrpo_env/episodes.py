@@ -22,6 +22,7 @@ builds a per-episode :class:`~unigrpo_env.trajectory.Trajectory` only when asked
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -72,6 +73,7 @@ class TerminalReward:
     scores: torch.Tensor
     components: dict[str, torch.Tensor]
     error: str | None = None
+    seconds: float = 0.0
 
 
 @dataclass
@@ -363,16 +365,17 @@ class EpisodeBatch:
     def _score(self) -> TerminalReward:
         """Score the finished batch. A scorer that raises gives NaN scores and an error message
         (reported in ``info``) instead of breaking the environment; NaN scores pass through."""
+        started = time.perf_counter()
         try:
             out = self.scenario.reward(self.reward_inputs(self.group_ids))
             scores = torch.as_tensor(out.scores, dtype=torch.float32).reshape(-1).cpu()
             if scores.shape[0] != self.n:
                 raise ValueError(f"the reward returned {scores.shape[0]} scores for {self.n} episodes")
             components = {k: torch.as_tensor(v, dtype=torch.float32).reshape(-1).cpu() for k, v in out.components.items()}
-            return TerminalReward(scores=scores, components=components)
+            return TerminalReward(scores=scores, components=components, seconds=time.perf_counter() - started)
         except Exception as exc:  # noqa: BLE001 - a broken scorer must not corrupt the episode
             nan = torch.full((self.n,), math.nan)
-            return TerminalReward(scores=nan, components={}, error=f"{type(exc).__name__}: {exc}")
+            return TerminalReward(scores=nan, components={}, error=f"{type(exc).__name__}: {exc}", seconds=time.perf_counter() - started)
 
     # -- views ------------------------------------------------------------------------------
 

@@ -1,0 +1,100 @@
+"""``UniGRPOConfig``: every hyperparameter of UniGRPO (DESIGN.md section 2), in one pydantic model.
+
+Loadable from YAML or JSON (:meth:`UniGRPOConfig.from_file`) and overridable field by field (the
+CLI's flags). Defaults are for ShapesWorld on a 2-core CPU; the paper's values for Bagel at
+1024 px are in the comments, and the README's "Measured" section says how ours were chosen.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = ["UniGRPOConfig", "ConfigError"]
+
+
+class ConfigError(ValueError):
+    """A configuration file or value that cannot be used."""
+
+
+class UniGRPOConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # -- what to train, on what ------------------------------------------------------------
+    scenario: str = "t2i_reason"
+    scenario_options: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: str | None = Field(default=None, description="policy checkpoint folder; None = the shipped one")
+    train: Literal["both", "text", "image"] = Field(default="both", description="both = UniGRPO; text = TextGRPO only; image = FlowGRPO only")
+    seed: int = 0
+
+    # -- rollouts ------------------------------------------------------------------------------
+    steps: int = Field(default=60, ge=1, description="training iterations (rollout + update)")
+    num_prompts: int = Field(default=8, ge=1, description="prompts per iteration")
+    group_size: int = Field(default=8, ge=2, description="rollouts per prompt (paper: 24)")
+    temperature: float = Field(default=1.0, gt=0.0, description="text sampling temperature (paper: 1)")
+    noise_level: float = Field(default=0.7, gt=0.0, description="SDE noise level a (paper: 0.8; Flow-GRPO: 0.7)")
+    sde_window_size: int | None = Field(default=3, ge=1, description="SDE steps per image, a window of consecutive steps (paper: 3); None = all")
+    sde_window_max_start: int = Field(default=4, ge=0, description="the window starts at a random step in [0, this] (paper: window in [0, 5])")
+    rollout_cfg: float = Field(default=1.0, ge=1.0, description="CFG scale during rollouts and training (1 = CFG-free, the paper's default)")
+
+    # -- the update ------------------------------------------------------------------------------
+    ppo_epochs: int = Field(default=2, ge=1, description="passes over each batch (paper: 2)")
+    minibatches: int = Field(default=2, ge=1, description="minibatches per PPO epoch")
+    clip_range_text: float = Field(default=0.2, gt=0.0, description="GRPO clip ε for tokens")
+    clip_range_image: float = Field(default=1e-3, gt=0.0, description="Flow-GRPO clip ε for steps (paper: 1e-6 Bagel; Flow-GRPO: 1e-4)")
+    image_loss_weight: float = Field(default=1.0, ge=0.0, description="λ in J = J_text + λ·J_flow (paper: 1)")
+    ratio_norm: bool = Field(default=False, description="GRPO-Guard's RatioNorm on the image ratios")
+    global_std: bool = Field(default=False, description="flow_grpo's global-std advantages instead of per-group std")
+    advantage_eps: float = Field(default=1e-4, gt=0.0)
+    regularizer: Literal["mse", "kl", "none"] = Field(default="mse", description="velocity MSE (UniGRPO), latent KL (Flow-GRPO) or none")
+    regularizer_weight: float | None = Field(default=None, ge=0.0, description="None = the regulariser's default (mse 1.0, kl 0.04)")
+    lr_text: float = Field(default=1e-4, gt=0.0, description="learning rate of the text parameters (paper: 1e-6 at 7B)")
+    lr_image: float = Field(default=1e-4, gt=0.0, description="learning rate of the image parameters (paper: 3e-5 at 7B)")
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    max_grad_norm: float = Field(default=1.0, gt=0.0)
+
+    # -- reward failures -------------------------------------------------------------------------
+    max_failed_fraction: float = Field(default=0.5, ge=0.0, le=1.0, description="stop when more of a batch than this has no reward")
+
+    # -- running -------------------------------------------------------------------------------
+    eval_split: str = "heldout"
+    eval_limit: int | None = Field(default=None, ge=1, description="evaluate on the first N held-out tasks only")
+    checkpoint_every: int = Field(default=10, ge=1, description="iterations between checkpoints")
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    cpu: bool = Field(default=False, description="run on the CPU even where a GPU is present")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "UniGRPOConfig":
+        if self.minibatches > self.num_prompts * self.group_size:
+            raise ValueError(f"minibatches ({self.minibatches}) exceeds the batch ({self.num_prompts}×{self.group_size})")
+        return self
+
+    @property
+    def regularizer_coef(self) -> float:
+        if self.regularizer_weight is not None:
+            return self.regularizer_weight
+        return {"mse": 1.0, "kl": 0.04, "none": 0.0}[self.regularizer]
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> "UniGRPOConfig":
+        """Read a YAML or JSON file; ``overrides`` (e.g. from CLI flags) win."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        text = path.read_text()
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text) or {}
+            else:
+                data = json.loads(text)
+        except Exception as exc:  # noqa: BLE001 - any parse error is a bad config file
+            raise ConfigError(f"could not parse {str(path)!r}: {' '.join(str(exc).split())}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{str(path)!r} must hold a mapping of options, got {type(data).__name__}")
+        return cls.model_validate({**data, **overrides})

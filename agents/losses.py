@@ -1,0 +1,116 @@
+"""UniGRPO's objective, term by term (DESIGN.md section 2). Every function returns a value to
+*minimise* (−J) together with the statistics a trainer logs.
+
+    J = J_text + λ·J_flow − β·regulariser
+
+* Advantages: for the G rollouts of one prompt, ``Â_i = (R_i − mean_j R_j) / (std_j R_j + eps)``,
+  shared by every token and every denoising step of rollout i (flow_grpo's "global std" variant
+  divides by the std of the whole batch instead).
+* Text (GRPO): per-token ratio ``r = π_θ(y_k|·) / π_old(y_k|·)``, clipped surrogate
+  ``min(r·Â, clip(r, 1 − ε, 1 + ε)·Â)``, averaged over a sequence's tokens, then over sequences.
+* Image (Flow-GRPO): per-step ratio of the Gaussian transition densities, the same surrogate,
+  averaged over the trained steps, then over rollouts; optionally RatioNorm (GRPO-Guard).
+* Regularisers against the frozen reference model: velocity MSE (UniGRPO) or latent KL
+  (Flow-GRPO), from :mod:`unigrpo_env.flow`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["group_advantages", "clipped_surrogate", "text_grpo_loss", "flow_grpo_loss"]
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    *,
+    eps: float = 1e-4,
+    global_std: bool = False,
+) -> torch.Tensor:
+    """Group-relative advantages ``(R_i − mean_g) / (std_g + eps)`` with the population std
+    (as flow_grpo); ``global_std`` divides by the std of all valid rewards instead.
+
+    NaN rewards (samples a scorer could not score) are left out of the statistics and get
+    advantage 0; the caller also masks them out of the loss. A group whose rewards are all equal
+    gets advantages 0 (no signal), not a division by zero.
+    """
+    rewards = rewards.to(torch.float32)
+    valid = ~torch.isnan(rewards)
+    groups, index = torch.unique(group_ids, return_inverse=True)
+    count = torch.zeros(len(groups), device=rewards.device).index_add_(0, index, valid.float())
+    filled = torch.where(valid, rewards, torch.zeros_like(rewards))
+    mean = torch.zeros(len(groups), device=rewards.device).index_add_(0, index, filled) / count.clamp(min=1)
+    centred = torch.where(valid, rewards - mean[index], torch.zeros_like(rewards))
+    if global_std:
+        std = centred[valid].pow(2).mean().sqrt() if bool(valid.any()) else rewards.new_tensor(0.0)
+        scale = std.expand_as(rewards)
+    else:
+        var = torch.zeros(len(groups), device=rewards.device).index_add_(0, index, centred.pow(2)) / count.clamp(min=1)
+        scale = var.sqrt()[index]
+    return torch.where(valid, centred / (scale + eps), torch.zeros_like(rewards))
+
+
+def clipped_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor, clip_range: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate ``min(r·Â, clip(r, 1 − ε, 1 + ε)·Â)`` with ``r = exp(log_ratio)``,
+    elementwise; also returns where the clip was active."""
+    ratio = torch.exp(log_ratio)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range) * advantages
+    return torch.minimum(unclipped, clipped), (clipped < unclipped)
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+    mask = mask.to(values.dtype)
+    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
+
+
+def text_grpo_loss(
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    token_mask: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_range: float,
+    sample_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """GRPO's text loss: −mean over sequences of the mean over their tokens of the clipped
+    surrogate. Shapes: ``[N, L]`` log-probs and ``token_mask``, ``[N]`` advantages."""
+    log_ratio = log_probs - old_log_probs
+    surrogate, clipped = clipped_surrogate(log_ratio, advantages[:, None], clip_range)
+    per_sequence = _masked_mean(surrogate, token_mask, dim=1)
+    sequences = token_mask.any(dim=1) if sample_mask is None else (sample_mask & token_mask.any(dim=1))
+    loss = -_masked_mean(per_sequence, sequences, dim=0)
+    with torch.no_grad():
+        tokens = token_mask & sequences[:, None]
+        ratio = torch.exp(log_ratio)[tokens]
+        stats = {
+            "text_clip_fraction": float(clipped[tokens].float().mean()) if ratio.numel() else 0.0,
+            "text_ratio_mean": float(ratio.mean()) if ratio.numel() else 1.0,
+            "text_ratio_max_dev": float((ratio - 1).abs().max()) if ratio.numel() else 0.0,
+        }
+    return loss, stats
+
+
+def flow_grpo_loss(
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_range: float,
+    sample_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Flow-GRPO's image loss: −mean over rollouts of the mean over trained steps of the clipped
+    surrogate of the per-step ratio. Shapes: ``[N, S]`` log-probs (S trained steps, already
+    RatioNorm-ed if that option is on), ``[N]`` advantages."""
+    log_ratio = log_probs - old_log_probs
+    surrogate, clipped = clipped_surrogate(log_ratio, advantages[:, None], clip_range)
+    per_rollout = surrogate.mean(dim=1)
+    mask = torch.ones_like(per_rollout, dtype=torch.bool) if sample_mask is None else sample_mask
+    loss = -_masked_mean(per_rollout, mask, dim=0)
+    with torch.no_grad():
+        ratio = torch.exp(log_ratio)[mask]
+        stats = {
+            "image_clip_fraction": float(clipped[mask].float().mean()) if ratio.numel() else 0.0,
+            "image_ratio_mean": float(ratio.mean()) if ratio.numel() else 1.0,
+            "image_ratio_max_dev": float((ratio - 1).abs().max()) if ratio.numel() else 0.0,
+        }
+    return loss, stats

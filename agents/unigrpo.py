@@ -1,0 +1,380 @@
+"""The UniGRPO agent: collect a batch of grouped rollouts, then take PPO epochs over the joint loss.
+
+One iteration, top to bottom:
+
+1. **Collect.** Choose P training prompts (the same in every process), roll out G episodes of each
+   through the batched environment — reasoning sampled with per-token log-probabilities, images
+   denoised CFG-free with SDE steps inside a random window of consecutive steps and ODE steps
+   outside it — and receive the terminal rewards.
+2. **Advantages.** Gather every process's rewards, compute group-relative advantages
+   ``Â_i = (R_i − mean_g) / (std_g + eps)``, keep this process's share. Samples whose reward is NaN
+   (a failing scorer) are left out and counted.
+3. **Update.** For ``ppo_epochs`` passes over ``minibatches``: recompute log-probabilities of the
+   recorded tokens and denoising steps with gradients, and minimise
+   ``−(J_text + λ·J_flow) + β·regulariser`` (:mod:`unigrpo_env.agents.losses`), with separate
+   learning rates for the text and the image parameters and gradient clipping.
+
+Under Accelerate each process runs its own rollouts; gradients are averaged across processes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from unigrpo_env import flow
+from unigrpo_env.agents.config import UniGRPOConfig
+from unigrpo_env.agents.losses import flow_grpo_loss, group_advantages, text_grpo_loss
+from unigrpo_env.agents.policy import TurnContext, UnifiedPolicy
+from unigrpo_env.agents.rollout import Rollout, RolloutSettings, rollout
+from unigrpo_env.registration import make_scenario, make_vec
+
+__all__ = ["UniGRPOAgent", "RewardFailureError", "TurnBatch", "Batch"]
+
+
+class RewardFailureError(RuntimeError):
+    """The reward could not be computed for too much of a batch to learn from it."""
+
+
+@dataclass
+class TurnBatch:
+    """One turn of a collected batch, as the update needs it (all ``[N, ...]``)."""
+
+    context: TurnContext
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    condition: dict[str, Any]
+    latents: list[torch.Tensor]  # x_1, then x_next of every step
+    sde_steps: list[int]
+    sde_means: dict[int, torch.Tensor]
+    recorded_text_log_probs: torch.Tensor
+    recorded_image_log_probs: torch.Tensor  # [N, len(sde_steps)]
+
+
+@dataclass
+class Batch:
+    turns: list[TurnBatch]
+    times: list[float]
+    settings: RolloutSettings
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    valid: torch.Tensor
+    categories: list[str]
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.rewards.shape[0])
+
+
+def _select(condition: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
+    return {k: None if v is None else v[index.to(v.device)] for k, v in condition.items()}
+
+
+class UniGRPOAgent:
+    """UniGRPO on any :class:`UnifiedPolicy`; see the module docstring.
+
+    Args:
+        policy: the unified policy to train (its starting image model is the regulariser's reference).
+        config: the hyperparameters.
+        accelerator: an ``accelerate.Accelerator``; one is made from the config if None.
+    """
+
+    def __init__(self, policy: UnifiedPolicy, config: UniGRPOConfig, accelerator: Accelerator | None = None):
+        self.config = config
+        self.accelerator = accelerator or Accelerator(
+            cpu=config.cpu,
+            mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+        )
+        self.train_text = config.train in ("both", "text")
+        self.train_image = config.train in ("both", "image")
+        policy.text.requires_grad_(self.train_text)
+        policy.image.requires_grad_(self.train_image)
+        self.policy = policy.to(self.accelerator.device)
+        self.reference = None
+        if self.train_image and config.regularizer != "none":
+            self.reference = copy.deepcopy(policy.image).requires_grad_(False).eval()
+        groups = []
+        if self.train_text:
+            groups.append({"params": policy.text_parameters(), "lr": config.lr_text, "name": "text"})
+        if self.train_image:
+            groups.append({"params": policy.image_parameters(), "lr": config.lr_image, "name": "image"})
+        self.optimizer = self.accelerator.prepare(torch.optim.AdamW(groups, weight_decay=config.weight_decay))
+        self.scenario = make_scenario(config.scenario, **config.scenario_options)
+        self.train_tasks = self.scenario.check_split("train")
+        processes = self.accelerator.num_processes
+        if config.group_size % processes:
+            raise ValueError(f"group_size ({config.group_size}) must be divisible by the number of processes ({processes})")
+        self.local_group_size = config.group_size // processes
+        self.envs = make_vec(self.scenario, num_prompts=config.num_prompts, group_size=self.local_group_size, device=self.accelerator.device)
+        self.iteration = 0
+
+    # -- 1. collect ------------------------------------------------------------------------------
+
+    def _shared_rng(self, iteration: int) -> np.random.Generator:
+        """The same in every process: which prompts, which SDE window."""
+        return np.random.default_rng([self.config.seed, iteration])
+
+    def rollout_settings(self, rng: np.random.Generator) -> RolloutSettings:
+        c = self.config
+        window = None
+        if c.sde_window_size is not None:
+            last_start = max(0, min(c.sde_window_max_start, self.scenario.num_steps - c.sde_window_size))
+            window = (int(rng.integers(0, last_start + 1)), c.sde_window_size)
+        return RolloutSettings(temperature=c.temperature, noise_level=c.noise_level, sde_window=window, cfg_scale=c.rollout_cfg)
+
+    def collect(self, iteration: int) -> Batch:
+        c = self.config
+        rng = self._shared_rng(iteration)
+        prompts = rng.choice(len(self.train_tasks), size=c.num_prompts, replace=c.num_prompts > len(self.train_tasks))
+        settings = self.rollout_settings(rng)
+        rank = self.accelerator.process_index
+        seed = int(np.random.default_rng([c.seed, iteration, rank]).integers(0, 2**31 - 1))
+        started = time.perf_counter()
+        self.policy.eval()
+        result = rollout(
+            self.policy, self.envs, settings, seed=seed, options={"task_index": [int(i) for i in prompts]},
+            generator=torch.Generator().manual_seed(seed),
+        )
+        rollout_seconds = time.perf_counter() - started
+        advantages, valid, failed_fraction = self._advantages(result, prompts)
+        batch = Batch(
+            turns=self._turns(result),
+            times=list(self.envs.episodes.times),
+            settings=settings,
+            rewards=result.rewards,
+            advantages=advantages,
+            valid=valid,
+            categories=[task.category for task in result.tasks],
+        )
+        batch.stats = {
+            "reward_mean": float(np.nanmean(result.rewards.numpy())) if bool(valid.any()) else math.nan,
+            "reward_std": float(np.nanstd(result.rewards.numpy())) if bool(valid.any()) else math.nan,
+            "reward_failed": float((~valid).sum()),
+            "reward_failed_fraction": failed_fraction,
+            "sde_window_start": float(settings.sde_window[0]) if settings.sde_window else 0.0,
+            "network_calls_per_image": result.network_calls / max(1, len(batch.turns)),
+            "time_rollout": rollout_seconds - (self.envs.episodes.reward.seconds if self.envs.episodes.reward else 0.0),
+            "time_reward": self.envs.episodes.reward.seconds if self.envs.episodes.reward else 0.0,
+        }
+        for name, values in result.reward_components.items():
+            batch.stats[f"reward/{name}"] = float(np.nanmean(values.numpy())) if bool((~torch.isnan(values)).any()) else math.nan
+        if result.reward_error is not None:
+            batch.stats["reward_error"] = result.reward_error  # type: ignore[assignment]
+        if failed_fraction > c.max_failed_fraction:
+            detail = f" ({result.reward_error})" if result.reward_error else ""
+            raise RewardFailureError(
+                f"the reward failed for {failed_fraction:.0%} of iteration {iteration}'s batch, more than the allowed "
+                f"{c.max_failed_fraction:.0%}{detail}"
+            )
+        return batch
+
+    def _advantages(self, result: Rollout, prompts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Group advantages over the rewards of *all* processes (so a group split across processes
+        gets the advantages it would get in one), then this process's share."""
+        acc = self.accelerator
+        local_rewards = result.rewards.to(acc.device)
+        group_ids = torch.as_tensor(prompts, device=acc.device)[result.group_ids.to(acc.device)]
+        all_rewards, all_groups = acc.gather(local_rewards), acc.gather(group_ids)
+        all_adv = group_advantages(all_rewards, all_groups, eps=self.config.advantage_eps, global_std=self.config.global_std)
+        n = local_rewards.shape[0]
+        start = acc.process_index * n
+        advantages = all_adv[start : start + n].cpu()
+        valid = ~torch.isnan(result.rewards)
+        failed_fraction = float(torch.isnan(all_rewards).float().mean())
+        return advantages, valid, failed_fraction
+
+    def _turns(self, result: Rollout) -> list[TurnBatch]:
+        records = self.envs.episodes.records
+        turns = []
+        for k, record in enumerate(records):
+            sde_steps = [s for s, stochastic in enumerate(record.stochastic) if stochastic]
+            recorded = [record.step_log_probs[s] for s in sde_steps]
+            text = result.texts[k]
+            turns.append(
+                TurnBatch(
+                    context=result.contexts[k],
+                    tokens=text.tokens,
+                    lengths=text.lengths,
+                    condition=result.conditions[k],
+                    latents=record.latents,
+                    sde_steps=sde_steps,
+                    sde_means=result.sde_means[k],
+                    recorded_text_log_probs=text.log_probs,
+                    recorded_image_log_probs=torch.stack(recorded, dim=1) if recorded else torch.zeros((len(result.rewards), 0)),
+                )
+            )
+        return turns
+
+    # -- 3. update ---------------------------------------------------------------------------------
+
+    def _log_probs(self, batch: Batch, index: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], list[dict]]:
+        """Log-probabilities of the recorded actions of episodes ``index`` under the current policy,
+        with gradients: per turn the tokens ``[n, L]`` and the SDE steps ``[n, S]``, plus what the
+        regulariser and RatioNorm need."""
+        policy, settings = self.policy, batch.settings
+        text_lp, image_lp, extras = [], [], []
+        for turn in batch.turns:
+            if self.train_text:
+                text_lp.append(
+                    policy.text.log_probs(turn.context.select(index), turn.tokens[index], turn.lengths[index], temperature=settings.temperature)
+                )
+            if self.train_image and turn.sde_steps:
+                condition = _select(turn.condition, index)
+                step_lp, reg_terms, norm_terms = [], [], []
+                for s in turn.sde_steps:
+                    x_t, x_next = turn.latents[s][index], turn.latents[s + 1][index]
+                    t, t_next = batch.times[s], batch.times[s + 1]
+                    v = policy.image.velocity(x_t, t, condition, cfg_scale=settings.cfg_scale)
+                    log_prob, mean, std = flow.sde_step_log_prob(v, x_t, t, t_next, settings.noise_level, x_next)
+                    step_lp.append(log_prob)
+                    norm_terms.append((mean, turn.sde_means[s][index], std))
+                    if self.reference is not None:
+                        with torch.no_grad():
+                            v_ref = self.reference.velocity(x_t, t, condition, cfg_scale=settings.cfg_scale)
+                        if self.config.regularizer == "mse":
+                            reg_terms.append(flow.velocity_mse(v, v_ref))
+                        else:
+                            _, mean_ref, _ = flow.sde_step_log_prob(v_ref, x_t, t, t_next, settings.noise_level, x_next)
+                            reg_terms.append(flow.latent_kl(mean, mean_ref, std))
+                image_lp.append(torch.stack(step_lp, dim=1))
+                extras.append({"reg": torch.stack(reg_terms, dim=1) if reg_terms else None, "ratio_norm": norm_terms})
+        return text_lp, image_lp, extras
+
+    def _loss(self, batch: Batch, index: torch.Tensor, old: dict[str, list[torch.Tensor]]) -> tuple[torch.Tensor, dict[str, float]]:
+        c = self.config
+        advantages = batch.advantages[index].to(self.accelerator.device)
+        valid = batch.valid[index].to(self.accelerator.device)
+        text_lp, image_lp, extras = self._log_probs(batch, index)
+        stats: dict[str, float] = {}
+        loss = torch.zeros((), device=self.accelerator.device)
+        for k, log_probs in enumerate(text_lp):
+            turn = batch.turns[k]
+            lengths = turn.lengths[index].to(log_probs.device)
+            mask = torch.arange(log_probs.shape[1], device=log_probs.device)[None] < lengths[:, None]
+            text_loss, s = text_grpo_loss(log_probs, old["text"][k][index], mask, advantages, c.clip_range_text, valid)
+            loss = loss + text_loss / len(text_lp)
+            stats.update(s)
+            stats["loss_text"] = stats.get("loss_text", 0.0) + float(text_loss.detach()) / len(text_lp)
+        for k, log_probs in enumerate(image_lp):
+            old_lp = old["image"][k][index]
+            if c.ratio_norm:
+                normed = [
+                    flow.ratio_norm(log_probs[:, j] - old_lp[:, j], mean, mean_old, std)
+                    for j, (mean, mean_old, std) in enumerate(extras[k]["ratio_norm"])
+                ]
+                log_probs = old_lp + torch.stack(normed, dim=1)
+            image_loss, s = flow_grpo_loss(log_probs, old_lp, advantages, c.clip_range_image, valid)
+            loss = loss + c.image_loss_weight * image_loss / len(image_lp)
+            stats.update(s)
+            stats["loss_image"] = stats.get("loss_image", 0.0) + float(image_loss.detach()) / len(image_lp)
+            reg = extras[k]["reg"]
+            if reg is not None:
+                reg_value = reg.mean(dim=1)[valid].mean() if bool(valid.any()) else reg.sum() * 0.0
+                loss = loss + c.regularizer_coef * reg_value / len(image_lp)
+                stats[f"regularizer_{c.regularizer}"] = stats.get(f"regularizer_{c.regularizer}", 0.0) + float(reg_value.detach()) / len(image_lp)
+        stats["loss"] = float(loss.detach())
+        return loss, stats
+
+    @torch.no_grad()
+    def _old_log_probs(self, batch: Batch, parts: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+        """The rollout policy's log-probabilities, recomputed with the training forward pass on the
+        first epoch's minibatches, so the first minibatch's ratio is exactly 1 (on-policy)."""
+        n = len(batch)
+        old: dict[str, list[torch.Tensor]] = {"text": [], "image": []}
+        for turn in batch.turns:
+            if self.train_text:
+                old["text"].append(torch.zeros(turn.tokens.shape, device=self.accelerator.device))
+            if self.train_image and turn.sde_steps:
+                old["image"].append(torch.zeros((n, len(turn.sde_steps)), device=self.accelerator.device))
+        for index in parts:
+            text_lp, image_lp, _ = self._log_probs(batch, index)
+            for k, lp in enumerate(text_lp):
+                old["text"][k][index] = lp.float()
+            for k, lp in enumerate(image_lp):
+                old["image"][k][index] = lp.float()
+        return old
+
+    def update(self, batch: Batch) -> dict[str, float]:
+        c, acc = self.config, self.accelerator
+        generator = torch.Generator().manual_seed(c.seed * 1_000_003 + self.iteration)
+        partitions = [list(torch.randperm(len(batch), generator=generator).chunk(c.minibatches)) for _ in range(c.ppo_epochs)]
+        started = time.perf_counter()
+        self.policy.train()
+        old = self._old_log_probs(batch, partitions[0])
+        stats: dict[str, float] = {"time_old_log_probs": time.perf_counter() - started}
+        stats.update(self._drift(batch, old))
+        history: list[dict[str, float]] = []
+        loss_seconds = optimizer_seconds = 0.0
+        for epoch, parts in enumerate(partitions):
+            for index in parts:
+                t0 = time.perf_counter()
+                with acc.autocast():
+                    loss, step_stats = self._loss(batch, index, old)
+                acc.backward(loss)
+                t1 = time.perf_counter()
+                self._average_gradients()
+                grad_norm = acc.clip_grad_norm_(self._trained_parameters(), c.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                optimizer_seconds += time.perf_counter() - t1
+                loss_seconds += t1 - t0
+                step_stats["grad_norm"] = float(grad_norm)
+                step_stats["epoch"] = float(epoch)
+                history.append(step_stats)
+        first = history[0]
+        stats["first_ratio_text_max_dev"] = first.get("text_ratio_max_dev", 0.0)
+        stats["first_ratio_image_max_dev"] = first.get("image_ratio_max_dev", 0.0)
+        for key in history[0]:
+            stats[key] = float(np.mean([h[key] for h in history if key in h]))
+        stats["time_loss_backward"] = loss_seconds
+        stats["time_optimizer"] = optimizer_seconds
+        return stats
+
+    def _trained_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _average_gradients(self) -> None:
+        """Data parallelism: average every gradient over the processes (no-op with one)."""
+        if self.accelerator.num_processes == 1:
+            return
+        for p in self._trained_parameters():
+            if p.grad is not None:
+                p.grad.copy_(self.accelerator.reduce(p.grad, reduction="mean"))
+
+    def _drift(self, batch: Batch, old: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+        """How far the recomputed log-probabilities are from those recorded during the rollout (a
+        check that rollout and training compute the same policy)."""
+        drift: dict[str, float] = {}
+        for k, lp in enumerate(old["text"]):
+            turn = batch.turns[k]
+            mask = torch.arange(lp.shape[1], device=lp.device)[None] < turn.lengths.to(lp.device)[:, None]
+            diff = (lp - turn.recorded_text_log_probs.to(lp.device)).abs()[mask]
+            drift["text_log_prob_drift"] = max(drift.get("text_log_prob_drift", 0.0), float(diff.max()) if diff.numel() else 0.0)
+        for k, lp in enumerate(old["image"]):
+            turn = [t for t in batch.turns if t.sde_steps][k]
+            diff = (lp - turn.recorded_image_log_probs.to(lp.device)).abs()
+            drift["image_log_prob_drift"] = max(drift.get("image_log_prob_drift", 0.0), float(diff.max()) if diff.numel() else 0.0)
+        return drift
+
+    # -- one iteration -----------------------------------------------------------------------------
+
+    def step(self) -> dict[str, float]:
+        """Collect a batch and update on it; returns the iteration's metrics."""
+        batch = self.collect(self.iteration)
+        stats = dict(batch.stats)
+        stats.update(self.update(batch))
+        for category in sorted(set(batch.categories)):
+            rows = [i for i, c in enumerate(batch.categories) if c == category and bool(batch.valid[i])]
+            if rows:
+                stats[f"reward_category/{category}"] = float(batch.rewards[rows].mean())
+        stats["iteration"] = float(self.iteration)
+        self.iteration += 1
+        return stats
