@@ -36,7 +36,7 @@ from unigrpo_env.agents.policy import TurnContext, UnifiedPolicy
 from unigrpo_env.agents.rollout import Rollout, RolloutSettings, rollout
 from unigrpo_env.registration import make_scenario, make_vec
 
-__all__ = ["UniGRPOAgent", "RewardFailureError", "TurnBatch", "Batch"]
+__all__ = ["UniGRPOAgent", "RewardFailureError", "TurnBatch", "Batch", "distributed_advantages"]
 
 
 class RewardFailureError(RuntimeError):
@@ -71,6 +71,21 @@ class Batch:
 
     def __len__(self) -> int:
         return int(self.rewards.shape[0])
+
+
+def distributed_advantages(
+    accelerator: Accelerator, rewards: torch.Tensor, group_ids: torch.Tensor, *, eps: float = 1e-4, global_std: bool = False
+) -> tuple[torch.Tensor, float]:
+    """Group advantages over the rewards of *all* processes, so that a group split across processes
+    gets exactly the advantages it would get in one; returns this process's share and the fraction
+    of the whole batch whose reward failed (NaN)."""
+    device = accelerator.device
+    all_rewards = accelerator.gather(rewards.to(device))
+    all_groups = accelerator.gather(group_ids.to(device))
+    all_advantages = group_advantages(all_rewards, all_groups, eps=eps, global_std=global_std)
+    n = rewards.shape[0]
+    start = accelerator.process_index * n
+    return all_advantages[start : start + n].cpu(), float(torch.isnan(all_rewards).float().mean())
 
 
 def _select(condition: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
@@ -177,19 +192,12 @@ class UniGRPOAgent:
         return batch
 
     def _advantages(self, result: Rollout, prompts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Group advantages over the rewards of *all* processes (so a group split across processes
-        gets the advantages it would get in one), then this process's share."""
         acc = self.accelerator
-        local_rewards = result.rewards.to(acc.device)
-        group_ids = torch.as_tensor(prompts, device=acc.device)[result.group_ids.to(acc.device)]
-        all_rewards, all_groups = acc.gather(local_rewards), acc.gather(group_ids)
-        all_adv = group_advantages(all_rewards, all_groups, eps=self.config.advantage_eps, global_std=self.config.global_std)
-        n = local_rewards.shape[0]
-        start = acc.process_index * n
-        advantages = all_adv[start : start + n].cpu()
-        valid = ~torch.isnan(result.rewards)
-        failed_fraction = float(torch.isnan(all_rewards).float().mean())
-        return advantages, valid, failed_fraction
+        group_ids = torch.as_tensor(prompts)[result.group_ids]  # the prompt's index: the same group in every process
+        advantages, failed_fraction = distributed_advantages(
+            acc, result.rewards, group_ids, eps=self.config.advantage_eps, global_std=self.config.global_std
+        )
+        return advantages, ~torch.isnan(result.rewards), failed_fraction
 
     def _turns(self, result: Rollout) -> list[TurnBatch]:
         records = self.envs.episodes.records

@@ -55,3 +55,29 @@ class ToyScenario(Scenario):
 @pytest.fixture
 def toy_scenario() -> ToyScenario:
     return ToyScenario()
+
+
+def write_tiny_checkpoint(root) -> None:
+    """A tiny, randomly initialised ShapesWorld checkpoint in the shipped layout (the real classes)."""
+    from unigrpo_env.scenarios.shapes.flow_model import ShapesFlowTransformer
+    from unigrpo_env.scenarios.shapes.language_model import LanguageModelConfig, build_language_model, hf_tokenizer
+
+    tokenizer = hf_tokenizer()
+    lm = build_language_model(
+        LanguageModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2), tokenizer
+    )
+    lm.save_pretrained(root / "language_model")
+    tokenizer.save_pretrained(root / "language_model")
+    torch.manual_seed(0)
+    flow = ShapesFlowTransformer(
+        vocab_size=len(tokenizer), num_layers=1, num_attention_heads=2, attention_head_dim=8, patch_size=8,
+        pad_token_id=tokenizer.pad_token_id, zero_init=False,
+    )
+    flow.save_pretrained(root / "flow_model")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("checkpoint")
+    write_tiny_checkpoint(root)
+    return root

@@ -17,27 +17,6 @@ from unigrpo_env.agents.policy import FlowPolicy, TextPolicy, TurnContext, Unifi
 from unigrpo_env.agents.rollout import RolloutSettings, rollout
 from unigrpo_env.agents.shapes_policy import CheckpointError, load_shapes_policy, shapes_policy
 from unigrpo_env.scenarios.shapes import task_split
-from unigrpo_env.scenarios.shapes.flow_model import ShapesFlowTransformer
-from unigrpo_env.scenarios.shapes.language_model import LanguageModelConfig, build_language_model, hf_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A tiny, randomly initialised ShapesWorld checkpoint in the shipped layout."""
-    root = tmp_path_factory.mktemp("checkpoint")
-    tokenizer = hf_tokenizer()
-    lm = build_language_model(
-        LanguageModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2), tokenizer
-    )
-    lm.save_pretrained(root / "language_model")
-    tokenizer.save_pretrained(root / "language_model")
-    torch.manual_seed(0)
-    flow = ShapesFlowTransformer(
-        vocab_size=len(tokenizer), num_layers=1, num_attention_heads=2, attention_head_dim=8, patch_size=8,
-        pad_token_id=tokenizer.pad_token_id, zero_init=False,
-    )
-    flow.save_pretrained(root / "flow_model")
-    return root
 
 
 @pytest.fixture(scope="module")

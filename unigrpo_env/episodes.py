@@ -97,7 +97,7 @@ class EpisodeBatch:
             raise ValueError(f"num_episodes must be >= 1, got {num_episodes}")
         self.scenario = scenario
         self.n = int(num_episodes)
-        self.device = torch.device(device)
+        self.device = _normalise(torch.device(device))
         self.text_codec = scenario.text_codec
         self.image_codec = scenario.image_codec
         self.latent_shape = tuple(scenario.image_codec.latent_shape)
@@ -215,7 +215,9 @@ class EpisodeBatch:
             )
 
     def _check_device(self, tensor: torch.Tensor, what: str) -> None:
-        if tensor.device != self.device:
+        if _normalise(tensor.device) != self.device and not (
+            tensor.device.type == self.device.type and self.device.index is None
+        ):
             raise ActionDeviceError(f"{what} must be on the environment's device {self.device}, got {tensor.device}")
 
     def check_text(self, tokens: torch.Tensor, lengths: torch.Tensor, log_probs: torch.Tensor | None) -> CheckedText:
@@ -426,6 +428,11 @@ class EpisodeBatch:
 
 
 # -- helpers shared by the single and the batched environment ----------------------------------
+
+
+def _normalise(device: torch.device) -> torch.device:
+    """``cpu:0`` and ``cpu`` are one device (Accelerate reports the former)."""
+    return torch.device("cpu") if device.type == "cpu" else device
 
 
 def seeded_generator(np_random, device: torch.device) -> torch.Generator:

@@ -1,0 +1,190 @@
+"""The UniGRPO agent: losses against hand computations, on-policy ratios, which parameters learn,
+two processes against one, kill-and-resume, and failing reward scorers."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from unigrpo_env.agents.config import ConfigError, UniGRPOConfig
+from unigrpo_env.agents.losses import clipped_surrogate, flow_grpo_loss, group_advantages, text_grpo_loss
+from unigrpo_env.agents.shapes_policy import load_shapes_policy
+from unigrpo_env.agents.trainer import RunFolderError, Trainer
+from unigrpo_env.agents.unigrpo import RewardFailureError, UniGRPOAgent
+from unigrpo_env.reward import RewardOutput
+from unigrpo_env.rewards import register_reward
+
+HERE = Path(__file__).parent
+
+
+# -- losses by hand ---------------------------------------------------------------------------------
+
+
+def test_group_advantages_by_hand():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    adv = group_advantages(rewards, groups, eps=0.0 + 1e-12)
+    std = math.sqrt(2 / 3)  # population std of 1, 2, 3
+    assert adv.tolist() == pytest.approx([-1 / std, 0.0, 1 / std, 0.0, 0.0, 0.0], abs=1e-5)
+    # NaN rewards are left out of the statistics and get advantage 0
+    adv = group_advantages(torch.tensor([1.0, float("nan"), 3.0]), torch.tensor([0, 0, 0]), eps=1e-12)
+    assert adv.tolist() == pytest.approx([-1.0, 0.0, 1.0], abs=1e-5)
+    # flow_grpo's global std: centred by group, scaled by the std of all centred rewards
+    adv = group_advantages(torch.tensor([0.0, 2.0, 10.0, 10.0]), torch.tensor([0, 0, 1, 1]), eps=1e-12, global_std=True)
+    centred = torch.tensor([-1.0, 1.0, 0.0, 0.0])
+    assert adv.tolist() == pytest.approx((centred / centred.pow(2).mean().sqrt()).tolist(), abs=1e-5)
+
+
+def test_clipped_surrogate_by_hand():
+    log_ratio = torch.log(torch.tensor([1.5, 1.5, 0.5, 0.5]))
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    value, clipped = clipped_surrogate(log_ratio, adv, 0.2)
+    assert value.tolist() == pytest.approx([1.2, -1.5, 0.5, -0.8])
+    assert clipped.tolist() == [True, False, False, True]
+
+
+def test_text_loss_by_hand():
+    old = torch.zeros(2, 3)
+    new = torch.log(torch.tensor([[1.1, 1.5, 9.0], [0.9, 1.0, 1.0]]))
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    adv = torch.tensor([2.0, -1.0])
+    loss, stats = text_grpo_loss(new, old, mask, adv, clip_range=0.2)
+    row0 = (1.1 * 2 + 1.2 * 2) / 2  # the third token is padding
+    row1 = (-0.9 + -1.0 + -1.0) / 3
+    assert float(loss) == pytest.approx(-(row0 + row1) / 2, rel=1e-6)
+    assert stats["text_clip_fraction"] == pytest.approx(1 / 5)
+
+
+def test_flow_loss_by_hand_and_sample_mask():
+    old = torch.zeros(3, 2)
+    new = torch.log(torch.tensor([[1.0, 1.0001], [1.0, 0.5], [2.0, 2.0]]))
+    adv = torch.tensor([1.0, 1.0, 5.0])
+    loss, _ = flow_grpo_loss(new, old, adv, clip_range=1e-3, sample_mask=torch.tensor([True, True, False]))
+    expected = -((1.0 + 1.0001) / 2 + (1.0 + 0.5) / 2) / 2
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+
+
+# -- the agent on a tiny policy ----------------------------------------------------------------------
+
+TINY = dict(num_prompts=2, group_size=4, minibatches=1, eval_limit=6, scenario_options={"num_steps": 4}, checkpoint_every=2)
+
+
+def tiny_config(tiny_checkpoint, **overrides) -> UniGRPOConfig:
+    return UniGRPOConfig(**{**TINY, "checkpoint": str(tiny_checkpoint), **overrides})
+
+
+def test_first_epoch_is_exactly_on_policy(tiny_checkpoint):
+    agent = UniGRPOAgent(load_shapes_policy(tiny_checkpoint), tiny_config(tiny_checkpoint, sde_window_size=None))
+    stats = agent.step()
+    assert stats["first_ratio_text_max_dev"] == 0.0 and stats["first_ratio_image_max_dev"] == 0.0
+    assert stats["image_log_prob_drift"] < 1e-4 and stats["text_log_prob_drift"] < 1e-4
+
+
+@pytest.mark.parametrize("train", ["both", "text", "image"])
+def test_gradients_reach_the_trained_parameter_groups_only(tiny_checkpoint, train):
+    policy = load_shapes_policy(tiny_checkpoint)
+    agent = UniGRPOAgent(policy, tiny_config(tiny_checkpoint, train=train))
+    batch = agent.collect(0)
+    batch.advantages = torch.linspace(-1, 1, len(batch))  # a signal even if the rewards tie
+    index = torch.arange(len(batch))
+    old = agent._old_log_probs(batch, [index])
+    loss, _ = agent._loss(batch, index, old)
+    loss.backward()
+
+    def reached(params):
+        return any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in params)
+
+    text_params, image_params = list(policy.text.parameters()), list(policy.image.parameters())
+    assert reached(text_params) == (train in ("both", "text"))
+    assert reached(image_params) == (train in ("both", "image"))
+
+
+def test_two_processes_give_the_same_advantages_as_one(tmp_path):
+    script = HERE / "distributed_advantages.py"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", str(script), str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world_size"] for r in results] == [2, 2] and sorted(r["rank"] for r in results) == [0, 1]
+    # one process over the whole batch, in the gathered order (rank 0's episodes, then rank 1's)
+    rewards = torch.tensor(results[0]["all_rewards"])
+    groups = torch.tensor(results[0]["all_groups"])
+    single = group_advantages(rewards, groups)
+    two = torch.tensor(results[0]["advantages"] + results[1]["advantages"])
+    assert torch.allclose(single, two, atol=1e-6)
+    assert results[0]["agent_ran"] and results[1]["agent_ran"]
+
+
+def _rows(path: Path):
+    return [{k: v for k, v in json.loads(line).items() if not k.startswith("time")} for line in path.read_text().splitlines()]
+
+
+def test_killed_and_resumed_run_matches_an_uninterrupted_one(tiny_checkpoint, tmp_path):
+    config = tiny_config(tiny_checkpoint, scenario_options={"num_steps": 3})
+    Trainer(config.model_copy(update={"steps": 3}), tmp_path / "straight").run()
+    Trainer(config.model_copy(update={"steps": 2}), tmp_path / "killed").run()  # stops after its checkpoint at 2
+    summary = Trainer(config.model_copy(update={"steps": 3}), tmp_path / "killed", resume=True).run()
+    assert _rows(tmp_path / "straight" / "metrics.jsonl") == _rows(tmp_path / "killed" / "metrics.jsonl")
+    for name in ("config.json", "summary.json", "reward_curve.png", "eval_before/grid.png", "eval_after/eval.json"):
+        assert (tmp_path / "killed" / name).exists()
+    assert {"heldout_reward_before", "heldout_reward_after", "per_category", "wall_seconds"} <= set(summary)
+    with pytest.raises(RunFolderError, match="already holds a run"):
+        Trainer(config, tmp_path / "straight")
+
+
+calls = {"n": 0}
+
+
+@register_reward("test_partly_nan", override=True)
+class PartlyNaN:
+    """The verifier's score, but NaN for every fourth sample (a scorer that sometimes fails)."""
+
+    def __call__(self, inputs):
+        n = len(inputs)
+        scores = torch.rand(n, generator=torch.Generator().manual_seed(n))
+        scores[::4] = float("nan")
+        return RewardOutput(scores=scores)
+
+
+@register_reward("test_broken", override=True)
+class Broken:
+    def __call__(self, inputs):
+        raise ConnectionError("reward server unreachable")
+
+
+def test_failed_samples_are_left_out_and_counted(tiny_checkpoint):
+    agent = UniGRPOAgent(load_shapes_policy(tiny_checkpoint), tiny_config(tiny_checkpoint, scenario_options={"num_steps": 3, "reward": "test_partly_nan"}))
+    stats = agent.step()
+    assert stats["reward_failed"] == 2.0 and math.isfinite(stats["loss"])
+    batch = agent.collect(1)
+    assert (~batch.valid).sum() == 2 and (batch.advantages[~batch.valid] == 0).all()
+
+
+def test_a_scorer_failing_for_most_of_a_batch_stops_the_run_with_a_checkpoint(tiny_checkpoint, tmp_path):
+    config = tiny_config(tiny_checkpoint, steps=3, scenario_options={"num_steps": 3, "reward": "test_broken"})
+    with pytest.raises(RewardFailureError, match="reward server unreachable"):
+        Trainer(config, tmp_path / "run").run()
+    assert (tmp_path / "run" / "checkpoints" / "LATEST").is_file()
+
+
+def test_config_files_and_bad_values(tmp_path):
+    (tmp_path / "c.yaml").write_text("steps: 7\ntrain: text\nlr_text: 0.001\n")
+    config = UniGRPOConfig.from_file(tmp_path / "c.yaml", seed=3)
+    assert (config.steps, config.train, config.lr_text, config.seed) == (7, "text", 0.001, 3)
+    (tmp_path / "c.json").write_text(json.dumps({"regularizer": "kl"}))
+    assert UniGRPOConfig.from_file(tmp_path / "c.json").regularizer_coef == 0.04
+    (tmp_path / "bad.yaml").write_text("steps: [\n")
+    with pytest.raises(ConfigError):
+        UniGRPOConfig.from_file(tmp_path / "bad.yaml")
+    with pytest.raises(ValueError):
+        UniGRPOConfig(stepz=3)
+    with pytest.raises(ValueError):
+        UniGRPOConfig(train="everything")
