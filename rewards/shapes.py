@@ -26,20 +26,31 @@ def shapes_task(task) -> ShapesTask:
 
 
 class ShapesVerifierReward:
-    """The verifier's score: the fraction of the task's checks the image passes (a dense reward in
-    [0, 1]; 1 exactly when the image is GenEval-correct).
+    """The verifier's verdict on each image.
 
-    Components: ``correct`` (0/1) and one per check kind (``object``, ``count``, ``colour``,
-    ``position``, ``binding``), NaN where the task has no check of that kind.
+    Args:
+        score: ``"fraction"`` — the fraction of the task's checks the image passes (dense, in
+            [0, 1]; 1 exactly when the image is GenEval-correct); ``"correct"`` — GenEval's binary
+            verdict (1 when every check passes, else 0).
+
+    Components: ``correct`` (0/1), ``fraction``, and one per check kind (``object``, ``count``,
+    ``colour``, ``position``, ``binding``), NaN where the task has no check of that kind.
     """
+
+    def __init__(self, score: str = "fraction"):
+        if score not in ("fraction", "correct"):
+            raise ValueError(f"score must be 'fraction' or 'correct', got {score!r}")
+        self.score = score
 
     def __call__(self, inputs: RewardInputs) -> RewardOutput:
         images = inputs.images.cpu().numpy()
         results = [verify(images[i], shapes_task(task)) for i, task in enumerate(inputs.tasks)]
-        components = {"correct": torch.tensor([float(r.correct) for r in results])}
+        correct = torch.tensor([float(r.correct) for r in results])
+        fraction = torch.tensor([r.score for r in results], dtype=torch.float32)
+        components = {"correct": correct, "fraction": fraction}
         for kind in CHECK_KINDS:
             components[kind] = torch.tensor([r.checks.get(kind, math.nan) for r in results], dtype=torch.float32)
-        return RewardOutput(scores=torch.tensor([r.score for r in results], dtype=torch.float32), components=components)
+        return RewardOutput(scores=fraction if self.score == "fraction" else correct, components=components)
 
 
 class ImageQualityReward:

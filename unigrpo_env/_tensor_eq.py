@@ -1,5 +1,6 @@
-"""Exact, NaN-aware equality of nested structures holding tensors (used by ``__eq__`` of the
-typed observations and trajectories, so Gymnasium's checker and tests can compare them)."""
+"""Exact, NaN-aware equality of nested structures holding tensors, and the base class of the typed
+observations and trajectory records that compare by it (so Gymnasium's checker and tests can
+compare them)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict
 
 
 def tensors_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -32,3 +34,14 @@ def deep_equal(a: Any, b: Any) -> bool:
     if type(a) is type(b) and hasattr(type(a), "model_fields"):
         return all(deep_equal(getattr(a, k), getattr(b, k)) for k in type(a).model_fields)
     return bool(a == b)
+
+
+class TensorRecord(BaseModel):
+    """A frozen pydantic model holding tensors, compared exactly (NaN-aware) by value."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and deep_equal(self, other)
+
+    __hash__ = None  # type: ignore[assignment]

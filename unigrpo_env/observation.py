@@ -17,25 +17,14 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
 
-from unigrpo_env._tensor_eq import deep_equal
+from unigrpo_env._tensor_eq import TensorRecord
 
 __all__ = ["Phase", "Observation", "BatchObservation"]
 
 Phase = Literal["text", "image", "done"]
 
-
-class _Obs(BaseModel):
-    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
-
-    def __eq__(self, other: object) -> bool:
-        return type(self) is type(other) and deep_equal(self, other)
-
-    __hash__ = None  # type: ignore[assignment]
-
-
-class Observation(_Obs):
+class Observation(TensorRecord):
     """One episode's observation.
 
     Attributes:
@@ -64,8 +53,7 @@ class Observation(_Obs):
     num_steps: int
     cond_images: torch.Tensor
 
-
-class BatchObservation(_Obs):
+class BatchObservation(TensorRecord):
     """The observation of N episodes stepped together (see :class:`Observation`).
 
     Attributes:

@@ -19,28 +19,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from unigrpo_env._tensor_eq import deep_equal
+from unigrpo_env._tensor_eq import TensorRecord
 from unigrpo_env.task import Task
 
 __all__ = ["TextSegment", "ImageSegment", "DenoisingStep", "Turn", "Trajectory", "TRAJECTORY_FORMAT"]
 
 TRAJECTORY_FORMAT = "unigrpo-trajectory/1"
 
-
-class _Record(BaseModel):
-    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
-
-    def __eq__(self, other: object) -> bool:
-        return type(self) is type(other) and deep_equal(self, other)
-
-    __hash__ = None  # type: ignore[assignment]
-
-
-class TextSegment(_Record):
+class TextSegment(TensorRecord):
     """Reasoning tokens of one turn.
 
     ``log_probs`` has one entry per token: the acting policy's log-probability where the
@@ -58,8 +48,7 @@ class TextSegment(_Record):
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {"tokens": self.tokens, "log_probs": self.log_probs}
 
-
-class DenoisingStep(_Record):
+class DenoisingStep(TensorRecord):
     """One image-phase transition ``x_t → x_next`` (a view of one row of an ImageSegment)."""
 
     x_t: torch.Tensor
@@ -69,8 +58,7 @@ class DenoisingStep(_Record):
     log_prob: float  # NaN where the action carried none
     stochastic: bool
 
-
-class ImageSegment(_Record):
+class ImageSegment(TensorRecord):
     """The denoising steps of one image, stacked along the first dimension (S steps).
 
     Attributes:
@@ -114,11 +102,9 @@ class ImageSegment(_Record):
             out["image"] = self.image
         return out
 
-
 Segment = Annotated[Union[TextSegment, ImageSegment], Field(discriminator="kind")]
 
-
-class Turn(_Record):
+class Turn(TensorRecord):
     """One user turn: its prompt and the ordered segments the policy produced for it."""
 
     prompt: str
@@ -132,8 +118,7 @@ class Turn(_Record):
     def image(self) -> ImageSegment | None:
         return next((s for s in self.segments if isinstance(s, ImageSegment)), None)
 
-
-class Trajectory(_Record):
+class Trajectory(TensorRecord):
     """Everything one episode did: its task, its turns, and the terminal reward.
 
     ``reward`` is ``None`` until the episode has ended; ``reward_components`` holds the named
@@ -212,13 +197,11 @@ class Trajectory(_Record):
             terminated=header["terminated"],
         )
 
-
 def _json_float(value: float | None) -> float | str | None:
     """JSON has no NaN/inf: store them as strings so a failed reward round-trips exactly."""
     if value is None or math.isfinite(value):
         return value
     return repr(float(value))
-
 
 def _from_json_float(value: float | str | None) -> float | None:
     return float(value) if isinstance(value, str) else value
