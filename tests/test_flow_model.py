@@ -117,11 +117,25 @@ def test_too_long_text_raises():
         encode_texts([" ".join(["red"] * 25)], max_len=24)
 
 
-def test_zero_init_starts_at_zero_velocity():
-    model = tiny_model(zero_init=True)
+@pytest.mark.parametrize("prediction", ["velocity", "sample"])
+def test_zero_init_and_parameterisation(prediction):
+    """Zero init: the network output starts at 0, i.e. v = 0 (velocity) or x̂_0 = 0, v = x_t / t (sample)."""
+    tok = build_tokenizer()
+    model = ShapesFlowTransformer(
+        vocab_size=tok.get_vocab_size(), image_size=16, patch_size=4, num_layers=1, num_attention_heads=2,
+        attention_head_dim=16, pad_token_id=tok.token_to_id(PAD), zero_init=True, prediction=prediction,
+    ).eval()
     x, t, ids, cond = inputs()
+    t = torch.tensor([1.0, 0.5, 0.01])
     with torch.no_grad():
-        assert torch.count_nonzero(model(x, t, ids, cond)) == 0
+        v = model(x, t, ids, cond)
+    if prediction == "velocity":
+        assert torch.count_nonzero(v) == 0
+    else:
+        expected = x / t.clamp(min=model.config.min_t).view(-1, 1, 1, 1)
+        assert torch.allclose(v, expected)
+    with pytest.raises(ValueError, match="prediction"):
+        ShapesFlowTransformer(vocab_size=10, prediction="epsilon")
 
 
 class CountingForward:
