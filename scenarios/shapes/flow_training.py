@@ -26,7 +26,6 @@ per step and no unconditional branch), decoded like :class:`unigrpo_env.PixelCod
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -45,6 +44,7 @@ from .render import render
 from .scene import CELLS, COLOURS, MAX_OBJECTS, SHAPES, Scene, SceneObject, describe
 from .tasks import CATEGORIES, LAYOUTS, task_split
 from .tokenizer import PAD, build_tokenizer
+from .schedule import warmup_cosine
 from .flow_model import ShapesFlowTransformer
 from .verify import verify
 
@@ -338,14 +338,6 @@ def flow_matching_loss(model: ShapesFlowTransformer, batch: FlowBatch, t: torch.
     return torch.mean((v - (noise - x0)) ** 2)
 
 
-def _lr_factor(step: int, config: FlowTrainingConfig) -> float:
-    if config.warmup and step < config.warmup:
-        return (step + 1) / config.warmup
-    span = max(1, config.steps - config.warmup)
-    progress = min(1.0, (step - config.warmup) / span)
-    return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def train_flow_model(
     config: Optional[FlowTrainingConfig] = None,
     out_dir: Optional[str | Path] = None,
@@ -384,7 +376,7 @@ def _train(config: FlowTrainingConfig, out_dir, progress) -> ShapesFlowTransform
     ema = [p.detach().clone() for p in params] if config.ema_decay is not None else None
     for step in range(config.steps):
         for group in optimizer.param_groups:
-            group["lr"] = config.lr * _lr_factor(step, config)
+            group["lr"] = config.lr * warmup_cosine(step, config.warmup, config.steps, config.min_lr_ratio)
         batch = data.sample_batch()
         t = _sample_t(config, batch.x0.shape[0], gen)
         noise = torch.randn(batch.x0.shape, generator=gen)

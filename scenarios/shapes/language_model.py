@@ -15,7 +15,6 @@ fast tokenizer beside it.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from pydantic import BaseModel, Field
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from unigrpo_env.scenarios.shapes.schedule import warmup_cosine
 from unigrpo_env.scenarios.shapes.tasks import answer_text, task_split
 from unigrpo_env.scenarios.shapes.tokenizer import (
     BOS,
@@ -161,13 +161,9 @@ def train_language_model(
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
 
-    def lr_lambda(step: int) -> float:  # linear warm-up, then cosine decay to 10%
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        done = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, config.warmup_steps, config.steps, min_ratio=0.1)
+    )
     model.train()
     start, loss_value = time.perf_counter(), float("nan")
     for step in range(config.steps):
