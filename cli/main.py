@@ -2,10 +2,14 @@
 
     unigrpo run scenario t2i_reason [--config FILE] [--steps N] [--seed S] [--out DIR] [--resume]
                                     [--train both|text|image] [--reg mse|kl|none] [--rollout-cfg SCALE]
+                                    [--reward "shapes_verifier:1.0,quality:0.2"]
     unigrpo list scenarios|rewards
+    unigrpo init scenario NAME [--dir DIR]
     unigrpo pretrain shapes --out DIR [--seed S]
     unigrpo eval scenario t2i_reason [--checkpoint DIR] [--cfg SCALE] [--seed S] [--out DIR]
 
+Scenario and reward names may also be ``module:Name`` references, and installed plugins
+(entry-point groups ``unigrpo.scenarios`` / ``unigrpo.rewards``) are found by name.
 Bad arguments, unknown scenarios and unreadable checkpoints print one line
 (``unigrpo: error: ...``) and exit with code 2, without a traceback.
 """
@@ -18,6 +22,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(
@@ -42,7 +47,8 @@ class Listable(str, Enum):
 
 @app.command("list")
 def list_(what: Listable = typer.Argument(..., help="What to list: scenarios or rewards.")) -> None:
-    """List the registered scenarios or rewards."""
+    """List the registered scenarios or rewards: built-in, registered in code, and installed
+    plugins (entry points), each loaded to show whether it works; a broken one shows its error."""
     from unigrpo_env.registration import GYM_IDS, REWARDS, SCENARIOS
 
     registry = SCENARIOS if what is Listable.scenarios else REWARDS
@@ -51,16 +57,19 @@ def list_(what: Listable = typer.Argument(..., help="What to list: scenarios or 
     table.add_column("name")
     if what is Listable.scenarios:
         table.add_column("gymnasium id")
-    table.add_column("status")
+    table.add_column("from")
+    table.add_column("status", overflow="fold")
     for name in registry.names():
         try:
             registry.get(name)
             status = "ok"
         except Exception as exc:  # noqa: BLE001 - a broken entry is listed with its error
-            status = f"[red]error: {exc}[/red]"
+            status = f"[red]error: {escape(' '.join(str(exc).split()))}[/red]"
         row = [name, gym_ids.get(name, "")] if what is Listable.scenarios else [name]
-        table.add_row(*row, status)
+        table.add_row(*row, registry.origin(name), status)
     console.print(table)
+    for problem in registry.problems():
+        console.print(f"[yellow]warning:[/yellow] {escape(problem)}")
 
 
 class UserError(Exception):
@@ -96,6 +105,11 @@ def run(
     reg: Optional[Regularizer] = typer.Option(None, "--reg", help="Regulariser: mse (velocity MSE), kl (latent KL) or none."),
     rollout_cfg: Optional[float] = typer.Option(None, "--rollout-cfg", min=1.0, help="CFG scale in rollouts (1 = CFG-free)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Starting checkpoint (default: the shipped one)."),
+    reward: Optional[str] = typer.Option(
+        None, "--reward",
+        help="The training reward: a reward name or a weighted sum such as 'shapes_verifier:1.0,quality:0.2' "
+             "(sets the scenario option 'reward'; each term is logged separately).",
+    ),
 ) -> None:
     """Train a policy with UniGRPO on a scenario; writes a run folder and prints a before/after table."""
     import time as _time
@@ -122,7 +136,15 @@ def run(
     except ValidationError as exc:
         first = exc.errors()[0]
         raise UserError(f"invalid config: {'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from exc
-    make_scenario(settings.scenario, **settings.scenario_options)
+    if reward is not None:
+        from unigrpo_env.rewards import RewardSpecError, parse_reward_spec
+
+        try:
+            parse_reward_spec(reward)
+        except RewardSpecError as exc:
+            raise UserError(f"--reward: {exc}") from exc
+        settings.scenario_options = {**settings.scenario_options, "reward": reward}
+    _check_scenario(settings.scenario, settings.scenario_options)
     if resume and out is None:
         raise UserError("--resume needs --out, the run folder to continue")
     out = out or Path("runs") / f"{name}-{_time.strftime('%Y%m%d-%H%M%S')}"
@@ -146,6 +168,51 @@ def run(
                       f"{row['correct_after']:.3f}", style="bold" if category == "overall" else None)
     console.print(table)
     console.print(f"run folder: {out} ({summary['wall_seconds'] / 60:.1f} min)")
+
+
+def _check_scenario(name: str, options: dict) -> None:
+    """Build the scenario once, so that a bad name, option or reward is reported in one line
+    (exit code 2) before anything is loaded or written."""
+    from unigrpo_env.registration import RegistryError, make_scenario
+
+    try:
+        make_scenario(name, **options)
+    except RegistryError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"scenario {name!r}: {exc}") from exc
+
+
+class Initable(str, Enum):
+    scenario = "scenario"
+
+
+@app.command()
+def init(
+    kind: Initable = typer.Argument(..., help="What to create: 'scenario' (a plugin package)."),
+    name: str = typer.Argument(..., help="The new scenario's name, e.g. my_edit (lower-case letters, digits, _)."),
+    directory: Optional[Path] = typer.Option(None, "--dir", help="Folder to write the package to (default: ./unigrpo-<name>); must be new or empty."),
+) -> None:
+    """Write an installable scenario plugin package: pyproject.toml with the entry points, a
+    scenario and a reward, a test and a README. Install it with pip and it shows in
+    `unigrpo list scenarios` and trains with `unigrpo run scenario NAME`."""
+    from unigrpo_env.cli.scaffold import ScaffoldError, check_scenario_name, write_scenario_package
+    from unigrpo_env.registration import REWARDS, SCENARIOS
+
+    try:
+        check_scenario_name(name)
+        for registry, taken in ((SCENARIOS, name), (REWARDS, f"{name}_reward")):
+            if taken in registry:
+                raise ScaffoldError(f"a {registry.kind} named {taken!r} is already registered ({registry.origin(taken)}); choose another name")
+        root, files = write_scenario_package(name, directory)
+    except ScaffoldError as exc:
+        raise UserError(str(exc)) from exc
+    console.print(f"wrote the plugin package for scenario [bold]{name}[/bold] to {root}:")
+    for path in files:
+        console.print(f"  {path.relative_to(root)}")
+    console.print("next:")
+    for step in (f"pip install -e {root}", "unigrpo list scenarios", f"pytest {root}", f"unigrpo run scenario {name} --steps 2"):
+        console.print(f"  {step}")
 
 
 class Pretrainable(str, Enum):
@@ -208,7 +275,7 @@ def _evaluate_and_print(name: str, *, checkpoint, cfg: float, seed: int, out, sp
     from unigrpo_env.agents.shapes_policy import load_shapes_policy
     from unigrpo_env.registration import make_scenario
 
-    make_scenario(name)  # unknown scenario -> RegistryError, reported in one line
+    _check_scenario(name, {})  # unknown or broken scenario -> one line, exit code 2
     policy = load_shapes_policy(checkpoint)
     report = evaluate(policy, name, split=split, cfg_scale=cfg, seed=seed, temperature=temperature, limit=limit,
                       checkpoint=None if checkpoint is None else str(checkpoint), out_dir=out)

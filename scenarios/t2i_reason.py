@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from unigrpo_env.codecs import PixelCodec, TextCodec
+from unigrpo_env.reward import RewardFunction
 from unigrpo_env.rewards import get_reward
 from unigrpo_env.scenario import Scenario
 from unigrpo_env.task import Task
@@ -32,7 +33,14 @@ class T2IReasonScenario(Scenario):
         shift: timestep shift of the schedule (1 = uniform; SD3 and Bagel use 3 at 1024 px, but a
             32-px canvas has little low-frequency structure to spend extra high-noise steps on).
         max_tokens: the text phase's token limit; the longest oracle answer is well under it.
-        reward: a registered reward name; ``reward_options`` are passed to its factory.
+        reward: a registered reward name, a ``"module:Name"`` reference, a weighted-sum spec such
+            as ``"shapes_verifier:1.0,quality:0.2"`` (see :mod:`unigrpo_env.rewards.composite`),
+            or a ready reward function. ``reward_options`` are passed to its factory (for a
+            weighted sum: keyed by term name).
+
+    Subclassing (how plugin scenarios reuse ShapesWorld and the shipped policy): set ``name``,
+    override :meth:`shapes_tasks` to choose the tasks of each split, and give ``reward`` another
+    default; everything else (codecs, schedule, oracle) is inherited.
     """
 
     name = "t2i_reason"
@@ -43,14 +51,19 @@ class T2IReasonScenario(Scenario):
         num_steps: int = 10,
         shift: float = 1.0,
         max_tokens: int = 48,
-        reward: str = "shapes_verifier",
+        reward: str | RewardFunction = "shapes_verifier",
         reward_options: dict[str, Any] | None = None,
     ):
         self.text_codec = TextCodec(build_tokenizer(), end_of_thinking=END_OF_THINKING, max_tokens=max_tokens)
         self.image_codec = PixelCodec(image_size)
         self.num_steps = int(num_steps)
         self.shift = float(shift)
-        self.reward = get_reward(reward, **(reward_options or {}))
+        if isinstance(reward, str):
+            self.reward = get_reward(reward, **(reward_options or {}))
+        elif callable(reward) and not reward_options:
+            self.reward = reward
+        else:
+            raise ValueError(f"reward must be a reward name or spec, or a reward function without reward_options; got {reward!r}")
         self.timesteps()  # validate num_steps and shift now, with the schedule's own error
 
     @cached_property
@@ -64,10 +77,16 @@ class T2IReasonScenario(Scenario):
                     index=i,
                     meta={"shapes_task": shapes.to_dict()},
                 )
-                for i, shapes in enumerate(task_split(split))
+                for i, shapes in enumerate(self.shapes_tasks(split))
             ]
             for split in self.splits
         }
+
+    def shapes_tasks(self, split: str) -> list[ShapesTask]:
+        """The ShapesWorld tasks of ``split``, in a fixed order: by default all of the world's
+        riddles (:func:`~unigrpo_env.scenarios.shapes.task_split`). Subclasses override this
+        to train and evaluate on a subset or on tasks of their own."""
+        return task_split(split)
 
     def tasks(self, split: str) -> list[Task]:
         return self._tasks[split]

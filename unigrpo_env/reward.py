@@ -9,6 +9,7 @@ its update and counts them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -40,6 +41,17 @@ class RewardInputs(BaseModel):
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
+
+    def select(self, rows: Sequence[int]) -> "RewardInputs":
+        """The inputs of the episodes ``rows`` only, in that order (e.g. one prompt group)."""
+        index = torch.as_tensor(list(rows), dtype=torch.long)
+        return RewardInputs(
+            images=self.images[index.to(self.images.device)],
+            tasks=[self.tasks[i] for i in rows],
+            texts=[self.texts[i] for i in rows],
+            earlier_images=self.earlier_images[index.to(self.earlier_images.device)],
+            group_ids=None if self.group_ids is None else self.group_ids[index.to(self.group_ids.device)],
+        )
 
 
 class RewardOutput(BaseModel):

@@ -1,10 +1,22 @@
 """The scenario protocol: what an environment is made from.
 
-A scenario supplies its tasks (prompts per turn, split into train and held-out), its text codec
-(tokenizer, end-of-thinking token, token limit), its image codec (latent shape, decoding), its
-timestep schedule, and its reward. :class:`~unigrpo_env.env.InterleavedEnv` and the batched
-environment turn any scenario into Gymnasium environments; scenarios register themselves with
-``@unigrpo_env.scenarios.register_scenario("name")``.
+A scenario is everything about a task family that is not the policy:
+
+* its **prompts and turns** — :meth:`Scenario.tasks` lists :class:`~unigrpo_env.Task` objects,
+  each with the user's prompt for every turn (one prompt: generate once; several: generate,
+  then edit, then edit again — the environment runs one text phase and one image phase per
+  prompt, and every turn sees the images before it);
+* its **world** — the text codec (tokenizer, end-of-thinking token, token limit), the image
+  codec (latent shape, decoding to RGB) and the timestep schedule (``num_steps``, ``shift``);
+* its **reward** — a scorer of finished batches (:mod:`unigrpo_env.rewards`), usually built
+  from a registered name or a weighted-sum spec given as an option;
+* its **splits** — named task lists (``"train"`` for rollouts, ``"heldout"`` for evaluation on
+  prompts never trained on), listed in ``splits``.
+
+:class:`~unigrpo_env.env.InterleavedEnv` and the batched environment turn any scenario into
+Gymnasium environments. Scenarios register themselves with
+``@unigrpo_env.scenarios.register_scenario("name")``, or from an installed package through the
+entry-point group ``unigrpo.scenarios`` (``unigrpo init scenario NAME`` writes such a package).
 """
 
 from __future__ import annotations
@@ -27,14 +39,37 @@ __all__ = ["Scenario"]
 class Scenario(ABC):
     """Base class of scenarios.
 
-    Subclasses set ``name``, build ``text_codec``, ``image_codec`` and ``reward`` in their
-    ``__init__`` (whose keyword arguments are the scenario's options, overridable through
-    ``unigrpo_env.make(name, **options)``), and implement :meth:`tasks`.
+    Subclasses set ``name``, build ``text_codec``, ``image_codec``, ``reward``, ``num_steps``
+    and ``shift`` in their ``__init__`` — whose keyword arguments are the scenario's options,
+    overridable through ``unigrpo_env.make(name, **options)`` and ``scenario_options`` of the
+    agent's config — and implement :meth:`tasks`. A minimal single-turn scenario::
+
+        @register_scenario("dots")
+        class Dots(Scenario):
+            name = "dots"
+
+            def __init__(self, num_steps: int = 10, reward: str = "my_reward"):
+                self.text_codec = TextCodec(tokenizer, end_of_thinking="</think>", max_tokens=16)
+                self.image_codec = PixelCodec(32)
+                self.num_steps, self.shift = num_steps, 1.0
+                self.reward = get_reward(reward)
+
+            def tasks(self, split):
+                return [Task(prompts=("draw a red dot",), category="dots", split=split, index=0,
+                             meta={"rgb": [255, 0, 0]})]
+
+    To train with the shipped ShapesWorld policy, subclass
+    :class:`~unigrpo_env.scenarios.t2i_reason.T2IReasonScenario` instead (same tokenizer, canvas
+    and task metadata) and override ``shapes_tasks``.
 
     Attributes:
+        name: the registered name (recorded in trajectories).
+        splits: the task splits the scenario offers.
+        text_codec: token ids <-> text, end-of-thinking token, token limit.
+        image_codec: images <-> latents; its ``latent_shape`` is the shape of every latent.
+        reward: ``reward(RewardInputs) -> RewardOutput``, called once per finished batch.
         num_steps: denoising steps per image.
         shift: timestep shift of the schedule (SD3's ``t' = s·t / (1 + (s − 1)·t)``).
-        splits: the task splits the scenario offers.
     """
 
     name: ClassVar[str] = ""
@@ -48,7 +83,8 @@ class Scenario(ABC):
 
     @abstractmethod
     def tasks(self, split: str) -> Sequence[Task]:
-        """The tasks of a split, in a fixed order."""
+        """The tasks of a split, in a fixed order (``reset(options={"task_index": i})`` picks
+        ``tasks(split)[i]``). All tasks of one batch must have the same number of turns."""
 
     def timesteps(self) -> torch.Tensor:
         """The ``num_steps + 1`` times from 1 (noise) to 0 (data)."""
