@@ -39,6 +39,7 @@ class FakeReward(ImageQualityReward):
 '''
 
 FAKE_BROKEN = 'raise RuntimeError("boom, this plugin cannot be imported")\n'
+FAKE_EXITING = 'import sys\nsys.exit("this plugin exits on import")\n'
 
 FAKE_DISTS = {
     "fake_ok_plugin": {
@@ -50,6 +51,7 @@ FAKE_DISTS = {
         "unigrpo.rewards": {"fake_broken_reward": "fake_broken_plugin:Reward"},
     },
     "fake_clash_plugin": {"unigrpo.scenarios": {"t2i_reason": "fake_ok_plugin:FakeScenario"}},
+    "fake_exiting_plugin": {"unigrpo.rewards": {"fake_exiting_reward": "fake_exiting_plugin:Reward"}},
 }
 
 
@@ -58,6 +60,7 @@ def write_fake_dists(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     (root / "fake_ok_plugin.py").write_text(FAKE_OK)
     (root / "fake_broken_plugin.py").write_text(FAKE_BROKEN)
+    (root / "fake_exiting_plugin.py").write_text(FAKE_EXITING)
     for module, groups in FAKE_DISTS.items():
         dist = module.replace("_", "-")
         info = root / f"{module}-0.1.dist-info"
@@ -88,7 +91,7 @@ def fake_plugins(tmp_path, monkeypatch):
     yield root
     for registry, state in saved.items():
         _restore(registry, state)
-    for module in ("fake_ok_plugin", "fake_broken_plugin"):
+    for module in ("fake_ok_plugin", "fake_broken_plugin", "fake_exiting_plugin"):
         sys.modules.pop(module, None)
 
 
@@ -113,6 +116,8 @@ def test_a_broken_plugin_breaks_nothing_else(fake_plugins):
             unigrpo_env.make_scenario("fake_broken")
     with pytest.raises(RegistryError, match="boom"):
         get_reward("quality:1.0,fake_broken_reward:0.5")
+    with pytest.raises(RegistryError, match="SystemExit: this plugin exits on import"):
+        get_reward("fake_exiting_reward")
     assert unigrpo_env.make("t2i_reason").unwrapped.scenario.name == "t2i_reason"
     assert isinstance(get_reward("quality:1.0,fake_quality:0.5"), WeightedSum)
 
@@ -173,6 +178,7 @@ def test_unigrpo_list_shows_a_broken_plugin_with_its_error(tmp_path):
     assert "warning:" in done.stdout and "fake-clash-plugin" in done.stdout
     rewards = run_cli("list", "rewards", extra_path=root)
     assert rewards.returncode == 0 and "boom" in row(rewards.stdout, "fake_broken_reward")
+    assert "SystemExit" in row(rewards.stdout, "fake_exiting_reward")
     assert row(rewards.stdout, "fake_quality").rstrip(" │").endswith("ok") and row(rewards.stdout, "shapes_verifier").rstrip(" │").endswith("ok")
     used = run_cli("run", "scenario", "fake_broken", "--steps", "1", extra_path=root)
     lines = used.stderr.strip().splitlines()

@@ -99,6 +99,7 @@ def test_one_name_is_the_reward_itself_and_unknown_names_are_registry_errors():
     assert isinstance(get_reward("quality"), ImageQualityReward)
     assert isinstance(get_reward("shapes_verifier", score="correct"), ShapesVerifierReward)
     assert isinstance(get_reward("quality:0.5"), WeightedSum)  # a weight makes it a (scaled) sum
+    assert WeightedSum.from_spec("quality").weights == {"quality": 1.0}
     with pytest.raises(RegistryError, match="unknown reward 'nope'"):
         get_reward("quality:1,nope:2")
     assert {"shapes_verifier", "image_quality", "quality", "edit_fidelity", "jpeg_compressibility"} <= set(list_rewards())

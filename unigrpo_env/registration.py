@@ -222,7 +222,7 @@ def _load_entry_point(target: str, what: str) -> Any:
         obj: Any = importlib.import_module(module_name)
         for part in attr.split("."):
             obj = getattr(obj, part)
-    except Exception as exc:  # noqa: BLE001 - report any import failure with its cause
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - report any import failure (even sys.exit) with its cause
         raise RegistryError(f"could not load {what} from {target!r}: {type(exc).__name__}: {exc}") from exc
     return obj
 
