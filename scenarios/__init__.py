@@ -1,7 +1,10 @@
 """Scenarios: what environments are made from (tasks, codecs, schedule, reward).
 
 Built-in: ``t2i_reason`` (ShapesWorld, reasoning then one image). Register your own with
-``@register_scenario("name")`` on a :class:`~unigrpo_env.Scenario` subclass.
+``@register_scenario("name")`` on a :class:`~unigrpo_env.Scenario` subclass, or ship them in an
+installed package through the entry-point group ``unigrpo.scenarios``
+(``unigrpo init scenario NAME`` writes such a package); a ``"module:Name"`` reference works
+wherever a scenario name does.
 """
 
 from unigrpo_env.registration import SCENARIOS, register_scenario
@@ -11,5 +14,5 @@ __all__ = ["Scenario", "register_scenario", "list_scenarios", "SCENARIOS"]
 
 
 def list_scenarios() -> list[str]:
-    """Names of the registered scenarios."""
+    """Names of the registered scenarios (built-in, registered in code, and installed plugins)."""
     return SCENARIOS.names()

@@ -4,6 +4,7 @@ edit_fidelity and the quality alias on hand-made images."""
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -358,3 +359,20 @@ def test_cli_bad_reward_spec_is_one_line_and_exit_code_2(spec, message):
     )
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("unigrpo: error:") and message in lines[0], done.stderr
+
+
+def test_cli_run_with_a_weighted_sum_logs_each_term(tiny_checkpoint, tmp_path, capsys):
+    from unigrpo_env.cli.main import main
+
+    config = tmp_path / "small.yaml"
+    config.write_text("num_prompts: 2\ngroup_size: 4\nminibatches: 1\neval_limit: 6\nscenario_options:\n  num_steps: 3\n")
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "scenario", "t2i_reason", "--steps", "1", "--config", str(config), "--checkpoint", str(tiny_checkpoint),
+              "--reward", "shapes_verifier:1.0,quality:0.2", "--out", str(out)])
+    assert exit_info.value.code == 0, capsys.readouterr().err
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["scenario_options"] == {"num_steps": 3, "reward": "shapes_verifier:1.0,quality:0.2"}  # merged, not replaced
+    metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"reward/shapes_verifier", "reward/quality", "reward/shapes_verifier/correct"} <= set(metrics)
+    assert metrics["reward_mean"] == pytest.approx(metrics["reward/shapes_verifier"] + 0.2 * metrics["reward/quality"], abs=1e-5)
