@@ -256,11 +256,15 @@ class UniGRPOAgent:
                 extras.append({"reg": torch.stack(reg_terms, dim=1) if reg_terms else None, "ratio_norm": norm_terms})
         return text_lp, image_lp, extras
 
-    def _loss(self, batch: Batch, index: torch.Tensor, old: dict[str, list[torch.Tensor]]) -> tuple[torch.Tensor, dict[str, float]]:
+    def _loss(
+        self, batch: Batch, index: torch.Tensor, old: dict[str, list[torch.Tensor]], *, fill_old: bool = False
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         c = self.config
         advantages = batch.advantages[index].to(self.accelerator.device)
         valid = batch.valid[index].to(self.accelerator.device)
         text_lp, image_lp, extras = self._log_probs(batch, index)
+        if fill_old:  # the first minibatch: the policy has not moved yet, this pass is the old policy
+            self._store_old(old, index, text_lp, image_lp)
         stats: dict[str, float] = {}
         loss = torch.zeros((), device=self.accelerator.device)
         for k, log_probs in enumerate(text_lp):
@@ -293,22 +297,29 @@ class UniGRPOAgent:
 
     @torch.no_grad()
     def _old_log_probs(self, batch: Batch, parts: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
-        """The rollout policy's log-probabilities, recomputed with the training forward pass on the
-        first epoch's minibatches, so the first minibatch's ratio is exactly 1 (on-policy)."""
+        """The rollout policy's log-probabilities of the episodes in ``parts`` (the first epoch's
+        minibatches after the first), recomputed with the training forward pass before any update.
+        The first minibatch needs no extra pass: its own forward pass, detached, is the old policy
+        (so its ratio is exactly 1, on-policy), and with a single minibatch per batch nothing is
+        recomputed at all."""
         n = len(batch)
         old: dict[str, list[torch.Tensor]] = {"text": [], "image": []}
         for turn in batch.turns:
             if self.train_text:
-                old["text"].append(torch.zeros(turn.tokens.shape, device=self.accelerator.device))
+                old["text"].append(torch.full(turn.tokens.shape, math.nan, device=self.accelerator.device))
             if self.train_image and turn.sde_steps:
-                old["image"].append(torch.zeros((n, len(turn.sde_steps)), device=self.accelerator.device))
+                old["image"].append(torch.full((n, len(turn.sde_steps)), math.nan, device=self.accelerator.device))
         for index in parts:
             text_lp, image_lp, _ = self._log_probs(batch, index)
-            for k, lp in enumerate(text_lp):
-                old["text"][k][index] = lp.float()
-            for k, lp in enumerate(image_lp):
-                old["image"][k][index] = lp.float()
+            self._store_old(old, index, text_lp, image_lp)
         return old
+
+    @staticmethod
+    def _store_old(old: dict[str, list[torch.Tensor]], index: torch.Tensor, text_lp: list[torch.Tensor], image_lp: list[torch.Tensor]) -> None:
+        for k, lp in enumerate(text_lp):
+            old["text"][k][index] = lp.detach().float()
+        for k, lp in enumerate(image_lp):
+            old["image"][k][index] = lp.detach().float()
 
     def update(self, batch: Batch) -> dict[str, float]:
         c, acc = self.config, self.accelerator
@@ -316,16 +327,17 @@ class UniGRPOAgent:
         partitions = [list(torch.randperm(len(batch), generator=generator).chunk(c.minibatches)) for _ in range(c.ppo_epochs)]
         started = time.perf_counter()
         self.policy.train()
-        old = self._old_log_probs(batch, partitions[0])
+        old = self._old_log_probs(batch, partitions[0][1:])
         stats: dict[str, float] = {"time_old_log_probs": time.perf_counter() - started}
-        stats.update(self._drift(batch, old))
         history: list[dict[str, float]] = []
         loss_seconds = optimizer_seconds = 0.0
         for epoch, parts in enumerate(partitions):
-            for index in parts:
+            for m, index in enumerate(parts):
                 t0 = time.perf_counter()
                 with acc.autocast():
-                    loss, step_stats = self._loss(batch, index, old)
+                    loss, step_stats = self._loss(batch, index, old, fill_old=epoch == 0 and m == 0)
+                if epoch == 0 and m == 0:
+                    stats.update(self._drift(batch, old))
                 acc.backward(loss)
                 t1 = time.perf_counter()
                 self._average_gradients()
