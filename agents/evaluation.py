@@ -138,16 +138,20 @@ def evaluate(
     checkpoint: str | None = None,
     out_dir: str | Path | None = None,
     image_given_truth: bool = True,
+    scenario_options: dict | None = None,
 ) -> EvalReport:
     """Evaluate ``policy`` on every task of ``split`` (or ``limit`` of them, spread over the
     categories); images are drawn
     with the deterministic ODE sampler, text sampled at ``temperature`` with a seeded generator.
     With ``out_dir``, saves ``eval.json`` and ``grid.png`` (a few tasks per category).
-    ``image_given_truth=False`` skips the second rollout (the image model alone)."""
+    ``image_given_truth=False`` skips the second rollout (the image model alone);
+    ``scenario_options`` build the scenario as a training run does (e.g. its reward)."""
     if cfg_scale < 1.0:
         raise ValueError(f"cfg_scale must be >= 1 (1 = no guidance), got {cfg_scale}")
     start = time.perf_counter()
-    options = {} if num_steps is None else {"num_steps": num_steps}
+    options = dict(scenario_options or {})
+    if num_steps is not None:
+        options["num_steps"] = num_steps
     world = make_scenario(scenario, **options)
     tasks = _spread(list(world.tasks(split)), limit)
     settings = RolloutSettings(temperature=temperature, noise_level=0.0, cfg_scale=cfg_scale)
@@ -195,7 +199,10 @@ def evaluate(
 
 def _scores(result: Rollout) -> list[tuple[float, float]]:
     rewards = result.rewards.tolist()
-    correct = result.reward_components.get("correct", torch.full((len(rewards),), math.nan)).tolist()
+    components = result.reward_components
+    # GenEval's verdict: the verifier's own component, or the verifier term's inside a weighted sum
+    key = "correct" if "correct" in components else next((k for k in sorted(components) if k.endswith("/correct")), None)
+    correct = (components[key] if key else torch.full((len(rewards),), math.nan)).tolist()
     return list(zip(rewards, correct))
 
 

@@ -133,6 +133,7 @@ class Trainer:
             temperature=c.temperature,
             limit=c.eval_limit,
             image_given_truth=False,
+            scenario_options=c.scenario_options,
             out_dir=self.out / name if self.is_main else None,
         )
         return report

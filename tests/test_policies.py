@@ -129,6 +129,16 @@ def test_evaluation_reports_every_category_and_writes_files(policy, tmp_path):
     assert saved["pipeline"]["overall"]["count"] == 12 and (tmp_path / "grid.png").stat().st_size > 0
 
 
+def test_evaluation_uses_the_runs_reward_and_finds_genevals_verdict_inside_a_sum(policy):
+    plain = evaluate(policy, "t2i_reason", limit=6, batch_size=6, num_steps=3, image_given_truth=False)
+    summed = evaluate(
+        policy, "t2i_reason", limit=6, batch_size=6, num_steps=3, image_given_truth=False,
+        scenario_options={"reward": "shapes_verifier:1.0,quality:0.5"},
+    )
+    assert summed.overall("pipeline", "correct") == plain.overall("pipeline", "correct")  # same images, same verdicts
+    assert summed.overall("pipeline", "reward") > plain.overall("pipeline", "reward")  # + 0.5 × quality (> 0)
+
+
 def test_bad_checkpoints_raise_checkpoint_error(tmp_path, tiny_checkpoint):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_shapes_policy(tmp_path / "missing")
