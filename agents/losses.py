@@ -65,6 +65,19 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Te
     return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
 
 
+@torch.no_grad()
+def _ratio_stats(prefix: str, log_ratio: torch.Tensor, clipped: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Clip fraction, mean ratio and largest |ratio − 1| over the entries selected by ``mask``."""
+    ratio = torch.exp(log_ratio)[mask]
+    if not ratio.numel():
+        return {f"{prefix}_clip_fraction": 0.0, f"{prefix}_ratio_mean": 1.0, f"{prefix}_ratio_max_dev": 0.0}
+    return {
+        f"{prefix}_clip_fraction": float(clipped[mask].float().mean()),
+        f"{prefix}_ratio_mean": float(ratio.mean()),
+        f"{prefix}_ratio_max_dev": float((ratio - 1).abs().max()),
+    }
+
+
 def text_grpo_loss(
     log_probs: torch.Tensor,
     old_log_probs: torch.Tensor,
@@ -80,15 +93,7 @@ def text_grpo_loss(
     per_sequence = _masked_mean(surrogate, token_mask, dim=1)
     sequences = token_mask.any(dim=1) if sample_mask is None else (sample_mask & token_mask.any(dim=1))
     loss = -_masked_mean(per_sequence, sequences, dim=0)
-    with torch.no_grad():
-        tokens = token_mask & sequences[:, None]
-        ratio = torch.exp(log_ratio)[tokens]
-        stats = {
-            "text_clip_fraction": float(clipped[tokens].float().mean()) if ratio.numel() else 0.0,
-            "text_ratio_mean": float(ratio.mean()) if ratio.numel() else 1.0,
-            "text_ratio_max_dev": float((ratio - 1).abs().max()) if ratio.numel() else 0.0,
-        }
-    return loss, stats
+    return loss, _ratio_stats("text", log_ratio, clipped, token_mask & sequences[:, None])
 
 
 def flow_grpo_loss(
@@ -106,11 +111,4 @@ def flow_grpo_loss(
     per_rollout = surrogate.mean(dim=1)
     mask = torch.ones_like(per_rollout, dtype=torch.bool) if sample_mask is None else sample_mask
     loss = -_masked_mean(per_rollout, mask, dim=0)
-    with torch.no_grad():
-        ratio = torch.exp(log_ratio)[mask]
-        stats = {
-            "image_clip_fraction": float(clipped[mask].float().mean()) if ratio.numel() else 0.0,
-            "image_ratio_mean": float(ratio.mean()) if ratio.numel() else 1.0,
-            "image_ratio_max_dev": float((ratio - 1).abs().max()) if ratio.numel() else 0.0,
-        }
-    return loss, stats
+    return loss, _ratio_stats("image", log_ratio, clipped, mask)

@@ -333,10 +333,11 @@ class UniGRPOAgent:
         loss_seconds = optimizer_seconds = 0.0
         for epoch, parts in enumerate(partitions):
             for m, index in enumerate(parts):
+                first = epoch == 0 and m == 0
                 t0 = time.perf_counter()
                 with acc.autocast():
-                    loss, step_stats = self._loss(batch, index, old, fill_old=epoch == 0 and m == 0)
-                if epoch == 0 and m == 0:
+                    loss, step_stats = self._loss(batch, index, old, fill_old=first)
+                if first:
                     stats.update(self._drift(batch, old))
                 acc.backward(loss)
                 t1 = time.perf_counter()
