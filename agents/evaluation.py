@@ -28,7 +28,7 @@ from unigrpo_env.agents.policy import TextSample, TurnContext, UnifiedPolicy
 from unigrpo_env.agents.rollout import Rollout, RolloutSettings, rollout
 from unigrpo_env.agents.visuals import image_grid
 from unigrpo_env.registration import make_scenario, make_vec
-from unigrpo_env.scenarios.shapes import ShapesTask, extract_description
+from unigrpo_env.scenarios.shapes import describe, extract_description
 
 __all__ = ["CategoryScores", "EvalReport", "evaluate", "oracle_text_writer"]
 
@@ -65,9 +65,10 @@ class EvalReport(BaseModel):
 
 
 def oracle_text_writer(context: TurnContext, envs) -> TextSample:
-    """Writes each episode's correct reasoning and description (``scenario.oracle_tokens``)."""
+    """Writes each episode's correct reasoning and description of the current turn
+    (``scenario.oracle_tokens(task, turn)``)."""
     scenario = envs.scenario
-    rows = [scenario.oracle_tokens(task) for task in envs.episodes.tasks]
+    rows = [scenario.oracle_tokens(task, context.turn) for task in envs.episodes.tasks]
     width = max(len(r) for r in rows)
     tokens = torch.full((len(rows), width), scenario.text_codec.pad_id, dtype=torch.long)
     for i, r in enumerate(rows):
@@ -163,6 +164,7 @@ def evaluate(
         piped = rollout(policy, envs, settings, seed=seed, options={"task_index": indices}, generator=generator)
         rows["pipeline"] += _scores(piped)
         rows["images"] += list(envs.episodes.records[-1].images.numpy())
+        rows["turn_images"] += list(torch.stack([r.images for r in envs.episodes.records], dim=1).numpy())
         rows["described"] += _description_hits(piped)
         if image_given_truth:
             truth = rollout(policy, envs, settings, seed=seed, options={"task_index": indices}, write_text=oracle_text_writer)
@@ -194,7 +196,22 @@ def evaluate(
             [f"[{categories[i]}] {tasks[i].prompts[0]} -> reward {rows['pipeline'][i][0]:.2f}" for i in shown],
             out / "grid.png",
         )
+        if tasks[0].num_turns > 1:
+            _turn_strips(tasks, categories, rows, shown, out / "turns.png")
     return report
+
+
+def _turn_strips(tasks: list, categories: Sequence[str], rows: dict, shown: list[int], path: Path) -> None:
+    """One row per shown task: the image of every turn, captioned with that turn's prompt."""
+    num_turns = tasks[0].num_turns
+    images, captions = [], []
+    for i in shown:
+        for k in range(num_turns):
+            images.append(rows["turn_images"][i][k])
+            tail = f" -> reward {rows['pipeline'][i][0]:.2f}" if k == num_turns - 1 else ""
+            head = f"[{categories[i]}] " if k == 0 else ""
+            captions.append(f"{head}{k + 1}: {tasks[i].prompts[k]}{tail}")
+    image_grid(images, captions, path, columns=num_turns, width_chars=32, caption_lines=6)
 
 
 def _scores(result: Rollout) -> list[tuple[float, float]]:
@@ -207,12 +224,17 @@ def _scores(result: Rollout) -> list[tuple[float, float]]:
 
 
 def _description_hits(result: Rollout) -> list[float]:
-    codec = result.envs.scenario.text_codec
+    """Whether the last turn's description is the target scene's (NaN for scenarios without
+    ``target_scene``, i.e. not built on ShapesWorld)."""
+    scenario = result.envs.scenario
+    target_scene = getattr(scenario, "target_scene", None)
+    if target_scene is None:
+        return [math.nan] * len(result.tasks)
     sample = result.texts[-1]
     hits = []
     for i, task in enumerate(result.tasks):
-        text = codec.decode(sample.tokens[i, : int(sample.lengths[i])])
-        truth = ShapesTask.from_dict(task.meta["shapes_task"]).description
+        text = scenario.text_codec.decode(sample.tokens[i, : int(sample.lengths[i])])
+        truth = describe(target_scene(task, task.num_turns - 1))
         hits.append(float(extract_description(text) == truth))
     return hits
 

@@ -48,6 +48,8 @@ def shapes_policy(language_model, tokenizer, flow_model) -> UnifiedPolicy:
         image_size=flow_model.config.image_size,
         pad_id=tokenizer.pad_token_id,
         end_id=end,
+        model_vocab_size=flow_model.config.vocab_size,
+        unk_id=tokenizer.unk_token_id,
     )
     image = ConditionedFlowPolicy(flow_model, conditioner, conditioner.unconditional)
     return UnifiedPolicy(text, image)

@@ -29,6 +29,7 @@ reward); installed packages add theirs through the entry-point group ``unigrpo.r
 
 ==========================  ======================================================================
 ``shapes_verifier``         ShapesWorld's exact verifier (GenEval-style checks), in [0, 1]
+``shapes_scene``            exact scene match: Jaccard index of detected and target objects
 ``image_quality``           stray pixels, off-palette colour and noise, in [0, 1] (alias ``quality``)
 ``edit_fidelity``           fraction of the objects an edit must leave alone that are still there
 ``jpeg_compressibility``    DDPO's reward: minus the JPEG size of the image in kB

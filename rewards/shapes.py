@@ -1,8 +1,10 @@
-"""Built-in ShapesWorld scorers: the exact verifier and the image-quality measure.
+"""Built-in ShapesWorld scorers: the exact verifier, the scene match, and the image-quality measure.
 
-Both read each episode's target from ``task.meta["shapes_task"]`` (a
-:class:`~unigrpo_env.scenarios.shapes.ShapesTask` as a dict), so they score any scenario built on
-ShapesWorld.
+The verifier reads each episode's target from ``task.meta["shapes_task"]`` (a
+:class:`~unigrpo_env.scenarios.shapes.ShapesTask` as a dict) and checks GenEval's constraints;
+the scene match reads a whole target scene from ``task.meta["shapes_scene"]`` (a list of
+``{"shape", "colour", "cell"}``) and compares every object, as an edit's result must be judged.
+Both score any scenario built on ShapesWorld.
 """
 
 from __future__ import annotations
@@ -12,9 +14,20 @@ import math
 import torch
 
 from unigrpo_env.reward import RewardInputs, RewardOutput
-from unigrpo_env.scenarios.shapes import CHECK_KINDS, ShapesTask, image_quality, verify
+from unigrpo_env.scenarios.shapes import (
+    CHECK_KINDS,
+    Scene,
+    SceneObject,
+    ShapesTask,
+    detect_objects,
+    image_quality,
+    verify,
+)
 
-__all__ = ["ShapesVerifierReward", "ImageQualityReward", "shapes_task"]
+__all__ = ["SCENE_META_KEY", "ShapesVerifierReward", "SceneMatchReward", "ImageQualityReward", "scene_meta", "shapes_task"]
+
+#: The key of ``Task.meta`` the scene match reads.
+SCENE_META_KEY = "shapes_scene"
 
 
 def shapes_task(task) -> ShapesTask:
@@ -51,6 +64,54 @@ class ShapesVerifierReward:
         for kind in CHECK_KINDS:
             components[kind] = torch.tensor([r.checks.get(kind, math.nan) for r in results], dtype=torch.float32)
         return RewardOutput(scores=fraction if self.score == "fraction" else correct, components=components)
+
+
+def scene_meta(scene: Scene) -> list[dict]:
+    """``meta["shapes_scene"]`` for a target scene."""
+    return [{"shape": o.shape, "colour": o.colour, "cell": list(o.cell)} for o in scene.objects]
+
+
+def _target_objects(task) -> set[tuple[str, str, tuple[int, int]]]:
+    try:
+        objects = task.meta[SCENE_META_KEY]
+    except KeyError:
+        raise ValueError(
+            f"shapes_scene needs task.meta[{SCENE_META_KEY!r}], the target scene's objects (task {task.index} "
+            f"of split {task.split!r} has none)"
+        ) from None
+    try:
+        scene = Scene(tuple(SceneObject(o["shape"], o["colour"], tuple(o["cell"])) for o in objects))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"task.meta[{SCENE_META_KEY!r}] of task {task.index} is malformed: {exc}") from exc
+    return {(o.shape, o.colour, o.cell) for o in scene.objects}
+
+
+class SceneMatchReward:
+    """How exactly the image shows the target scene, object by object.
+
+    With ``T`` the target's objects and ``D`` the detected ones, each an exact (shape, colour,
+    cell) triple, the score is the Jaccard index ``|T ∩ D| / |T ∪ D|``: 1 exactly when the image
+    shows the scene, lowered by every missing, wrong or extra object. Components: ``correct``
+    (0/1, D = T), ``found`` (|T ∩ D|), ``extra`` (|D − T|) and ``objects`` (|T|).
+    """
+
+    def __call__(self, inputs: RewardInputs) -> RewardOutput:
+        images = inputs.images.cpu().numpy()
+        scores, correct, found, extra, objects = [], [], [], [], []
+        for i, task in enumerate(inputs.tasks):
+            target = _target_objects(task)
+            detected = {(d.shape, d.colour, d.cell) for d in detect_objects(images[i])}
+            hits = len(target & detected)
+            scores.append(hits / len(target | detected))
+            correct.append(float(detected == target))
+            found.append(float(hits))
+            extra.append(float(len(detected - target)))
+            objects.append(float(len(target)))
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.float32)  # noqa: E731
+        return RewardOutput(
+            scores=as_tensor(scores),
+            components={"correct": as_tensor(correct), "found": as_tensor(found), "extra": as_tensor(extra), "objects": as_tensor(objects)},
+        )
 
 
 class ImageQualityReward:

@@ -1,6 +1,7 @@
 """Scenarios: what environments are made from (tasks, codecs, schedule, reward).
 
-Built-in: ``t2i_reason`` (ShapesWorld, reasoning then one image). Register your own with
+Built-in: ``t2i_reason`` (ShapesWorld, reasoning then one image) and ``edit_multiturn``
+(ShapesWorld, a riddle then edit instructions, one image per turn). Register your own with
 ``@register_scenario("name")`` on a :class:`~unigrpo_env.Scenario` subclass, or ship them in an
 installed package through the entry-point group ``unigrpo.scenarios``
 (``unigrpo init scenario NAME`` writes such a package); a ``"module:Name"`` reference works

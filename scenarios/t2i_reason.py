@@ -18,7 +18,7 @@ from unigrpo_env.reward import RewardFunction
 from unigrpo_env.rewards import get_reward
 from unigrpo_env.scenario import Scenario
 from unigrpo_env.task import Task
-from unigrpo_env.scenarios.shapes import ShapesTask, answer_text, render, task_split
+from unigrpo_env.scenarios.shapes import Scene, ShapesTask, answer_text, render, task_split
 from unigrpo_env.scenarios.shapes.tokenizer import END_OF_THINKING, build_tokenizer
 
 __all__ = ["T2IReasonScenario"]
@@ -35,15 +35,17 @@ class T2IReasonScenario(Scenario):
         max_tokens: the text phase's token limit; the longest oracle answer is well under it.
         reward: a registered reward name, a ``"module:Name"`` reference, a weighted-sum spec such
             as ``"shapes_verifier:1.0,quality:0.2"`` (see :mod:`unigrpo_env.rewards.composite`),
-            or a ready reward function. ``reward_options`` are passed to its factory (for a
-            weighted sum: keyed by term name).
+            or a ready reward function; None (the default) takes the class's ``default_reward``.
+            ``reward_options`` are passed to its factory (for a weighted sum: keyed by term name).
 
     Subclassing (how plugin scenarios reuse ShapesWorld and the shipped policy): set ``name``,
-    override :meth:`shapes_tasks` to choose the tasks of each split, and give ``reward`` another
-    default; everything else (codecs, schedule, oracle) is inherited.
+    override :meth:`shapes_tasks` to choose the tasks of each split, and set ``default_reward``
+    to another reward name or spec; everything else (codecs, schedule, oracle) is inherited.
     """
 
     name = "t2i_reason"
+    #: The reward used when none is given (a name, ``module:Name`` or weighted-sum spec).
+    default_reward: str = "shapes_verifier"
 
     def __init__(
         self,
@@ -51,9 +53,10 @@ class T2IReasonScenario(Scenario):
         num_steps: int = 10,
         shift: float = 1.0,
         max_tokens: int = 48,
-        reward: str | RewardFunction = "shapes_verifier",
+        reward: str | RewardFunction | None = None,
         reward_options: dict[str, Any] | None = None,
     ):
+        reward = self.default_reward if reward is None else reward
         self.text_codec = TextCodec(build_tokenizer(), end_of_thinking=END_OF_THINKING, max_tokens=max_tokens)
         self.image_codec = PixelCodec(image_size)
         self.num_steps = int(num_steps)
@@ -93,15 +96,29 @@ class T2IReasonScenario(Scenario):
 
     # -- the oracle's two halves (used by examples/oracle_agent.py and the tests) -------------
 
-    def oracle_tokens(self, task: Task) -> list[int]:
-        """The correct reasoning and description, ending with the end-of-thinking token."""
-        return self.text_codec.encode(answer_text(ShapesTask.from_dict(task.meta["shapes_task"])), end_of_thinking=True)
+    def oracle_answer(self, task: Task, turn: int = 0) -> str:
+        """The correct reasoning and description of ``turn`` (the only turn here)."""
+        self._check_turn(task, turn)
+        return answer_text(ShapesTask.from_dict(task.meta["shapes_task"]))
 
-    def target_image(self, task: Task) -> torch.Tensor:
-        """The rendered target scene, ``[H, W, 3]`` uint8."""
-        scene = ShapesTask.from_dict(task.meta["shapes_task"]).target
-        return torch.from_numpy(render(scene, size=self.image_codec.image_size))
+    def target_scene(self, task: Task, turn: int = 0) -> Scene:
+        """The scene ``turn``'s image should show."""
+        self._check_turn(task, turn)
+        return ShapesTask.from_dict(task.meta["shapes_task"]).target
 
-    def target_latent(self, task: Task) -> torch.Tensor:
-        """The target image as a latent ``x_0`` ``[3, H, W]``."""
-        return self.image_codec.encode(self.target_image(task).unsqueeze(0))[0]
+    def oracle_tokens(self, task: Task, turn: int = 0) -> list[int]:
+        """The correct reasoning and description of ``turn``, ending with the end-of-thinking token."""
+        return self.text_codec.encode(self.oracle_answer(task, turn), end_of_thinking=True)
+
+    def target_image(self, task: Task, turn: int = 0) -> torch.Tensor:
+        """The rendered target scene of ``turn``, ``[H, W, 3]`` uint8."""
+        return torch.from_numpy(render(self.target_scene(task, turn), size=self.image_codec.image_size))
+
+    def target_latent(self, task: Task, turn: int = 0) -> torch.Tensor:
+        """The target image of ``turn`` as a latent ``x_0`` ``[3, H, W]``."""
+        return self.image_codec.encode(self.target_image(task, turn).unsqueeze(0))[0]
+
+    @staticmethod
+    def _check_turn(task: Task, turn: int) -> None:
+        if not 0 <= turn < task.num_turns:
+            raise ValueError(f"turn must be in 0..{task.num_turns - 1} for this task, got {turn}")

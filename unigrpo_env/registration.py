@@ -247,14 +247,16 @@ def register_reward(name: str, *, override: bool = False):
 
 # Built-ins, imported on first use.
 SCENARIOS.register("t2i_reason", "unigrpo_env.scenarios.t2i_reason:T2IReasonScenario", origin="built-in")
+SCENARIOS.register("edit_multiturn", "unigrpo_env.scenarios.edit_multiturn:EditMultiTurnScenario", origin="built-in")
 REWARDS.register("shapes_verifier", "unigrpo_env.rewards.shapes:ShapesVerifierReward", origin="built-in")
+REWARDS.register("shapes_scene", "unigrpo_env.rewards.shapes:SceneMatchReward", origin="built-in")
 REWARDS.register("image_quality", "unigrpo_env.rewards.shapes:ImageQualityReward", origin="built-in")
 REWARDS.register("quality", "unigrpo_env.rewards.shapes:ImageQualityReward", origin="built-in")  # alias
 REWARDS.register("edit_fidelity", "unigrpo_env.rewards.edit:EditFidelityReward", origin="built-in")
 REWARDS.register("jpeg_compressibility", "unigrpo_env.rewards.jpeg:JpegCompressibilityReward", origin="built-in")
 
 #: Gymnasium ids of the built-in scenarios.
-GYM_IDS = {"unigrpo/T2IReason-v0": "t2i_reason"}
+GYM_IDS = {"unigrpo/T2IReason-v0": "t2i_reason", "unigrpo/EditMultiTurn-v0": "edit_multiturn"}
 
 _ENV_OPTIONS = ("split", "device", "render_mode")
 

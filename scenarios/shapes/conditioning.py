@@ -26,10 +26,26 @@ class ShapesConditioner:
         vocab: the tokenizer's vocabulary (token -> id).
         max_text_tokens: the image model's text length; longer descriptions keep their first tokens.
         image_size: the canvas size (for decoding earlier images into the model's scale).
+        model_vocab_size: the image model's vocabulary size, if smaller than the tokenizer's: the
+            words only edit instructions use come after every description word, and an image
+            model trained before they existed reads them as ``unk_id``.
     """
 
-    def __init__(self, vocab: dict[str, int], max_text_tokens: int, image_size: int, pad_id: int, end_id: int):
+    def __init__(
+        self,
+        vocab: dict[str, int],
+        max_text_tokens: int,
+        image_size: int,
+        pad_id: int,
+        end_id: int,
+        model_vocab_size: int | None = None,
+        unk_id: int | None = None,
+    ):
         self.marker = [vocab[w] for w in ANSWER_MARKER.split()]
+        self.model_vocab_size = model_vocab_size
+        self.unk_id = unk_id
+        if model_vocab_size is not None and (unk_id is None or not 0 <= unk_id < model_vocab_size):
+            raise ValueError(f"unk_id must be an id below model_vocab_size={model_vocab_size}, got {unk_id}")
         self.max_text_tokens = int(max_text_tokens)
         self.pad_id = int(pad_id)
         self.end_id = int(end_id)
@@ -43,7 +59,10 @@ class ShapesConditioner:
         starts = [i for i in range(len(ids) - m + 1) if ids[i : i + m] == self.marker]
         if starts:
             ids = ids[starts[-1] + m :]
-        return ids[: self.max_text_tokens]
+        ids = ids[: self.max_text_tokens]
+        if self.model_vocab_size is not None:
+            ids = [i if i < self.model_vocab_size else self.unk_id for i in ids]
+        return ids
 
     def __call__(self, context: Any) -> dict[str, Any]:
         n = len(context)

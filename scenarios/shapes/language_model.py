@@ -1,7 +1,9 @@
 """ShapesWorld's reasoning language model: a tiny Llama from ``transformers``.
 
 It reads a riddle and writes the reasoning and the explicit scene description
-(``tasks.answer_text``), then ``</think>``. The chat format, for turn K with earlier turns::
+(``tasks.answer_text``), then ``</think>``; in an edit dialogue (:mod:`.edits`) it reads each
+instruction after its own earlier answers and writes the facts and the description of the whole
+edited scene. The chat format, for turn K with earlier turns::
 
     <bos> prompt_0 <think> reasoning_0 </think> <image> prompt_1 <think> ... prompt_K <think>
 
@@ -9,8 +11,9 @@ and the model continues with ``reasoning_K </think>``. Saved and loaded with
 ``save_pretrained`` / ``from_pretrained`` like any checkpoint, its tokenizer as a ``transformers``
 fast tokenizer beside it.
 
-:func:`train_language_model` trains it from scratch on the train split's riddle → answer pairs
-(loss on the answer only), deterministically on the CPU.
+:func:`train_language_model` trains it from scratch on the train split: riddle → answer pairs and,
+for a fraction ``edit_fraction`` of each batch, whole edit dialogues (2 to 4 turns) that start from a
+train riddle — the loss on the answers only — deterministically on the CPU.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 from pydantic import BaseModel, Field
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from unigrpo_env.scenarios.shapes.edits import edit_dialogue
 from unigrpo_env.scenarios.shapes.schedule import warmup_cosine
 from unigrpo_env.scenarios.shapes.tasks import answer_text, task_split
 from unigrpo_env.scenarios.shapes.tokenizer import (
@@ -89,12 +93,15 @@ class LanguageModelConfig(BaseModel):
     intermediate_size: int = 384
     num_hidden_layers: int = 3
     num_attention_heads: int = 4
-    max_position_embeddings: int = 128
+    # A 4-turn edit dialogue is at most about 230 tokens (3 turns: 180).
+    max_position_embeddings: int = 256
     # Held-out exact-description accuracy at temperature 1 (greedy), measured on the project's
     # 2-core machine: 200 steps 0.32 (0.41), 300 steps 0.54 (0.63), 600 steps 0.90 (0.96).
     # 300 leaves clear room for RL, weakest on position and attribute binding.
     steps: int = 300
     batch_size: int = 64
+    edit_fraction: float = Field(default=0.5, ge=0.0, le=1.0, description="fraction of each batch that is edit dialogues")
+    edit_turns: tuple[int, ...] = Field(default=(2, 3, 4), description="dialogue lengths (turns) to train on, drawn uniformly")
     learning_rate: float = 3e-3
     warmup_steps: int = 50
     weight_decay: float = 0.01
@@ -121,29 +128,53 @@ def build_language_model(config: LanguageModelConfig, tokenizer: PreTrainedToken
     return LlamaForCausalLM(llama)
 
 
-def _training_pairs(tokenizer) -> list[tuple[list[int], list[int]]]:
-    """(context ids, answer ids + </think>) for every train task."""
-    end = tokenizer.convert_tokens_to_ids(END_OF_THINKING)
-    return [
-        (chat_prompt_ids(tokenizer, [task.prompt], []), tokenizer.encode(answer_text(task), add_special_tokens=False) + [end])
-        for task in task_split("train")
-    ]
+class _Sequences:
+    """Training sequences in the chat format: token ids with a loss mask on the answers.
+
+    A riddle is ``<bos> prompt <think> answer </think>``; a dialogue continues with ``<image>``
+    and the next instruction for each turn. Dialogues are drawn fresh from a train riddle and a
+    seed each time, so the language model sees many different edits of every riddle.
+    """
+
+    def __init__(self, tokenizer):
+        vocab = tokenizer.get_vocab()
+        self.tokenizer = tokenizer
+        self.bos, self.think, self.end, self.image = vocab[BOS], vocab[THINK], vocab[END_OF_THINKING], vocab[IMAGE]
+        self.tasks = task_split("train")
+
+    def _words(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def chat(self, prompts, answers) -> tuple[list[int], list[bool]]:
+        ids, target = [self.bos], [False]
+        for k, (prompt, answer) in enumerate(zip(prompts, answers)):
+            context = ([self.image] if k else []) + self._words(prompt) + [self.think]
+            reply = self._words(answer) + [self.end]
+            ids += context + reply
+            target += [False] * len(context) + [True] * len(reply)
+        return ids, target
+
+    def riddle(self, index: int) -> tuple[list[int], list[bool]]:
+        task = self.tasks[index]
+        return self.chat([task.prompt], [answer_text(task)])
+
+    def dialogue(self, index: int, num_turns: int, seed: int) -> tuple[list[int], list[bool]]:
+        dialogue = edit_dialogue(self.tasks[index], num_turns, seed)
+        return self.chat(dialogue.prompts, dialogue.answers)
 
 
-def _batch(pairs, indices, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _batch(sequences: list[tuple[list[int], list[bool]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded input ids, attention mask, and labels (−100 outside the answers)."""
-    seqs = [pairs[i][0] + pairs[i][1] for i in indices]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, i in enumerate(indices):
-        context, answer = pairs[i]
-        seq = context + answer
-        ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
-        labels[row, len(context) : len(seq)] = torch.tensor(answer)
-    return ids, mask, labels
+    width = max(len(ids) for ids, _ in sequences)
+    ids_out = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(sequences), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, (ids, target) in enumerate(sequences):
+        seq = torch.tensor(ids)
+        ids_out[row, : len(ids)] = seq
+        mask[row, : len(ids)] = 1
+        labels[row, : len(ids)] = torch.where(torch.tensor(target), seq, torch.full_like(seq, -100))
+    return ids_out, mask, labels
 
 
 def train_language_model(
@@ -157,7 +188,7 @@ def train_language_model(
         torch.set_num_threads(config.num_threads)
     tokenizer = hf_tokenizer()
     model = build_language_model(config, tokenizer)
-    pairs = _training_pairs(tokenizer)
+    data = _Sequences(tokenizer)
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
 
@@ -167,8 +198,15 @@ def train_language_model(
     model.train()
     start, loss_value = time.perf_counter(), float("nan")
     for step in range(config.steps):
-        indices = torch.randint(len(pairs), (config.batch_size,), generator=generator).tolist()
-        ids, mask, labels = _batch(pairs, indices, tokenizer.pad_token_id)
+        indices = torch.randint(len(data.tasks), (config.batch_size,), generator=generator).tolist()
+        is_dialogue = (torch.rand(config.batch_size, generator=generator) < config.edit_fraction).tolist()
+        turns = torch.randint(len(config.edit_turns), (config.batch_size,), generator=generator).tolist()
+        seeds = torch.randint(2**62, (config.batch_size,), generator=generator).tolist()
+        sequences = [
+            data.dialogue(i, config.edit_turns[k], seed) if dialogue else data.riddle(i)
+            for i, dialogue, k, seed in zip(indices, is_dialogue, turns, seeds)
+        ]
+        ids, mask, labels = _batch(sequences, tokenizer.pad_token_id)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,7 +1,9 @@
 """ShapesWorld's word-level tokenizer, built with Hugging Face ``tokenizers``.
 
 Every word of every prompt, reasoning chain and description (``tasks.vocabulary()``) gets an id
-after the special tokens; text is split on whitespace. The same tokenizer wraps into a
+after the special tokens, then the words that only edit instructions use (``edits.edit_vocabulary()``)
+— appended after the riddles' words, so the ids of the riddle and description words (all the image
+model reads) do not depend on them; text is split on whitespace. The same tokenizer wraps into a
 ``transformers`` fast tokenizer for the ShapesWorld language model.
 """
 
@@ -11,6 +13,7 @@ from functools import lru_cache
 
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from unigrpo_env.scenarios.shapes.edits import edit_vocabulary
 from unigrpo_env.scenarios.shapes.tasks import vocabulary
 
 __all__ = ["PAD", "UNK", "BOS", "EOS", "THINK", "END_OF_THINKING", "IMAGE", "SPECIAL_TOKENS", "build_tokenizer"]
@@ -23,12 +26,14 @@ SPECIAL_TOKENS = (PAD, UNK, BOS, EOS, THINK, END_OF_THINKING, IMAGE)
 
 @lru_cache(maxsize=1)
 def _vocab() -> tuple[str, ...]:
-    return (*SPECIAL_TOKENS, *(w for w in vocabulary() if w not in SPECIAL_TOKENS))
+    riddle_words = [w for w in vocabulary() if w not in SPECIAL_TOKENS]
+    edit_words = sorted(edit_vocabulary() - set(riddle_words) - set(SPECIAL_TOKENS))
+    return (*SPECIAL_TOKENS, *riddle_words, *edit_words)
 
 
 def build_tokenizer() -> Tokenizer:
     """A fresh word-level tokenizer over ShapesWorld's vocabulary (ids are stable: specials
-    first, then the sorted vocabulary)."""
+    first, then the riddles' sorted vocabulary, then the edit-only words)."""
     vocab = {word: i for i, word in enumerate(_vocab())}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()

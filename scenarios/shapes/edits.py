@@ -1,0 +1,245 @@
+"""Multi-turn edit dialogues of ShapesWorld: a riddle, then edit instructions.
+
+Turn 1 is a riddle task of :mod:`.tasks` ("draw a shape like a wheel in the colour of grass");
+each following turn is an instruction that edits the scene drawn so far. Six kinds of edit, some
+of which need the riddle book's reasoning to resolve (:mod:`.riddles`):
+
+==========  ==================================================  ================================
+kind        instruction                                         reasoning fact
+==========  ==================================================  ================================
+recolour    "make the circle red"                               (none)
+            "make the circle in the colour of the sky"          "the sky is blue ."
+reshape     "turn the blue circle into a shape like a box"      "a box is a square ."
+move        "move the square at left to top-right"              (none)
+add         "add a triangle in the colour of a leaf at bottom"  "a leaf is green ."
+remove      "remove the triangle"                               (none)
+swap        "swap the circle and the red square"                (none)
+==========  ==================================================  ================================
+
+An object is named by the shortest reference that is unique in the current scene: its shape
+("the circle"), its colour and shape ("the red circle"), or its shape and cell ("the circle at
+left"). The language model answers each turn as it answers a riddle — the facts, ``answer :``,
+and the description of the *whole* edited scene — so the image model always draws from a full
+description, conditioned on the previous image.
+
+Splits. A dialogue belongs to the split of its first turn's riddle (held-out riddles combine
+phrases never combined in training); its edits are drawn from a generator seeded by the split,
+the riddle's index, the number of turns and a variant number, so every dialogue is a pure
+function of those. Training the language model uses several variants per train riddle; the
+scenario uses variant 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from .riddles import colour_phrases, noun_phrase, shape_phrases
+from .scene import CELL_NAMES, COLOURS, MAX_OBJECTS, SHAPES, Scene, SceneObject, cell_name, describe
+from .tasks import ANSWER_MARKER, ShapesTask, answer_text, task_split
+
+__all__ = [
+    "EDIT_KINDS",
+    "EditTurn",
+    "EditDialogue",
+    "apply_random_edit",
+    "edit_dialogue",
+    "dialogue_split",
+    "edit_vocabulary",
+    "reference",
+]
+
+EDIT_KINDS: tuple[str, ...] = ("recolour", "reshape", "move", "add", "remove", "swap")
+
+_ALL_CELLS: tuple[tuple[int, int], ...] = tuple(sorted(CELL_NAMES))
+
+
+@dataclass(frozen=True)
+class EditTurn:
+    """One edit: the user's instruction, its kind, the facts that resolve it, and the scene after it."""
+
+    instruction: str
+    kind: str
+    reasoning: str
+    scene: Scene
+
+    @property
+    def answer(self) -> str:
+        """What the language model should write: facts, ``answer :``, the edited scene's description."""
+        head = f"{self.reasoning} " if self.reasoning else ""
+        return f"{head}{ANSWER_MARKER} {describe(self.scene)}"
+
+
+@dataclass(frozen=True)
+class EditDialogue:
+    """A riddle followed by edits. ``scenes[k]`` is the target after turn k (``scenes[0]`` the
+    riddle's target), ``prompts[k]`` and ``answers[k]`` the user's and the model's words."""
+
+    first: ShapesTask
+    edits: tuple[EditTurn, ...]
+
+    @property
+    def num_turns(self) -> int:
+        return 1 + len(self.edits)
+
+    @property
+    def prompts(self) -> tuple[str, ...]:
+        return (self.first.prompt, *(e.instruction for e in self.edits))
+
+    @property
+    def answers(self) -> tuple[str, ...]:
+        return (answer_text(self.first), *(e.answer for e in self.edits))
+
+    @property
+    def scenes(self) -> tuple[Scene, ...]:
+        return (self.first.target, *(e.scene for e in self.edits))
+
+    @property
+    def final(self) -> Scene:
+        return self.scenes[-1]
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(e.kind for e in self.edits)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form; ``EditDialogue.from_dict(d.to_dict()) == d``."""
+        return {
+            "first": self.first.to_dict(),
+            "edits": [
+                {"instruction": e.instruction, "kind": e.kind, "reasoning": e.reasoning, "scene": _objects(e.scene)}
+                for e in self.edits
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EditDialogue":
+        edits = tuple(
+            EditTurn(e["instruction"], e["kind"], e["reasoning"], _scene(e["scene"])) for e in data["edits"]
+        )
+        return cls(ShapesTask.from_dict(data["first"]), edits)
+
+
+def _objects(scene: Scene) -> list[dict[str, Any]]:
+    return [{"shape": o.shape, "colour": o.colour, "cell": list(o.cell)} for o in scene.objects]
+
+
+def _scene(objects: list[dict[str, Any]]) -> Scene:
+    return Scene(tuple(SceneObject(o["shape"], o["colour"], tuple(o["cell"])) for o in objects))
+
+
+def reference(scene: Scene, obj: SceneObject) -> str:
+    """The shortest words naming ``obj`` uniquely in ``scene``: "the circle", "the red circle"
+    or "the circle at left"."""
+    same_shape = [o for o in scene.objects if o.shape == obj.shape]
+    if len(same_shape) == 1:
+        return f"the {obj.shape}"
+    if sum(o.colour == obj.colour for o in same_shape) == 1:
+        return f"the {obj.colour} {obj.shape}"
+    return f"the {obj.shape} at {cell_name(obj.cell)}"
+
+
+def _choice(rng: np.random.Generator, options):
+    return options[int(rng.integers(len(options)))]
+
+
+def _applicable(scene: Scene) -> list[str]:
+    objects = scene.objects
+    empty = len(objects) < len(_ALL_CELLS)
+    swappable = len({(o.shape, o.colour) for o in objects}) > 1
+    ok = {
+        "recolour": True,
+        "reshape": True,
+        "move": empty,
+        "add": len(objects) < MAX_OBJECTS and empty,
+        "remove": len(objects) > 1,
+        "swap": swappable,
+    }
+    return [kind for kind in EDIT_KINDS if ok[kind]]
+
+
+def apply_random_edit(rng: np.random.Generator, scene: Scene, kind: str | None = None) -> EditTurn:
+    """One random edit of ``scene`` (of ``kind`` if given), worded as an instruction."""
+    applicable = _applicable(scene)
+    if kind is None:
+        kind = _choice(rng, applicable)
+    elif kind not in applicable:
+        raise ValueError(f"edit {kind!r} does not apply to {describe(scene)!r}; applicable: {applicable}")
+    objects = list(scene.objects)
+    used = {o.cell for o in objects}
+    empty = [c for c in _ALL_CELLS if c not in used]
+    i = int(rng.integers(len(objects)))
+    obj = objects[i]
+    ref = reference(scene, obj)
+    facts = ""
+    if kind == "recolour":
+        colour = _choice(rng, [c for c in COLOURS if c != obj.colour])
+        phrase = _choice(rng, colour_phrases(colour))
+        objects[i] = SceneObject(obj.shape, colour, obj.cell)
+        instruction, facts = f"make {ref} {phrase.text}", phrase.reasoning
+    elif kind == "reshape":
+        shape = _choice(rng, [s for s in SHAPES if s != obj.shape])
+        phrase = _choice(rng, shape_phrases(shape))
+        objects[i] = SceneObject(shape, obj.colour, obj.cell)
+        instruction, facts = f"turn {ref} into {noun_phrase(phrase)}", phrase.reasoning
+    elif kind == "move":
+        cell = _choice(rng, empty)
+        objects[i] = SceneObject(obj.shape, obj.colour, cell)
+        instruction = f"move {ref} to {cell_name(cell)}"
+    elif kind == "add":
+        shape, colour, cell = _choice(rng, SHAPES), _choice(rng, tuple(COLOURS)), _choice(rng, empty)
+        sp, cp = _choice(rng, shape_phrases(shape)), _choice(rng, colour_phrases(colour))
+        objects.append(SceneObject(shape, colour, cell))
+        instruction = f"add {noun_phrase(sp, cp)} at {cell_name(cell)}"
+        facts = " ".join(f for f in (sp.reasoning, cp.reasoning) if f)
+    elif kind == "remove":
+        objects.pop(i)
+        instruction = f"remove {ref}"
+    else:  # swap: two objects that look different trade cells
+        pairs = [(a, b) for a in range(len(objects)) for b in range(a + 1, len(objects))
+                 if (objects[a].shape, objects[a].colour) != (objects[b].shape, objects[b].colour)]
+        a, b = _choice(rng, pairs)
+        oa, ob = objects[a], objects[b]
+        objects[a], objects[b] = SceneObject(oa.shape, oa.colour, ob.cell), SceneObject(ob.shape, ob.colour, oa.cell)
+        instruction = f"swap {reference(scene, oa)} and {reference(scene, ob)}"
+    return EditTurn(instruction, kind, facts, Scene(tuple(objects)))
+
+
+def _seed(*parts: object) -> int:
+    return int(hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:16], 16)
+
+
+def edit_dialogue(first: ShapesTask, num_turns: int, seed: int) -> EditDialogue:
+    """``first`` followed by ``num_turns − 1`` random edits drawn from ``seed``."""
+    if num_turns < 1:
+        raise ValueError(f"num_turns must be >= 1, got {num_turns}")
+    rng = np.random.default_rng(seed)
+    scene, edits = first.target, []
+    for _ in range(num_turns - 1):
+        edit = apply_random_edit(rng, scene)
+        edits.append(edit)
+        scene = edit.scene
+    return EditDialogue(first, tuple(edits))
+
+
+@lru_cache(maxsize=16)
+def _dialogues(split: str, num_turns: int, variant: int) -> tuple[EditDialogue, ...]:
+    return tuple(
+        edit_dialogue(task, num_turns, _seed("edit", split, i, num_turns, variant))
+        for i, task in enumerate(task_split(split))
+    )
+
+
+def dialogue_split(split: str, num_turns: int = 3, variant: int = 0) -> list[EditDialogue]:
+    """One dialogue per riddle of ``split`` (same order), with ``num_turns`` turns; the same list
+    every call."""
+    return list(_dialogues(split, int(num_turns), int(variant)))
+
+
+def edit_vocabulary() -> set[str]:
+    """The words edit instructions add to the riddles' vocabulary."""
+    return {"make", "turn", "into", "move", "to", "add", "at", "remove", "swap", "and", "the"}
