@@ -1,7 +1,10 @@
 """``UniGRPOConfig``: every hyperparameter of UniGRPO (DESIGN.md section 2), in one pydantic model.
 
 Loadable from YAML or JSON (:meth:`UniGRPOConfig.from_file`) and overridable field by field (the
-CLI's flags). Defaults are for ShapesWorld on a 2-core CPU; the paper's values for Bagel at
+CLI's flags). A scenario may recommend its own values (its ``training_defaults``, e.g. fewer
+iterations for a multi-turn scenario whose iterations cost more): :meth:`UniGRPOConfig.for_scenario`
+layers them under the file and the overrides, as ``unigrpo run`` does. Defaults are for
+ShapesWorld's ``t2i_reason`` on a 2-core CPU; the paper's values for Bagel at
 1024 px are in the comments, and the README's "Measured" section says how ours were chosen.
 """
 
@@ -80,8 +83,22 @@ class UniGRPOConfig(BaseModel):
         return {"mse": 1.0, "kl": 0.04, "none": 0.0}[self.regularizer]
 
     @classmethod
+    def for_scenario(cls, scenario: str, path: str | Path | None = None, **overrides: Any) -> "UniGRPOConfig":
+        """The config of a run on ``scenario``: the defaults, then the scenario's recommended
+        ``training_defaults``, then the file at ``path`` (if any), then ``overrides``."""
+        from unigrpo_env.registration import SCENARIOS
+
+        recommended = dict(getattr(SCENARIOS.get(scenario), "training_defaults", None) or {})
+        data = cls._read(path) if path is not None else {}
+        return cls.model_validate({**recommended, **data, "scenario": scenario, **overrides})
+
+    @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> "UniGRPOConfig":
         """Read a YAML or JSON file; ``overrides`` (e.g. from CLI flags) win."""
+        return cls.model_validate({**cls._read(path), **overrides})
+
+    @staticmethod
+    def _read(path: str | Path) -> dict[str, Any]:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
@@ -97,4 +114,4 @@ class UniGRPOConfig(BaseModel):
             raise ConfigError(f"could not parse {str(path)!r}: {' '.join(str(exc).split())}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{str(path)!r} must hold a mapping of options, got {type(data).__name__}")
-        return cls.model_validate({**data, **overrides})
+        return data

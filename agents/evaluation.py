@@ -197,7 +197,7 @@ def evaluate(
             out / "grid.png",
         )
         if tasks[0].num_turns > 1:
-            _turn_strips(tasks, categories, rows, shown, out / "turns.png")
+            _turn_strips(tasks, categories, rows, _grid_indices(categories, per_category=2), out / "turns.png")
     return report
 
 

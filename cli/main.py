@@ -121,7 +121,7 @@ def run(
     from unigrpo_env.agents.trainer import Trainer
     from unigrpo_env.registration import make_scenario
 
-    overrides = {"scenario": name}
+    overrides: dict = {}
     for key, value in {"steps": steps, "seed": seed, "rollout_cfg": rollout_cfg}.items():
         if value is not None:
             overrides[key] = value
@@ -132,7 +132,7 @@ def run(
     if checkpoint is not None:
         overrides["checkpoint"] = str(checkpoint)
     try:
-        settings = UniGRPOConfig.from_file(config, **overrides) if config else UniGRPOConfig(**overrides)
+        settings = UniGRPOConfig.for_scenario(name, config, **overrides)
     except ValidationError as exc:
         first = exc.errors()[0]
         raise UserError(f"invalid config: {'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from exc

@@ -152,8 +152,6 @@ tasks (:meth:`${cls}.shapes_tasks`) and reward (:class:`${reward_cls}`).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from unigrpo_env.reward import RewardInputs, RewardOutput
@@ -204,20 +202,7 @@ class ${cls}(T2IReasonScenario):
     """
 
     name = "${name}"
-
-    def __init__(
-        self,
-        image_size: int = 32,
-        num_steps: int = 10,
-        shift: float = 1.0,
-        max_tokens: int = 48,
-        reward: Any = "${reward}",
-        reward_options: dict[str, Any] | None = None,
-    ):
-        super().__init__(
-            image_size=image_size, num_steps=num_steps, shift=shift, max_tokens=max_tokens,
-            reward=reward, reward_options=reward_options,
-        )
+    default_reward = "${reward}"
 
     def shapes_tasks(self, split: str) -> list[ShapesTask]:
         """Train: every riddle of :data:`CATEGORIES`; held out: the first

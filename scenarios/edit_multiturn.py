@@ -50,6 +50,9 @@ class EditMultiTurnScenario(T2IReasonScenario):
 
     name = "edit_multiturn"
     default_reward = "shapes_scene:0.7,edit_fidelity:0.3"
+    #: Three turns make an iteration about 3× as long as t2i_reason's (9 s for 16 × 4 episodes on
+    #: the 2-core CPU): 80 iterations and both held-out evaluations fit 15 minutes.
+    training_defaults = {"steps": 80}
 
     def __init__(
         self,

@@ -188,3 +188,17 @@ def test_config_files_and_bad_values(tmp_path):
         UniGRPOConfig(stepz=3)
     with pytest.raises(ValueError):
         UniGRPOConfig(train="everything")
+
+
+def test_scenario_training_defaults_sit_under_the_file_and_the_overrides(tmp_path):
+    from unigrpo_env.scenarios.edit_multiturn import EditMultiTurnScenario
+
+    recommended = EditMultiTurnScenario.training_defaults
+    assert recommended and set(recommended) <= set(UniGRPOConfig.model_fields)
+    config = UniGRPOConfig.for_scenario("edit_multiturn")
+    assert config.scenario == "edit_multiturn"
+    assert all(getattr(config, k) == v for k, v in recommended.items())
+    (tmp_path / "c.yaml").write_text("steps: 7\n")
+    config = UniGRPOConfig.for_scenario("edit_multiturn", tmp_path / "c.yaml", seed=4)
+    assert (config.steps, config.seed) == (7, 4)
+    assert UniGRPOConfig.for_scenario("t2i_reason") == UniGRPOConfig()

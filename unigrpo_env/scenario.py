@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -70,10 +70,14 @@ class Scenario(ABC):
         reward: ``reward(RewardInputs) -> RewardOutput``, called once per finished batch.
         num_steps: denoising steps per image.
         shift: timestep shift of the schedule (SD3's ``t' = s·t / (1 + (s − 1)·t)``).
+        training_defaults: recommended ``UniGRPOConfig`` values for training on this scenario.
     """
 
     name: ClassVar[str] = ""
     splits: ClassVar[tuple[str, ...]] = ("train", "heldout")
+    #: Training settings this scenario recommends (``UniGRPOConfig`` field -> value), applied by
+    #: ``unigrpo run`` and ``UniGRPOConfig.for_scenario`` under the config file and the flags.
+    training_defaults: ClassVar[dict[str, Any]] = {}
 
     text_codec: TextCodec
     image_codec: ImageCodec

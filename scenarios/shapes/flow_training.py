@@ -43,7 +43,7 @@ from .detect import detect_objects
 from .render import render
 from .scene import CELLS, COLOURS, MAX_OBJECTS, SHAPES, Scene, SceneObject, describe
 from .tasks import CATEGORIES, LAYOUTS, task_split
-from .tokenizer import PAD, build_tokenizer
+from .tokenizer import PAD, build_tokenizer, riddle_vocab_size
 from .schedule import warmup_cosine
 from .flow_model import ShapesFlowTransformer
 from .verify import verify
@@ -309,7 +309,7 @@ def build_model(config: FlowTrainingConfig, tokenizer=None) -> ShapesFlowTransfo
     """A freshly initialised model of ``config``'s size (seed the RNG first for a fixed init)."""
     tokenizer = tokenizer or _tokenizer()
     return ShapesFlowTransformer(
-        vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
+        vocab_size=riddle_vocab_size(),  # descriptions only; edit-only words read as <unk>
         max_text_tokens=config.max_text_tokens,
         image_size=config.image_size,
         channels=3,

@@ -16,7 +16,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from unigrpo_env.scenarios.shapes.edits import edit_vocabulary
 from unigrpo_env.scenarios.shapes.tasks import vocabulary
 
-__all__ = ["PAD", "UNK", "BOS", "EOS", "THINK", "END_OF_THINKING", "IMAGE", "SPECIAL_TOKENS", "build_tokenizer"]
+__all__ = [
+    "PAD", "UNK", "BOS", "EOS", "THINK", "END_OF_THINKING", "IMAGE", "SPECIAL_TOKENS", "build_tokenizer", "riddle_vocab_size",
+]
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
 THINK, END_OF_THINKING = "<think>", "</think>"  # open and close the reasoning, as Bagel and Qwen do
@@ -29,6 +31,12 @@ def _vocab() -> tuple[str, ...]:
     riddle_words = [w for w in vocabulary() if w not in SPECIAL_TOKENS]
     edit_words = sorted(edit_vocabulary() - set(riddle_words) - set(SPECIAL_TOKENS))
     return (*SPECIAL_TOKENS, *riddle_words, *edit_words)
+
+
+def riddle_vocab_size() -> int:
+    """How many ids the special tokens and the riddles' words take (every description word is
+    among them): the image model's vocabulary, which edit-only words do not enter."""
+    return len(SPECIAL_TOKENS) + len([w for w in vocabulary() if w not in SPECIAL_TOKENS])
 
 
 def build_tokenizer() -> Tokenizer:
