@@ -25,7 +25,6 @@ from __future__ import annotations
 from functools import cached_property
 from typing import Any
 
-from unigrpo_env.reward import RewardFunction
 from unigrpo_env.rewards.edit import edit_meta
 from unigrpo_env.rewards.shapes import scene_meta
 from unigrpo_env.scenarios.shapes import Scene
@@ -44,8 +43,9 @@ class EditMultiTurnScenario(T2IReasonScenario):
 
     Args:
         num_turns: turns per episode, the first a riddle and the others edits (default 3).
-        image_size, num_steps, shift, max_tokens, reward, reward_options: as for
-            :class:`~unigrpo_env.scenarios.t2i_reason.T2IReasonScenario` (``max_tokens`` per turn).
+        **options: those of :class:`~unigrpo_env.scenarios.t2i_reason.T2IReasonScenario`
+            (``image_size``, ``num_steps``, ``shift``, ``max_tokens`` per turn, ``reward``,
+            ``reward_options``).
     """
 
     name = "edit_multiturn"
@@ -54,20 +54,11 @@ class EditMultiTurnScenario(T2IReasonScenario):
     #: the 2-core CPU): 80 iterations and both held-out evaluations fit 15 minutes.
     training_defaults = {"steps": 80}
 
-    def __init__(
-        self,
-        num_turns: int = 3,
-        image_size: int = 32,
-        num_steps: int = 10,
-        shift: float = 1.0,
-        max_tokens: int = 48,
-        reward: str | RewardFunction | None = None,
-        reward_options: dict[str, Any] | None = None,
-    ):
+    def __init__(self, num_turns: int = 3, **options: Any):
         if isinstance(num_turns, bool) or int(num_turns) != num_turns or num_turns < 1:
             raise ValueError(f"num_turns must be a positive integer, got {num_turns!r}")
         self.num_turns = int(num_turns)
-        super().__init__(image_size, num_steps, shift, max_tokens, reward, reward_options)
+        super().__init__(**options)
 
     @cached_property
     def _tasks(self) -> dict[str, list[Task]]:

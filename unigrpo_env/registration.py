@@ -268,14 +268,11 @@ def make_scenario(name: str | Scenario, **options: Any) -> Scenario:
             raise ValueError(f"options {sorted(options)} given with a ready-made scenario instance")
         return name
     factory = SCENARIOS.get(name)
-    try:
-        signature = inspect.signature(factory)
-    except (TypeError, ValueError):
-        signature = None
-    if signature is not None and not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
-        unknown = sorted(set(options) - set(signature.parameters))
+    accepted = _accepted_options(factory)
+    if accepted is not None:
+        unknown = sorted(set(options) - accepted)
         if unknown:
-            accepted = sorted(p for p in signature.parameters if p != "self")
+            accepted = sorted(accepted)
             raise ValueError(
                 f"unknown option(s) {unknown} for scenario {name!r}; it accepts {accepted} "
                 f"and the environment options {list(_ENV_OPTIONS)}"
@@ -284,6 +281,25 @@ def make_scenario(name: str | Scenario, **options: Any) -> Scenario:
     if not isinstance(scenario, Scenario):
         raise TypeError(f"the factory of scenario {name!r} returned {type(scenario).__name__}, not a Scenario")
     return scenario
+
+
+def _accepted_options(factory: Any) -> set[str] | None:
+    """The keyword options a scenario factory accepts, or None if it cannot tell. A class whose
+    ``__init__`` passes ``**options`` on to its base's gets its bases' options too."""
+    classes = factory.__mro__ if isinstance(factory, type) else (factory,)
+    names: set[str] = set()
+    for owner in classes:
+        init = owner.__dict__.get("__init__") if isinstance(factory, type) else owner
+        if init is None:
+            continue
+        try:
+            parameters = list(inspect.signature(init).parameters.values())
+        except (TypeError, ValueError):
+            return None
+        names |= {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"}
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            return names
+    return None
 
 
 def make(scenario: str | Scenario, **options: Any) -> InterleavedEnv:
