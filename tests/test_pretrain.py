@@ -30,3 +30,26 @@ def test_pretrain_writes_a_loadable_deterministic_checkpoint(tmp_path):
     again = load_shapes_policy(tmp_path / "b")
     for (name, a), (_, b) in zip(policy.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), f"{name} differs between two runs with the same seed"
+
+
+def test_language_model_trains_on_dialogues_in_the_chat_format_it_is_prompted_with():
+    """A training dialogue is exactly what the policy sees at each turn (``chat_prompt_ids`` with
+    the earlier answers as history), followed by that turn's answer, and only answers carry loss."""
+    from unigrpo_env.scenarios.shapes.edits import edit_dialogue
+    from unigrpo_env.scenarios.shapes.language_model import _batch, _Sequences, chat_prompt_ids, hf_tokenizer
+    from unigrpo_env.scenarios.shapes.tasks import task_split
+
+    tokenizer = hf_tokenizer()
+    data = _Sequences(tokenizer)
+    ids, target = data.dialogue(5, 3, seed=11)
+    dialogue = edit_dialogue(task_split("train")[5], 3, 11)
+    end = tokenizer.convert_tokens_to_ids("</think>")
+    answers = [tokenizer.encode(a, add_special_tokens=False) + [end] for a in dialogue.answers]
+    for k in range(3):
+        context = chat_prompt_ids(tokenizer, dialogue.prompts[: k + 1], answers[:k])
+        assert ids[: len(context)] == context and not target[len(context) - 1]  # <think>: no loss
+        assert ids[len(context) : len(context) + len(answers[k])] == answers[k]
+        assert all(target[len(context) : len(context) + len(answers[k])])
+    assert sum(target) == sum(len(a) for a in answers)
+    _, mask, labels = _batch([data.riddle(0), (ids, target)], tokenizer.pad_token_id)
+    assert int((labels[1] != -100).sum()) == sum(target) and int(mask[1].sum()) == len(ids)
