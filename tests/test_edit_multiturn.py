@@ -203,3 +203,23 @@ def test_options_and_categories():
     with pytest.raises(ValueError, match="unknown option"):
         unigrpo_env.make_scenario("edit_multiturn", num_turn=2)
     assert describe(scenario.target_scene(scenario.tasks("heldout")[0], 1)) in scenario.oracle_answer(scenario.tasks("heldout")[0], 1)
+
+
+def test_the_shipped_image_model_reads_edit_only_words_as_unknown():
+    from unigrpo_env.agents.policy import TurnContext
+    from unigrpo_env.agents.shapes_policy import load_shapes_policy
+    from unigrpo_env.scenarios.shapes.tokenizer import build_tokenizer, riddle_vocab_size
+
+    policy = load_shapes_policy()
+    vocab = build_tokenizer().get_vocab()
+    assert policy.image.model.config.vocab_size == riddle_vocab_size() < len(vocab)
+    assert max(vocab[w] for w in ("red", "circle", "at", "left", ",")) < riddle_vocab_size() <= vocab["swap"]
+    words = "answer : red circle at left , swap".split()
+    reasoning = torch.tensor([[vocab[w] for w in words]])
+    context = TurnContext(
+        prompts=[("x",)], history=[[]], images=torch.zeros((1, 0, 32, 32, 3), dtype=torch.uint8),
+        reasoning=reasoning, reasoning_lengths=torch.tensor([len(words)]),
+    )
+    ids = policy.image.condition(context)["text_ids"][0].tolist()
+    assert ids[:6] == [vocab[w] for w in words[2:7]] + [vocab["<unk>"]]
+    policy.image.velocity(torch.zeros(1, 3, 32, 32), 0.5, policy.image.condition(context))  # in range: no error
