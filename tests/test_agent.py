@@ -202,3 +202,23 @@ def test_scenario_training_defaults_sit_under_the_file_and_the_overrides(tmp_pat
     config = UniGRPOConfig.for_scenario("edit_multiturn", tmp_path / "c.yaml", seed=4)
     assert (config.steps, config.seed) == (7, 4)
     assert UniGRPOConfig.for_scenario("t2i_reason") == UniGRPOConfig()
+
+
+def test_the_agent_trains_on_edit_dialogues_unchanged(tiny_checkpoint):
+    """Three turns, one trajectory, one advantage: every turn's tokens and denoising steps get
+    gradients, and the first ratio is exactly 1."""
+    policy = load_shapes_policy(tiny_checkpoint)
+    agent = UniGRPOAgent(policy, tiny_config(tiny_checkpoint, scenario="edit_multiturn", sde_window_size=None))
+    batch = agent.collect(0)
+    assert len(batch.turns) == 3 and all(t.sde_steps for t in batch.turns)
+    assert {"reward/shapes_scene", "reward/edit_fidelity"} <= set(batch.stats)
+    text_lp, image_lp, _ = agent._log_probs(batch, torch.arange(len(batch)))
+    assert len(text_lp) == 3 and len(image_lp) == 3
+    for k in range(3):  # each turn's log-probabilities depend on the parameters
+        policy.zero_grad()
+        (text_lp[k].sum() + image_lp[k].sum()).backward(retain_graph=True)
+        assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in policy.text.parameters())
+        assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in policy.image.parameters())
+    policy.zero_grad()
+    stats = agent.step()
+    assert stats["first_ratio_text_max_dev"] == 0.0 and stats["first_ratio_image_max_dev"] == 0.0
