@@ -54,8 +54,10 @@ class UniGRPOConfig(BaseModel):
     advantage_eps: float = Field(default=1e-4, gt=0.0)
     regularizer: Literal["mse", "kl", "none"] = Field(default="mse", description="velocity MSE (UniGRPO), latent KL (Flow-GRPO) or none")
     regularizer_weight: float | None = Field(default=None, ge=0.0, description="None = the regulariser's default (mse 1.0, kl 0.04)")
+    kl_text: float = Field(default=0.0, ge=0.0, description="β of GRPO's per-token KL (k3) to the starting language model (paper: 0; DeepSeekMath: 0.04)")
     lr_text: float = Field(default=1e-4, gt=0.0, description="learning rate of the text parameters (paper: 1e-6 at 7B; measured: 3e-4 and above collapse the tiny LM)")
     lr_image: float = Field(default=1e-4, gt=0.0, description="learning rate of the image parameters (paper: 3e-5 at 7B)")
+    warmup_iterations: int = Field(default=0, ge=0, description="learning rates rise linearly from lr/warmup to lr over the first iterations (Adam's first steps are sign-like and full-size)")
     weight_decay: float = Field(default=0.0, ge=0.0)
     max_grad_norm: float = Field(default=1.0, gt=0.0)
 
@@ -64,6 +66,7 @@ class UniGRPOConfig(BaseModel):
 
     # -- running -------------------------------------------------------------------------------
     eval_split: str = "heldout"
+    eval_cfg: float = Field(default=1.0, ge=1.0, description="CFG scale of the held-out evaluations before and after (1 = none; the CFG ablation evaluates both arms with CFG)")
     eval_limit: int | None = Field(default=None, ge=1, description="evaluate on the first N held-out tasks only")
     checkpoint_every: int = Field(default=10, ge=1, description="iterations between checkpoints")
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"

@@ -11,14 +11,16 @@
 * Image (Flow-GRPO): per-step ratio of the Gaussian transition densities, the same surrogate,
   averaged over the trained steps, then over rollouts; optionally RatioNorm (GRPO-Guard).
 * Regularisers against the frozen reference model: velocity MSE (UniGRPO) or latent KL
-  (Flow-GRPO), from :mod:`unigrpo_env.flow`.
+  (Flow-GRPO), from :mod:`unigrpo_env.flow`; on the text, GRPO's per-token KL to the reference
+  language model with the k3 estimator ``exp(ref − θ) − (ref − θ) − 1`` (DeepSeekMath, TRL's
+  ``beta``), averaged like the surrogate.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["group_advantages", "clipped_surrogate", "text_grpo_loss", "flow_grpo_loss"]
+__all__ = ["group_advantages", "clipped_surrogate", "text_grpo_loss", "text_kl", "flow_grpo_loss"]
 
 
 def group_advantages(
@@ -94,6 +96,22 @@ def text_grpo_loss(
     sequences = token_mask.any(dim=1) if sample_mask is None else (sample_mask & token_mask.any(dim=1))
     loss = -_masked_mean(per_sequence, sequences, dim=0)
     return loss, _ratio_stats("text", log_ratio, clipped, token_mask & sequences[:, None])
+
+
+def text_kl(
+    log_probs: torch.Tensor,
+    ref_log_probs: torch.Tensor,
+    token_mask: torch.Tensor,
+    sample_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """GRPO's KL penalty to the reference language model on the sampled tokens, with the
+    unbiased, non-negative k3 estimator ``KL ≈ exp(ref − θ) − (ref − θ) − 1`` per token,
+    averaged over a sequence's tokens, then over sequences (as the text surrogate)."""
+    delta = ref_log_probs - log_probs
+    per_token = torch.exp(delta) - delta - 1.0
+    per_sequence = _masked_mean(per_token, token_mask, dim=1)
+    sequences = token_mask.any(dim=1) if sample_mask is None else (sample_mask & token_mask.any(dim=1))
+    return _masked_mean(per_sequence, sequences, dim=0)
 
 
 def flow_grpo_loss(

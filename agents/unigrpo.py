@@ -31,7 +31,7 @@ from accelerate import Accelerator
 
 from unigrpo_env import flow
 from unigrpo_env.agents.config import UniGRPOConfig
-from unigrpo_env.agents.losses import flow_grpo_loss, group_advantages, text_grpo_loss
+from unigrpo_env.agents.losses import flow_grpo_loss, group_advantages, text_grpo_loss, text_kl
 from unigrpo_env.agents.policy import TurnContext, UnifiedPolicy
 from unigrpo_env.agents.rollout import Rollout, RolloutSettings, rollout
 from unigrpo_env.registration import make_scenario, make_vec
@@ -116,11 +116,14 @@ class UniGRPOAgent:
         self.reference = None
         if self.train_image and config.regularizer != "none":
             self.reference = copy.deepcopy(policy.image).requires_grad_(False).eval()
+        self.reference_text = None
+        if self.train_text and config.kl_text > 0:
+            self.reference_text = copy.deepcopy(policy.text).requires_grad_(False).eval()
         groups = []
         if self.train_text:
-            groups.append({"params": policy.text_parameters(), "lr": config.lr_text, "name": "text"})
+            groups.append({"params": policy.text_parameters(), "lr": config.lr_text, "base_lr": config.lr_text, "name": "text"})
         if self.train_image:
-            groups.append({"params": policy.image_parameters(), "lr": config.lr_image, "name": "image"})
+            groups.append({"params": policy.image_parameters(), "lr": config.lr_image, "base_lr": config.lr_image, "name": "image"})
         self.optimizer = self.accelerator.prepare(torch.optim.AdamW(groups, weight_decay=config.weight_decay))
         self.scenario = make_scenario(config.scenario, **config.scenario_options)
         self.train_tasks = self.scenario.check_split("train")
@@ -223,17 +226,22 @@ class UniGRPOAgent:
 
     # -- 3. update ---------------------------------------------------------------------------------
 
-    def _log_probs(self, batch: Batch, index: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], list[dict]]:
+    def _log_probs(self, batch: Batch, index: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[str, list]]:
         """Log-probabilities of the recorded actions of episodes ``index`` under the current policy,
         with gradients: per turn the tokens ``[n, L]`` and the SDE steps ``[n, S]``, plus what the
-        regulariser and RatioNorm need."""
+        regularisers and RatioNorm need (``extras["text_reference"]``: the reference language
+        model's log-probabilities per text turn; ``extras["image"]``: per image turn)."""
         policy, settings = self.policy, batch.settings
-        text_lp, image_lp, extras = [], [], []
+        text_lp: list[torch.Tensor] = []
+        image_lp: list[torch.Tensor] = []
+        extras: dict[str, list] = {"text_reference": [], "image": []}
         for turn in batch.turns:
             if self.train_text:
-                text_lp.append(
-                    policy.text.log_probs(turn.context.select(index), turn.tokens[index], turn.lengths[index], temperature=settings.temperature)
-                )
+                args = (turn.context.select(index), turn.tokens[index], turn.lengths[index])
+                text_lp.append(policy.text.log_probs(*args, temperature=settings.temperature))
+                if self.reference_text is not None:
+                    with torch.no_grad():
+                        extras["text_reference"].append(self.reference_text.log_probs(*args, temperature=settings.temperature))
             if self.train_image and turn.sde_steps:
                 condition = _select(turn.condition, index)
                 step_lp, reg_terms, norm_terms = [], [], []
@@ -253,7 +261,7 @@ class UniGRPOAgent:
                             _, mean_ref, _ = flow.sde_step_log_prob(v_ref, x_t, t, t_next, settings.noise_level, x_next)
                             reg_terms.append(flow.latent_kl(mean, mean_ref, std))
                 image_lp.append(torch.stack(step_lp, dim=1))
-                extras.append({"reg": torch.stack(reg_terms, dim=1) if reg_terms else None, "ratio_norm": norm_terms})
+                extras["image"].append({"reg": torch.stack(reg_terms, dim=1) if reg_terms else None, "ratio_norm": norm_terms})
         return text_lp, image_lp, extras
 
     def _loss(
@@ -273,6 +281,10 @@ class UniGRPOAgent:
             mask = torch.arange(log_probs.shape[1], device=log_probs.device)[None] < lengths[:, None]
             text_loss, s = text_grpo_loss(log_probs, old["text"][k][index], mask, advantages, c.clip_range_text, valid)
             loss = loss + text_loss / len(text_lp)
+            if extras["text_reference"]:  # GRPO's β·KL to the starting language model
+                kl = text_kl(log_probs, extras["text_reference"][k], mask, valid)
+                loss = loss + c.kl_text * kl / len(text_lp)
+                stats["kl_text"] = stats.get("kl_text", 0.0) + float(kl.detach()) / len(text_lp)
             stats.update(s)
             stats["loss_text"] = stats.get("loss_text", 0.0) + float(text_loss.detach()) / len(text_lp)
         for k, log_probs in enumerate(image_lp):
@@ -280,14 +292,14 @@ class UniGRPOAgent:
             if c.ratio_norm:
                 normed = [
                     flow.ratio_norm(log_probs[:, j] - old_lp[:, j], mean, mean_old, std)
-                    for j, (mean, mean_old, std) in enumerate(extras[k]["ratio_norm"])
+                    for j, (mean, mean_old, std) in enumerate(extras["image"][k]["ratio_norm"])
                 ]
                 log_probs = old_lp + torch.stack(normed, dim=1)
             image_loss, s = flow_grpo_loss(log_probs, old_lp, advantages, c.clip_range_image, valid)
             loss = loss + c.image_loss_weight * image_loss / len(image_lp)
             stats.update(s)
             stats["loss_image"] = stats.get("loss_image", 0.0) + float(image_loss.detach()) / len(image_lp)
-            reg = extras[k]["reg"]
+            reg = extras["image"][k]["reg"]
             if reg is not None:
                 reg_value = reg.mean(dim=1)[valid].mean() if bool(valid.any()) else reg.sum() * 0.0
                 loss = loss + c.regularizer_coef * reg_value / len(image_lp)
@@ -321,8 +333,16 @@ class UniGRPOAgent:
         for k, lp in enumerate(image_lp):
             old["image"][k][index] = lp.detach().float()
 
+    def learning_rate_scale(self, iteration: int) -> float:
+        """Linear warm-up: ``(iteration + 1) / warmup_iterations`` until it reaches 1."""
+        warmup = self.config.warmup_iterations
+        return 1.0 if warmup == 0 else min(1.0, (iteration + 1) / warmup)
+
     def update(self, batch: Batch) -> dict[str, float]:
         c, acc = self.config, self.accelerator
+        scale = self.learning_rate_scale(self.iteration)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * scale
         generator = torch.Generator().manual_seed(c.seed * 1_000_003 + self.iteration)
         partitions = [list(torch.randperm(len(batch), generator=generator).chunk(c.minibatches)) for _ in range(c.ppo_epochs)]
         started = time.perf_counter()
@@ -355,6 +375,7 @@ class UniGRPOAgent:
         stats["first_ratio_image_max_dev"] = first.get("image_ratio_max_dev", 0.0)
         for key in history[0]:
             stats[key] = float(np.mean([h[key] for h in history if key in h]))
+        stats["lr_scale"] = scale
         stats["time_loss_backward"] = loss_seconds
         stats["time_optimizer"] = optimizer_seconds
         return stats

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from unigrpo_env.agents.config import ConfigError, UniGRPOConfig
-from unigrpo_env.agents.losses import clipped_surrogate, flow_grpo_loss, group_advantages, text_grpo_loss
+from unigrpo_env.agents.losses import clipped_surrogate, flow_grpo_loss, group_advantages, text_grpo_loss, text_kl
 from unigrpo_env.agents.shapes_policy import load_shapes_policy
 from unigrpo_env.agents.trainer import RunFolderError, Trainer
 from unigrpo_env.agents.unigrpo import RewardFailureError, UniGRPOAgent
@@ -61,6 +61,21 @@ def test_text_loss_by_hand():
     assert stats["text_clip_fraction"] == pytest.approx(1 / 5)
 
 
+def test_text_kl_by_hand():
+    new = torch.log(torch.tensor([[0.5, 0.25, 0.9], [0.8, 0.1, 0.2]]))
+    ref = torch.log(torch.tensor([[0.25, 0.25, 0.1], [0.4, 0.2, 0.3]]))
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+
+    def k3(p, q):  # exp(ref − θ) − (ref − θ) − 1 with θ = log p, ref = log q
+        return q / p - math.log(q / p) - 1
+
+    row0 = (k3(0.5, 0.25) + k3(0.25, 0.25)) / 2
+    row1 = (k3(0.8, 0.4) + k3(0.1, 0.2) + k3(0.2, 0.3)) / 3
+    assert float(text_kl(new, ref, mask)) == pytest.approx((row0 + row1) / 2, rel=1e-6)
+    assert float(text_kl(new, ref, mask, torch.tensor([False, True]))) == pytest.approx(row1, rel=1e-6)
+    assert float(text_kl(ref, ref, mask)) == 0.0  # no penalty at the reference
+
+
 def test_flow_loss_by_hand_and_sample_mask():
     old = torch.zeros(3, 2)
     new = torch.log(torch.tensor([[1.0, 1.0001], [1.0, 0.5], [2.0, 2.0]]))
@@ -103,6 +118,23 @@ def test_gradients_reach_the_trained_parameter_groups_only(tiny_checkpoint, trai
     text_params, image_params = list(policy.text.parameters()), list(policy.image.parameters())
     assert reached(text_params) == (train in ("both", "text"))
     assert reached(image_params) == (train in ("both", "image"))
+
+
+def test_text_kl_starts_at_zero_and_is_logged(tiny_checkpoint):
+    agent = UniGRPOAgent(load_shapes_policy(tiny_checkpoint), tiny_config(tiny_checkpoint, train="text", kl_text=0.1))
+    assert agent.reference_text is not None and agent.reference is None
+    stats = agent.step()
+    assert stats["kl_text"] == pytest.approx(0.0, abs=1e-6)  # the first update is at the reference
+    assert stats["first_ratio_text_max_dev"] == 0.0
+    assert UniGRPOAgent(load_shapes_policy(tiny_checkpoint), tiny_config(tiny_checkpoint)).reference_text is None
+
+
+def test_learning_rates_warm_up_linearly(tiny_checkpoint):
+    agent = UniGRPOAgent(load_shapes_policy(tiny_checkpoint), tiny_config(tiny_checkpoint, warmup_iterations=4, lr_text=1e-3, lr_image=2e-3))
+    assert [agent.learning_rate_scale(i) for i in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    stats = agent.step()
+    assert stats["lr_scale"] == 0.25
+    assert {g["name"]: g["lr"] for g in agent.optimizer.param_groups} == pytest.approx({"text": 2.5e-4, "image": 5e-4})
 
 
 def test_two_processes_give_the_same_advantages_as_one(tmp_path):
