@@ -6,7 +6,9 @@ Three numbers per category of the scenario's tasks:
 * **image given the true descriptions** — an oracle writes the correct reasoning and description,
   the policy's image model draws (the image model alone);
 * **description accuracy** — how often the policy's reasoning ends in exactly the right scene
-  description (the language model alone).
+  description (the language model alone);
+* **image quality** of the pipeline's images (ShapesWorld's stray-pixel, off-palette and noise
+  measure, in [0, 1]) — to see reward hacking that the verifier does not punish.
 
 Scores: ``correct`` is GenEval's binary verdict (all checks pass), ``reward`` the dense verifier
 score the RL reward uses. "overall" is the mean over categories, as GenEval reports it.
@@ -29,6 +31,7 @@ from unigrpo_env.agents.rollout import Rollout, RolloutSettings, rollout
 from unigrpo_env.agents.visuals import image_grid
 from unigrpo_env.registration import make_scenario, make_vec
 from unigrpo_env.scenarios.shapes import describe, extract_description
+from unigrpo_env.scenarios.shapes.quality import image_quality
 
 __all__ = ["CategoryScores", "EvalReport", "evaluate", "oracle_text_writer"]
 
@@ -58,6 +61,7 @@ class EvalReport(BaseModel):
     pipeline: dict[str, CategoryScores]
     image_given_truth: dict[str, CategoryScores]
     description_accuracy: dict[str, float]
+    image_quality: dict[str, float] = {}
     seconds: float
 
     def overall(self, part: str = "pipeline", metric: str = "correct") -> float:
@@ -173,6 +177,8 @@ def evaluate(
             rows["truth"] += [(math.nan, math.nan)] * len(chunk)
     categories = [t.category for t in tasks]
     described = _by_category(categories, rows["described"], rows["described"])
+    quality = _image_quality(world, rows["images"])
+    quality_by_category = _by_category(categories, quality, quality)
     report = EvalReport(
         scenario=scenario,
         split=split,
@@ -184,6 +190,7 @@ def evaluate(
         pipeline=_by_category(categories, [r for r, _ in rows["pipeline"]], [c for _, c in rows["pipeline"]]),
         image_given_truth=_by_category(categories, [r for r, _ in rows["truth"]], [c for _, c in rows["truth"]]),
         description_accuracy={c: s.correct for c, s in described.items()},
+        image_quality={c: s.correct for c, s in quality_by_category.items()},
         seconds=time.perf_counter() - start,
     )
     if out_dir is not None:
@@ -221,6 +228,14 @@ def _scores(result: Rollout) -> list[tuple[float, float]]:
     key = "correct" if "correct" in components else next((k for k in sorted(components) if k.endswith("/correct")), None)
     correct = (components[key] if key else torch.full((len(rewards),), math.nan)).tolist()
     return list(zip(rewards, correct))
+
+
+def _image_quality(world, images: list[np.ndarray]) -> list[float]:
+    """ShapesWorld's image-quality score of each final image (NaN for scenarios not built on
+    ShapesWorld, whose palette the measure assumes)."""
+    if getattr(world, "target_scene", None) is None:
+        return [math.nan] * len(images)
+    return [image_quality(np.asarray(image)).score for image in images]
 
 
 def _description_hits(result: Rollout) -> list[float]:

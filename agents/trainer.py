@@ -130,6 +130,7 @@ class Trainer:
             c.scenario,
             split=c.eval_split,
             seed=c.seed,
+            cfg_scale=c.eval_cfg,
             temperature=c.temperature,
             limit=c.eval_limit,
             image_given_truth=False,
@@ -188,6 +189,9 @@ class Trainer:
             "heldout_correct_after": after.overall("pipeline", "correct"),
             "description_accuracy_before": before.description_accuracy["overall"],
             "description_accuracy_after": after.description_accuracy["overall"],
+            "image_quality_before": before.image_quality.get("overall", float("nan")),
+            "image_quality_after": after.image_quality.get("overall", float("nan")),
+            "eval_cfg": c.eval_cfg,
             "per_category": {
                 category: {
                     "reward_before": before.pipeline[category].reward,

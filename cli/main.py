@@ -1,7 +1,7 @@
 """The ``unigrpo`` command (Typer).
 
     unigrpo run scenario t2i_reason [--config FILE] [--steps N] [--seed S] [--out DIR] [--resume]
-                                    [--train both|text|image] [--reg mse|kl|none] [--rollout-cfg SCALE]
+                                    [--train both|text|image] [--reg mse|kl|none] [--rollout-cfg SCALE] [--eval-cfg SCALE]
                                     [--reward "shapes_verifier:1.0,quality:0.2"]
     unigrpo list scenarios|rewards
     unigrpo init scenario NAME [--dir DIR]
@@ -104,6 +104,7 @@ def run(
     train: Optional[TrainWhat] = typer.Option(None, "--train", help="both (UniGRPO), text (TextGRPO only) or image (FlowGRPO only)."),
     reg: Optional[Regularizer] = typer.Option(None, "--reg", help="Regulariser: mse (velocity MSE), kl (latent KL) or none."),
     rollout_cfg: Optional[float] = typer.Option(None, "--rollout-cfg", min=1.0, help="CFG scale in rollouts (1 = CFG-free)."),
+    eval_cfg: Optional[float] = typer.Option(None, "--eval-cfg", min=1.0, help="CFG scale of the held-out evaluations before and after (1 = none)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Starting checkpoint (default: the shipped one)."),
     reward: Optional[str] = typer.Option(
         None, "--reward",
@@ -122,7 +123,7 @@ def run(
     from unigrpo_env.registration import make_scenario
 
     overrides: dict = {}
-    for key, value in {"steps": steps, "seed": seed, "rollout_cfg": rollout_cfg}.items():
+    for key, value in {"steps": steps, "seed": seed, "rollout_cfg": rollout_cfg, "eval_cfg": eval_cfg}.items():
         if value is not None:
             overrides[key] = value
     if train is not None:
@@ -280,13 +281,13 @@ def _evaluate_and_print(name: str, *, checkpoint, cfg: float, seed: int, out, sp
     report = evaluate(policy, name, split=split, cfg_scale=cfg, seed=seed, temperature=temperature, limit=limit,
                       checkpoint=None if checkpoint is None else str(checkpoint), out_dir=out)
     table = Table(title=f"{name} · {split} · cfg {cfg} · temperature {temperature} · seed {seed}")
-    for column in ("category", "tasks", "pipeline correct", "pipeline reward", "image | true desc. correct", "description accuracy"):
+    for column in ("category", "tasks", "pipeline correct", "pipeline reward", "image | true desc. correct", "description accuracy", "image quality"):
         table.add_column(column, justify="right" if column != "category" else "left")
     for category, scores in report.pipeline.items():
         truth = report.image_given_truth[category]
         style = "bold" if category == "overall" else None
         table.add_row(category, str(scores.count), f"{scores.correct:.3f}", f"{scores.reward:.3f}", f"{truth.correct:.3f}",
-                      f"{report.description_accuracy[category]:.3f}", style=style)
+                      f"{report.description_accuracy[category]:.3f}", f"{report.image_quality.get(category, float('nan')):.3f}", style=style)
     console.print(table)
     console.print(f"{report.seconds:.0f} s" + (f"; eval.json and grid.png in {out}" if out else ""))
 

@@ -137,6 +137,10 @@ def test_evaluation_uses_the_runs_reward_and_finds_genevals_verdict_inside_a_sum
     )
     assert summed.overall("pipeline", "correct") == plain.overall("pipeline", "correct")  # same images, same verdicts
     assert summed.overall("pipeline", "reward") > plain.overall("pipeline", "reward")  # + 0.5 × quality (> 0)
+    # the evaluation's image-quality column is the quality reward of the same images
+    gain = summed.overall("pipeline", "reward") - plain.overall("pipeline", "reward")
+    assert gain == pytest.approx(0.5 * plain.image_quality["overall"], abs=1e-5)
+    assert 0.0 < plain.image_quality["overall"] <= 1.0
 
 
 def test_bad_checkpoints_raise_checkpoint_error(tmp_path, tiny_checkpoint):

@@ -1,0 +1,133 @@
+"""The paper's comparisons in miniature: several arms × several seeds at the same budget.
+
+    python benchmarks/ablations.py run --jobs 2              # train every arm and seed (long: hours on 2 cores)
+    python benchmarks/ablations.py table                     # mean ± std per arm from the run folders
+
+Arms (each is ``unigrpo run scenario t2i_reason`` with the flags shown, defaults otherwise):
+
+    uni         (UniGRPO: both, CFG-free rollouts, velocity MSE)
+    text        --train text
+    image       --train image
+    cfg         --rollout-cfg 2          (CFG in rollouts; compare with ``uni`` evaluated with CFG)
+    reg_none    --reg none
+    reg_kl      --reg kl
+
+Every finished run is also evaluated with CFG 2 (``unigrpo eval --checkpoint <final> --cfg 2``),
+and so is the starting checkpoint once per seed, so the CFG comparison evaluates both arms with
+CFG. ``--jobs 2`` runs two at a time with one torch thread each; wall times are then per run on
+one thread beside another run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ARMS: dict[str, list[str]] = {
+    "uni": [],
+    "text": ["--train", "text"],
+    "image": ["--train", "image"],
+    "cfg": ["--rollout-cfg", "2"],
+    "reg_none": ["--reg", "none"],
+    "reg_kl": ["--reg", "kl"],
+}
+EVAL_CFG = 2.0
+
+
+def _unigrpo(*args: str, threads: int) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    subprocess.run([sys.executable, "-m", "unigrpo_env.cli.main", *args], check=True, env=env, stdout=subprocess.DEVNULL)
+
+
+def _run_one(root: Path, arm: str, seed: int, steps: int | None, threads: int) -> str:
+    out = root / f"{arm}-seed{seed}"
+    if not (out / "summary.json").exists():
+        extra = ["--steps", str(steps)] if steps else []
+        resume = ["--resume"] if (out / "checkpoints").exists() else []
+        _unigrpo("run", "scenario", "t2i_reason", "--seed", str(seed), "--out", str(out), *ARMS[arm], *extra, *resume, threads=threads)
+    final = sorted((out / "checkpoints").glob("ckpt-*"))[-1]
+    if not (out / "eval_after_cfg2" / "eval.json").exists():
+        _unigrpo("eval", "scenario", "t2i_reason", "--checkpoint", str(final), "--cfg", str(EVAL_CFG), "--seed", str(seed),
+                 "--out", str(out / "eval_after_cfg2"), threads=threads)
+    return f"{arm} seed {seed} done"
+
+
+def _base_one(root: Path, seed: int, threads: int) -> str:
+    out = root / f"base-seed{seed}-cfg2"
+    if not (out / "eval.json").exists():
+        _unigrpo("eval", "scenario", "t2i_reason", "--cfg", str(EVAL_CFG), "--seed", str(seed), "--out", str(out), threads=threads)
+    return f"base seed {seed} evaluated with CFG {EVAL_CFG}"
+
+
+def run(args: argparse.Namespace) -> None:
+    root = Path(args.root)
+    root.mkdir(parents=True, exist_ok=True)
+    threads = 1 if args.jobs > 1 else 2
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futures = [pool.submit(_base_one, root, seed, threads) for seed in args.seeds]
+        futures += [pool.submit(_run_one, root, arm, seed, args.steps, threads) for seed in args.seeds for arm in args.arms]
+        for future in futures:
+            print(future.result(), flush=True)
+
+
+def _train_reward(metrics: Path, window: int = 25) -> tuple[float, float]:
+    rewards = [json.loads(line)["reward_mean"] for line in metrics.read_text().splitlines() if line]
+    return float(np.nanmean(rewards[:window])), float(np.nanmean(rewards[-window:]))
+
+
+def _ms(values: list[float]) -> str:
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.3f}"
+
+
+def table(args: argparse.Namespace) -> None:
+    root = Path(args.root)
+    print("| arm | seeds | held-out reward before → after | GenEval correct before → after | correct gain | "
+          "correct with CFG 2 before → after | image quality before → after | train reward first → last 25 | minutes |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for arm in args.arms:
+        rows = []
+        for seed in args.seeds:
+            out = root / f"{arm}-seed{seed}"
+            if not (out / "summary.json").exists():
+                continue
+            s = json.loads((out / "summary.json").read_text())
+            cfg_after = json.loads((out / "eval_after_cfg2" / "eval.json").read_text())["pipeline"]["overall"]["correct"]
+            cfg_before = json.loads((root / f"base-seed{seed}-cfg2" / "eval.json").read_text())["pipeline"]["overall"]["correct"]
+            first, last = _train_reward(out / "metrics.jsonl")
+            rows.append((s, cfg_before, cfg_after, first, last))
+        if not rows:
+            continue
+        col = lambda f: [f(r) for r in rows]  # noqa: E731
+        print(
+            f"| {arm} | {len(rows)} "
+            f"| {_ms(col(lambda r: r[0]['heldout_reward_before']))} → {_ms(col(lambda r: r[0]['heldout_reward_after']))} "
+            f"| {_ms(col(lambda r: r[0]['heldout_correct_before']))} → {_ms(col(lambda r: r[0]['heldout_correct_after']))} "
+            f"| {_ms(col(lambda r: r[0]['heldout_correct_after'] - r[0]['heldout_correct_before']))} "
+            f"| {_ms(col(lambda r: r[1]))} → {_ms(col(lambda r: r[2]))} "
+            f"| {_ms(col(lambda r: r[0].get('image_quality_before', float('nan'))))} → {_ms(col(lambda r: r[0].get('image_quality_after', float('nan'))))} "
+            f"| {_ms(col(lambda r: r[3]))} → {_ms(col(lambda r: r[4]))} "
+            f"| {min(col(lambda r: r[0]['wall_seconds'])) / 60:.1f}–{max(col(lambda r: r[0]['wall_seconds'])) / 60:.1f} |"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["run", "table"])
+    parser.add_argument("--root", default="runs/ablations", help="folder of the run folders")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=None, help="iterations per run (default: the config's)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each with one thread when > 1)")
+    args = parser.parse_args()
+    run(args) if args.command == "run" else table(args)
+
+
+if __name__ == "__main__":
+    main()
