@@ -1,0 +1,123 @@
+"""How much a policy could gain from RL on ShapesWorld, and how fast its language model can move.
+
+    python benchmarks/headroom.py passk --split heldout -k 8      # pass@1 against pass@k, per category
+    python benchmarks/headroom.py sft --data oracle --lr 3e-4     # fine-tune on the true answers
+    python benchmarks/headroom.py sft --data self --lr 3e-4       # fine-tune on its own samples
+
+* ``passk`` samples k reasonings per task (temperature 1) and draws each with the ODE sampler:
+  pass@1 is what the policy scores, pass@k how often one of k tries is right — the room that
+  sharpening the policy toward its own good samples has.
+* ``sft`` takes Adam steps on the mean token log-likelihood of 64 training tasks' answers per step
+  and evaluates the held-out description accuracy every ``--every`` steps. With ``--data oracle``
+  the answers are the true ones (the best signal the text side could get: an upper bound on
+  what RL learns from as many samples); with ``--data self`` they are the model's own samples,
+  unfiltered — the expected gradient is zero, so whatever changes is the noise that every
+  on-policy update also carries.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from unigrpo_env.agents.evaluation import _description_hits, _scores, evaluate, oracle_text_writer
+from unigrpo_env.agents.rollout import RolloutSettings, rollout, turn_context
+from unigrpo_env.agents.shapes_policy import load_shapes_policy
+from unigrpo_env.registration import make_scenario, make_vec
+
+
+def passk(args: argparse.Namespace) -> None:
+    policy = load_shapes_policy(args.checkpoint)
+    world = make_scenario("t2i_reason")
+    tasks = list(world.tasks(args.split))
+    if args.limit:
+        tasks = [tasks[i] for i in sorted(np.random.default_rng(0).choice(len(tasks), args.limit, replace=False))]
+    generator = torch.Generator().manual_seed(args.seed)
+    hits: dict[str, dict[str, list]] = {"description": defaultdict(list), "correct": defaultdict(list)}
+    for start in range(0, len(tasks), 32):
+        chunk = tasks[start : start + 32]
+        envs = make_vec(world, num_prompts=len(chunk), group_size=args.k, split=args.split)
+        result = rollout(policy, envs, RolloutSettings(temperature=1.0, noise_level=0.0), seed=args.seed + start,
+                         options={"task_index": [t.index for t in chunk]}, generator=generator)
+        described = np.array(_description_hits(result)).reshape(len(chunk), args.k)
+        correct = np.array([c for _, c in _scores(result)]).reshape(len(chunk), args.k)
+        for i, task in enumerate(chunk):
+            hits["description"][task.category].append(described[i])
+            hits["correct"][task.category].append(correct[i])
+    print(f"{args.split}, {len(tasks)} tasks, k = {args.k}, temperature 1, ODE images")
+    print(f"| category | description pass@1 | description pass@{args.k} | correct pass@1 | correct pass@{args.k} |")
+    print("|---|---|---|---|---|")
+    for category in sorted(hits["correct"]) + ["all tasks"]:
+        cells = []
+        for part in ("description", "correct"):
+            rows = [np.stack(v) for c, v in hits[part].items() if category in (c, "all tasks")]
+            per_task = np.concatenate(rows).mean(axis=1)
+            cells += [f"{per_task.mean():.3f}", f"{(per_task > 0).mean():.3f}"]
+        print(f"| {category} | " + " | ".join(cells) + " |")
+
+
+def sft(args: argparse.Namespace) -> None:
+    policy = load_shapes_policy(args.checkpoint)
+    world = make_scenario("t2i_reason")
+    train = list(world.tasks("train"))
+    optimizer = torch.optim.AdamW(policy.text_parameters(), lr=args.lr, weight_decay=0.0)
+    rng = np.random.default_rng(args.seed)
+
+    def description_accuracy() -> float:
+        report = evaluate(policy, "t2i_reason", limit=args.eval_limit, image_given_truth=False, seed=args.seed)
+        return report.description_accuracy["overall"]
+
+    print(f"step 0: held-out description accuracy {description_accuracy():.3f}", flush=True)
+    for step in range(1, args.steps + 1):
+        chosen = rng.choice(len(train), args.batch, replace=False)
+        envs = make_vec(world, num_prompts=args.batch, group_size=1, split="train")
+        obs, _ = envs.reset(seed=step, options={"task_index": [int(train[i].index) for i in chosen]})
+        context = turn_context(obs, [[] for _ in range(args.batch)])
+        if args.data == "oracle":
+            answer = oracle_text_writer(context, envs)
+        else:
+            with torch.no_grad():
+                answer = policy.text.sample(context, max_new_tokens=int(envs.episodes.tokens_left().max()), temperature=1.0,
+                                            generator=torch.Generator().manual_seed(step))
+        policy.train()
+        log_probs = policy.text.log_probs(context, answer.tokens, answer.lengths)
+        mask = (torch.arange(answer.tokens.shape[1])[None] < answer.lengths[:, None]).float()
+        loss = -((log_probs * mask).sum(1) / mask.sum(1)).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.text_parameters(), 1.0)
+        optimizer.step()
+        policy.eval()
+        if step % args.every == 0:
+            print(f"step {step}: loss {float(loss.detach()):.4f}, held-out description accuracy {description_accuracy():.3f}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("passk", help="pass@1 against pass@k")
+    p.add_argument("--split", default="heldout")
+    p.add_argument("-k", type=int, default=8)
+    p.add_argument("--limit", type=int, default=None, help="a random subset of this many tasks")
+    s = sub.add_parser("sft", help="how fast the language model moves on true answers or on its own samples")
+    s.add_argument("--data", choices=["oracle", "self"], default="oracle")
+    s.add_argument("--lr", type=float, default=3e-4)
+    s.add_argument("--steps", type=int, default=50)
+    s.add_argument("--batch", type=int, default=64)
+    s.add_argument("--every", type=int, default=25)
+    s.add_argument("--eval-limit", type=int, default=140)
+    for q in (p, s):
+        q.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the shipped one)")
+        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    passk(args) if args.command == "passk" else sft(args)
+
+
+if __name__ == "__main__":
+    main()
