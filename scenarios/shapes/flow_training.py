@@ -470,6 +470,15 @@ def _chunks(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(n, start + size))
 
 
+def _sample_all(model, text_ids, cond, num_steps: int, shift: float, cfg_scale: float, seed: int, batch_size: int) -> np.ndarray:
+    """One image per row of ``text_ids`` (and of ``cond``, if given), in batches, seeded once."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.cat([
+        sample_images(model, text_ids[s], None if cond is None else cond[s], num_steps, shift, cfg_scale, gen)
+        for s in _chunks(len(text_ids), batch_size)
+    ]).numpy()
+
+
 def evaluate_true_descriptions(
     model: ShapesFlowTransformer,
     split: str = "heldout",
@@ -489,10 +498,7 @@ def evaluate_true_descriptions(
     model.eval()
     tasks = task_split(split)
     text_ids = encode_texts([t.description for t in tasks], max_len=model.config.max_text_tokens)
-    gen = torch.Generator().manual_seed(seed)
-    images = torch.cat([
-        sample_images(model, text_ids[s], None, num_steps, shift, cfg_scale, gen) for s in _chunks(len(tasks), batch_size)
-    ]).numpy()
+    images = _sample_all(model, text_ids, None, num_steps, shift, cfg_scale, seed, batch_size)
     results = [verify(img, task) for img, task in zip(images, tasks)]
     per_category = {}
     for category in CATEGORIES:
@@ -535,11 +541,7 @@ def evaluate_edits(
     codec = PixelCodec(size)
     cond = codec.encode(torch.from_numpy(np.stack([render(s, size) for s in before]))) if use_cond_image else None
     text_ids = encode_texts([describe(s) for s, _ in edited], max_len=model.config.max_text_tokens)
-    gen = torch.Generator().manual_seed(seed)
-    images = torch.cat([
-        sample_images(model, text_ids[s], None if cond is None else cond[s], num_steps, shift, cfg_scale, gen)
-        for s in _chunks(len(tasks), batch_size)
-    ]).numpy()
+    images = _sample_all(model, text_ids, cond, num_steps, shift, cfg_scale, seed, batch_size)
     ok = [scene_correct(img, s) for img, (s, _) in zip(images, edited)]
     per_kind = {}
     for kind in EDIT_KINDS:
