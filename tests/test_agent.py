@@ -160,14 +160,17 @@ def _rows(path: Path):
 
 
 def test_killed_and_resumed_run_matches_an_uninterrupted_one(tiny_checkpoint, tmp_path):
-    config = tiny_config(tiny_checkpoint, scenario_options={"num_steps": 3})
+    # warm-up and evaluation with CFG ride along: the learning-rate schedule resumes too
+    config = tiny_config(tiny_checkpoint, scenario_options={"num_steps": 3}, warmup_iterations=3, eval_cfg=2.0)
     Trainer(config.model_copy(update={"steps": 3}), tmp_path / "straight").run()
     Trainer(config.model_copy(update={"steps": 2}), tmp_path / "killed").run()  # stops after its checkpoint at 2
     summary = Trainer(config.model_copy(update={"steps": 3}), tmp_path / "killed", resume=True).run()
     assert _rows(tmp_path / "straight" / "metrics.jsonl") == _rows(tmp_path / "killed" / "metrics.jsonl")
     for name in ("config.json", "summary.json", "reward_curve.png", "eval_before/grid.png", "eval_after/eval.json"):
         assert (tmp_path / "killed" / name).exists()
-    assert {"heldout_reward_before", "heldout_reward_after", "per_category", "wall_seconds"} <= set(summary)
+    assert {"heldout_reward_before", "heldout_reward_after", "per_category", "wall_seconds", "image_quality_after"} <= set(summary)
+    assert summary["eval_cfg"] == 2.0 and json.loads((tmp_path / "killed" / "eval_after" / "eval.json").read_text())["cfg_scale"] == 2.0
+    assert [row["lr_scale"] for row in _rows(tmp_path / "killed" / "metrics.jsonl")] == pytest.approx([1 / 3, 2 / 3, 1.0])
     with pytest.raises(RunFolderError, match="already holds a run"):
         Trainer(config, tmp_path / "straight")
 
