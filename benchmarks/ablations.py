@@ -77,43 +77,58 @@ def run(args: argparse.Namespace) -> None:
             print(future.result(), flush=True)
 
 
-def _train_reward(metrics: Path, window: int = 25) -> tuple[float, float]:
-    rewards = [json.loads(line)["reward_mean"] for line in metrics.read_text().splitlines() if line]
-    return float(np.nanmean(rewards[:window])), float(np.nanmean(rewards[-window:]))
+def _metrics(path: Path, window: int = 25) -> dict[str, float]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+    rewards = [r["reward_mean"] for r in rows]
+    return {
+        "train_first": float(np.nanmean(rewards[:window])),
+        "train_last": float(np.nanmean(rewards[-window:])),
+        "rollout_seconds": float(np.mean([r["time_rollout"] for r in rows])),
+        "calls_per_image": float(np.mean([r["network_calls_per_image"] for r in rows])),
+    }
 
 
 def _ms(values: list[float]) -> str:
-    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.3f}"
+    """Mean ± sample standard deviation (the mean alone for one seed)."""
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
 
 
 def table(args: argparse.Namespace) -> None:
     root = Path(args.root)
-    print("| arm | seeds | held-out reward before → after | GenEval correct before → after | correct gain | "
-          "correct with CFG 2 before → after | image quality before → after | train reward first → last 25 | minutes |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| arm | seeds | held-out reward before → after | GenEval correct before → after | correct gain "
+          "| correct, evaluated with CFG 2, before → after | image quality before → after "
+          "| train reward first → last 25 iterations | rollout s / iteration | network calls / image | minutes per run |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for arm in args.arms:
         rows = []
         for seed in args.seeds:
             out = root / f"{arm}-seed{seed}"
-            if not (out / "summary.json").exists():
+            if not (out / "summary.json").exists() or not (out / "eval_after_cfg2" / "eval.json").exists():
                 continue
-            s = json.loads((out / "summary.json").read_text())
-            cfg_after = json.loads((out / "eval_after_cfg2" / "eval.json").read_text())["pipeline"]["overall"]["correct"]
-            cfg_before = json.loads((root / f"base-seed{seed}-cfg2" / "eval.json").read_text())["pipeline"]["overall"]["correct"]
-            first, last = _train_reward(out / "metrics.jsonl")
-            rows.append((s, cfg_before, cfg_after, first, last))
+            summary = json.loads((out / "summary.json").read_text())
+            summary["cfg2_after"] = json.loads((out / "eval_after_cfg2" / "eval.json").read_text())["pipeline"]["overall"]["correct"]
+            summary["cfg2_before"] = json.loads((root / f"base-seed{seed}-cfg2" / "eval.json").read_text())["pipeline"]["overall"]["correct"]
+            summary.update(_metrics(out / "metrics.jsonl"))
+            rows.append(summary)
         if not rows:
             continue
-        col = lambda f: [f(r) for r in rows]  # noqa: E731
+
+        def ms(key: str) -> str:
+            return _ms([r[key] for r in rows])
+
+        gain = _ms([r["heldout_correct_after"] - r["heldout_correct_before"] for r in rows])
+        minutes = [r["wall_seconds"] / 60 for r in rows]
         print(
-            f"| {arm} | {len(rows)} "
-            f"| {_ms(col(lambda r: r[0]['heldout_reward_before']))} → {_ms(col(lambda r: r[0]['heldout_reward_after']))} "
-            f"| {_ms(col(lambda r: r[0]['heldout_correct_before']))} → {_ms(col(lambda r: r[0]['heldout_correct_after']))} "
-            f"| {_ms(col(lambda r: r[0]['heldout_correct_after'] - r[0]['heldout_correct_before']))} "
-            f"| {_ms(col(lambda r: r[1]))} → {_ms(col(lambda r: r[2]))} "
-            f"| {_ms(col(lambda r: r[0].get('image_quality_before', float('nan'))))} → {_ms(col(lambda r: r[0].get('image_quality_after', float('nan'))))} "
-            f"| {_ms(col(lambda r: r[3]))} → {_ms(col(lambda r: r[4]))} "
-            f"| {min(col(lambda r: r[0]['wall_seconds'])) / 60:.1f}–{max(col(lambda r: r[0]['wall_seconds'])) / 60:.1f} |"
+            f"| {arm} | {', '.join(str(s) for s in args.seeds if (root / f'{arm}-seed{s}' / 'summary.json').exists())} "
+            f"| {ms('heldout_reward_before')} → {ms('heldout_reward_after')} "
+            f"| {ms('heldout_correct_before')} → {ms('heldout_correct_after')} | {gain} "
+            f"| {ms('cfg2_before')} → {ms('cfg2_after')} "
+            f"| {ms('image_quality_before')} → {ms('image_quality_after')} "
+            f"| {ms('train_first')} → {ms('train_last')} "
+            f"| {np.mean([r['rollout_seconds'] for r in rows]):.2f} | {np.mean([r['calls_per_image'] for r in rows]):.0f} "
+            f"| {min(minutes):.1f}–{max(minutes):.1f} |"
         )
 
 
