@@ -11,8 +11,9 @@ One iteration, top to bottom:
    (a failing scorer) are left out and counted.
 3. **Update.** For ``ppo_epochs`` passes over ``minibatches``: recompute log-probabilities of the
    recorded tokens and denoising steps with gradients, and minimise
-   ``−(J_text + λ·J_flow) + β·regulariser`` (:mod:`unigrpo_env.agents.losses`), with separate
-   learning rates for the text and the image parameters and gradient clipping.
+   ``−(J_text + λ·J_flow) + β·regulariser (+ β_text·KL_text)`` (:mod:`unigrpo_env.agents.losses`),
+   with separate learning rates for the text and the image parameters (after an optional linear
+   warm-up) and gradient clipping.
 
 Under Accelerate each process runs its own rollouts; gradients are averaged across processes.
 """
