@@ -111,6 +111,7 @@ def table(args: argparse.Namespace) -> None:
             summary["cfg2_after"] = json.loads((out / "eval_after_cfg2" / "eval.json").read_text())["pipeline"]["overall"]["correct"]
             summary["cfg2_before"] = json.loads((root / f"base-seed{seed}-cfg2" / "eval.json").read_text())["pipeline"]["overall"]["correct"]
             summary.update(_metrics(out / "metrics.jsonl"))
+            summary["seed"] = seed
             rows.append(summary)
         if not rows:
             continue
@@ -121,7 +122,7 @@ def table(args: argparse.Namespace) -> None:
         gain = _ms([r["heldout_correct_after"] - r["heldout_correct_before"] for r in rows])
         minutes = [r["wall_seconds"] / 60 for r in rows]
         print(
-            f"| {arm} | {', '.join(str(s) for s in args.seeds if (root / f'{arm}-seed{s}' / 'summary.json').exists())} "
+            f"| {arm} | {', '.join(str(r['seed']) for r in rows)} "
             f"| {ms('heldout_reward_before')} → {ms('heldout_reward_after')} "
             f"| {ms('heldout_correct_before')} → {ms('heldout_correct_after')} | {gain} "
             f"| {ms('cfg2_before')} → {ms('cfg2_after')} "
