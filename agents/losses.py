@@ -67,6 +67,16 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Te
     return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
 
 
+def _sequence_mean(
+    per_token: torch.Tensor, token_mask: torch.Tensor, sample_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO's reduction of a per-token value ``[N, L]``: the mean over each sequence's tokens, then
+    over the sequences that have tokens (and pass ``sample_mask``); also returns those sequences."""
+    per_sequence = _masked_mean(per_token, token_mask, dim=1)
+    sequences = token_mask.any(dim=1) if sample_mask is None else (sample_mask & token_mask.any(dim=1))
+    return _masked_mean(per_sequence, sequences, dim=0), sequences
+
+
 @torch.no_grad()
 def _ratio_stats(prefix: str, log_ratio: torch.Tensor, clipped: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
     """Clip fraction, mean ratio and largest |ratio − 1| over the entries selected by ``mask``."""
@@ -92,10 +102,8 @@ def text_grpo_loss(
     surrogate. Shapes: ``[N, L]`` log-probs and ``token_mask``, ``[N]`` advantages."""
     log_ratio = log_probs - old_log_probs
     surrogate, clipped = clipped_surrogate(log_ratio, advantages[:, None], clip_range)
-    per_sequence = _masked_mean(surrogate, token_mask, dim=1)
-    sequences = token_mask.any(dim=1) if sample_mask is None else (sample_mask & token_mask.any(dim=1))
-    loss = -_masked_mean(per_sequence, sequences, dim=0)
-    return loss, _ratio_stats("text", log_ratio, clipped, token_mask & sequences[:, None])
+    mean, sequences = _sequence_mean(surrogate, token_mask, sample_mask)
+    return -mean, _ratio_stats("text", log_ratio, clipped, token_mask & sequences[:, None])
 
 
 def text_kl(
@@ -108,10 +116,7 @@ def text_kl(
     unbiased, non-negative k3 estimator ``KL ≈ exp(ref − θ) − (ref − θ) − 1`` per token,
     averaged over a sequence's tokens, then over sequences (as the text surrogate)."""
     delta = ref_log_probs - log_probs
-    per_token = torch.exp(delta) - delta - 1.0
-    per_sequence = _masked_mean(per_token, token_mask, dim=1)
-    sequences = token_mask.any(dim=1) if sample_mask is None else (sample_mask & token_mask.any(dim=1))
-    return _masked_mean(per_sequence, sequences, dim=0)
+    return _sequence_mean(torch.exp(delta) - delta - 1.0, token_mask, sample_mask)[0]
 
 
 def flow_grpo_loss(
