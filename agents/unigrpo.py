@@ -122,9 +122,9 @@ class UniGRPOAgent:
             self.reference_text = copy.deepcopy(policy.text).requires_grad_(False).eval()
         groups = []
         if self.train_text:
-            groups.append({"params": policy.text_parameters(), "lr": config.lr_text, "base_lr": config.lr_text, "name": "text"})
+            groups.append({"params": policy.text_parameters(), "lr": config.lr_text, "name": "text"})
         if self.train_image:
-            groups.append({"params": policy.image_parameters(), "lr": config.lr_image, "base_lr": config.lr_image, "name": "image"})
+            groups.append({"params": policy.image_parameters(), "lr": config.lr_image, "name": "image"})
         self.optimizer = self.accelerator.prepare(torch.optim.AdamW(groups, weight_decay=config.weight_decay))
         self.scenario = make_scenario(config.scenario, **config.scenario_options)
         self.train_tasks = self.scenario.check_split("train")
@@ -343,7 +343,7 @@ class UniGRPOAgent:
         c, acc = self.config, self.accelerator
         scale = self.learning_rate_scale(self.iteration)
         for group in self.optimizer.param_groups:
-            group["lr"] = group["base_lr"] * scale
+            group["lr"] = {"text": c.lr_text, "image": c.lr_image}[group["name"]] * scale
         generator = torch.Generator().manual_seed(c.seed * 1_000_003 + self.iteration)
         partitions = [list(torch.randperm(len(batch), generator=generator).chunk(c.minibatches)) for _ in range(c.ppo_epochs)]
         started = time.perf_counter()
