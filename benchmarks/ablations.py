@@ -52,7 +52,7 @@ def _run_one(root: Path, arm: str, seed: int, steps: int | None, threads: int) -
         extra = ["--steps", str(steps)] if steps else []
         resume = ["--resume"] if (out / "checkpoints").exists() else []
         _unigrpo("run", "scenario", "t2i_reason", "--seed", str(seed), "--out", str(out), *ARMS[arm], *extra, *resume, threads=threads)
-    final = sorted((out / "checkpoints").glob("ckpt-*"))[-1]
+    final = out / "checkpoints" / (out / "checkpoints" / "LATEST").read_text().strip()  # the trainer's pointer
     if not (out / "eval_after_cfg2" / "eval.json").exists():
         _unigrpo("eval", "scenario", "t2i_reason", "--checkpoint", str(final), "--cfg", str(EVAL_CFG), "--seed", str(seed),
                  "--out", str(out / "eval_after_cfg2"), threads=threads)
