@@ -54,10 +54,18 @@ class UniGRPOConfig(BaseModel):
     advantage_eps: float = Field(default=1e-4, gt=0.0)
     regularizer: Literal["mse", "kl", "none"] = Field(default="mse", description="velocity MSE (UniGRPO), latent KL (Flow-GRPO) or none")
     regularizer_weight: float | None = Field(default=None, ge=0.0, description="None = the regulariser's default (mse 1.0, kl 0.04)")
+    text_loss_type: Literal["grpo", "bnpo", "dr_grpo"] = Field(
+        default="grpo",
+        description="how the text loss averages tokens (TRL's loss_type): grpo = per sequence, then over sequences; "
+        "bnpo = over all tokens of the batch; dr_grpo = each sequence's sum over the token budget",
+    )
     kl_text: float = Field(default=0.0, ge=0.0, description="β of GRPO's per-token KL (k3) to the starting language model (paper: 0; DeepSeekMath: 0.04)")
     lr_text: float = Field(default=1e-4, gt=0.0, description="learning rate of the text parameters (paper: 1e-6 at 7B; measured: 3e-4 and above collapse the tiny LM)")
     lr_image: float = Field(default=1e-4, gt=0.0, description="learning rate of the image parameters (paper: 3e-5 at 7B)")
     warmup_iterations: int = Field(default=0, ge=0, description="learning rates rise linearly from lr/warmup to lr over the first iterations (Adam's first steps are sign-like and full-size)")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        default="constant", description="learning rates after the warm-up: constant, or decaying to 0 at the last iteration (linear, cosine)"
+    )
     weight_decay: float = Field(default=0.0, ge=0.0)
     max_grad_norm: float = Field(default=1.0, gt=0.0)
 

@@ -7,7 +7,11 @@
   shared by every token and every denoising step of rollout i (flow_grpo's "global std" variant
   divides by the std of the whole batch instead).
 * Text (GRPO): per-token ratio ``r = π_θ(y_k|·) / π_old(y_k|·)``, clipped surrogate
-  ``min(r·Â, clip(r, 1 − ε, 1 + ε)·Â)``, averaged over a sequence's tokens, then over sequences.
+  ``min(r·Â, clip(r, 1 − ε, 1 + ε)·Â)``, averaged over a sequence's tokens, then over sequences
+  (``loss_type="grpo"``). That mean weights a token by 1/|y_i|, which favours short sequences: with
+  advantages all equal it is the gradient of E[1/|y|]. TRL's two alternatives are offered:
+  ``"bnpo"`` averages over all tokens of the batch; ``"dr_grpo"`` (Dr. GRPO, Liu et al. 2025) sums
+  each sequence's tokens and divides by the token budget, the same for every sequence.
 * Image (Flow-GRPO): per-step ratio of the Gaussian transition densities, the same surrogate,
   averaged over the trained steps, then over rollouts; optionally RatioNorm (GRPO-Guard).
 * Regularisers against the frozen reference model: velocity MSE (UniGRPO) or latent KL
@@ -20,7 +24,10 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["group_advantages", "clipped_surrogate", "text_grpo_loss", "text_kl", "flow_grpo_loss"]
+__all__ = ["TEXT_LOSS_TYPES", "group_advantages", "clipped_surrogate", "text_grpo_loss", "text_kl", "flow_grpo_loss"]
+
+# How a per-token value [N, L] is reduced to one number (TRL's ``loss_type`` names).
+TEXT_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
 
 
 def group_advantages(
@@ -67,14 +74,33 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Te
     return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
 
 
-def _sequence_mean(
-    per_token: torch.Tensor, token_mask: torch.Tensor, sample_mask: torch.Tensor | None
+def _text_mean(
+    per_token: torch.Tensor,
+    token_mask: torch.Tensor,
+    sample_mask: torch.Tensor | None,
+    loss_type: str = "grpo",
+    max_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """GRPO's reduction of a per-token value ``[N, L]``: the mean over each sequence's tokens, then
-    over the sequences that have tokens (and pass ``sample_mask``); also returns those sequences."""
-    per_sequence = _masked_mean(per_token, token_mask, dim=1)
+    """Reduce a per-token value ``[N, L]`` over the sequences that have tokens (and pass
+    ``sample_mask``); also returns those sequences.
+
+    * ``grpo``: the mean over each sequence's tokens, then over the sequences;
+    * ``bnpo``: the mean over all their tokens;
+    * ``dr_grpo``: the sum over each sequence's tokens divided by ``max_tokens`` (the token budget),
+      then the mean over the sequences.
+    """
     sequences = token_mask.any(dim=1) if sample_mask is None else (sample_mask & token_mask.any(dim=1))
-    return _masked_mean(per_sequence, sequences, dim=0), sequences
+    if loss_type == "grpo":
+        return _masked_mean(_masked_mean(per_token, token_mask, dim=1), sequences, dim=0), sequences
+    tokens = token_mask & sequences[:, None]
+    total = (per_token * tokens.to(per_token.dtype)).sum()
+    if loss_type == "bnpo":
+        return total / tokens.sum().clamp(min=1).to(per_token.dtype), sequences
+    if loss_type == "dr_grpo":
+        if not max_tokens or max_tokens < 1:
+            raise ValueError("loss_type 'dr_grpo' needs max_tokens, the token budget of a sequence")
+        return total / (sequences.sum().clamp(min=1).to(per_token.dtype) * max_tokens), sequences
+    raise ValueError(f"loss_type must be one of {TEXT_LOSS_TYPES}, got {loss_type!r}")
 
 
 @torch.no_grad()
@@ -97,12 +123,16 @@ def text_grpo_loss(
     advantages: torch.Tensor,
     clip_range: float,
     sample_mask: torch.Tensor | None = None,
+    *,
+    loss_type: str = "grpo",
+    max_tokens: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """GRPO's text loss: −mean over sequences of the mean over their tokens of the clipped
-    surrogate. Shapes: ``[N, L]`` log-probs and ``token_mask``, ``[N]`` advantages."""
+    """GRPO's text loss: −(the clipped surrogate reduced by ``loss_type``: by default the mean over
+    sequences of the mean over their tokens). Shapes: ``[N, L]`` log-probs and ``token_mask``,
+    ``[N]`` advantages; ``max_tokens`` is the token budget ``dr_grpo`` divides by."""
     log_ratio = log_probs - old_log_probs
     surrogate, clipped = clipped_surrogate(log_ratio, advantages[:, None], clip_range)
-    mean, sequences = _sequence_mean(surrogate, token_mask, sample_mask)
+    mean, sequences = _text_mean(surrogate, token_mask, sample_mask, loss_type, max_tokens)
     return -mean, _ratio_stats("text", log_ratio, clipped, token_mask & sequences[:, None])
 
 
@@ -111,12 +141,15 @@ def text_kl(
     ref_log_probs: torch.Tensor,
     token_mask: torch.Tensor,
     sample_mask: torch.Tensor | None = None,
+    *,
+    loss_type: str = "grpo",
+    max_tokens: int | None = None,
 ) -> torch.Tensor:
     """GRPO's KL penalty to the reference language model on the sampled tokens, with the
     unbiased, non-negative k3 estimator ``KL ≈ exp(ref − θ) − (ref − θ) − 1`` per token,
-    averaged over a sequence's tokens, then over sequences (as the text surrogate)."""
+    reduced like the text surrogate (``loss_type``)."""
     delta = ref_log_probs - log_probs
-    return _sequence_mean(torch.exp(delta) - delta - 1.0, token_mask, sample_mask)[0]
+    return _text_mean(torch.exp(delta) - delta - 1.0, token_mask, sample_mask, loss_type, max_tokens)[0]
 
 
 def flow_grpo_loss(

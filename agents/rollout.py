@@ -65,6 +65,7 @@ class Rollout:
     texts: list[TextSample] = field(default_factory=list)
     conditions: list[Any] = field(default_factory=list)
     sde_means: list[dict[int, torch.Tensor]] = field(default_factory=list)  # per turn: step -> mean of the SDE step
+    token_budgets: list[int] = field(default_factory=list)  # per turn: the most tokens its text phase accepted
     rewards: torch.Tensor | None = None
     reward_components: dict[str, torch.Tensor] = field(default_factory=dict)
     reward_error: str | None = None
@@ -116,10 +117,11 @@ def rollout(
     while True:
         # -- text phase: one batched segment per episode ------------------------------------
         context = turn_context(obs, history)
+        budget = int(envs.episodes.tokens_left().max())
+        result.token_budgets.append(budget)
         if write_text is not None:
             sample = write_text(context, envs)
         else:
-            budget = int(envs.episodes.tokens_left().max())
             sample = policy.text.sample(context, max_new_tokens=budget, temperature=settings.temperature, generator=generator)
         obs, *_ = envs.step(TextAction(tokens=sample.tokens, lengths=sample.lengths, log_probs=sample.log_probs))
         context = context.with_reasoning(sample.tokens, sample.lengths)

@@ -57,6 +57,7 @@ class TurnBatch:
     sde_means: dict[int, torch.Tensor]
     recorded_text_log_probs: torch.Tensor
     recorded_image_log_probs: torch.Tensor  # [N, len(sde_steps)]
+    token_budget: int = 0  # the most tokens this turn's text phase accepted (Dr. GRPO's normaliser)
 
 
 @dataclass
@@ -221,6 +222,7 @@ class UniGRPOAgent:
                     sde_means=result.sde_means[k],
                     recorded_text_log_probs=text.log_probs,
                     recorded_image_log_probs=torch.stack(recorded, dim=1) if recorded else torch.zeros((len(result.rewards), 0)),
+                    token_budget=result.token_budgets[k],
                 )
             )
         return turns
@@ -280,10 +282,11 @@ class UniGRPOAgent:
             turn = batch.turns[k]
             lengths = turn.lengths[index].to(log_probs.device)
             mask = torch.arange(log_probs.shape[1], device=log_probs.device)[None] < lengths[:, None]
-            text_loss, s = text_grpo_loss(log_probs, old["text"][k][index], mask, advantages, c.clip_range_text, valid)
+            reduction = {"loss_type": c.text_loss_type, "max_tokens": turn.token_budget}
+            text_loss, s = text_grpo_loss(log_probs, old["text"][k][index], mask, advantages, c.clip_range_text, valid, **reduction)
             loss = loss + text_loss / len(text_lp)
             if extras["text_reference"]:  # GRPO's β·KL to the starting language model
-                kl = text_kl(log_probs, extras["text_reference"][k], mask, valid)
+                kl = text_kl(log_probs, extras["text_reference"][k], mask, valid, **reduction)
                 loss = loss + c.kl_text * kl / len(text_lp)
                 stats["kl_text"] = stats.get("kl_text", 0.0) + float(kl.detach()) / len(text_lp)
             stats.update(s)
@@ -335,9 +338,17 @@ class UniGRPOAgent:
             old["image"][k][index] = lp.detach().float()
 
     def learning_rate_scale(self, iteration: int) -> float:
-        """Linear warm-up: ``(iteration + 1) / warmup_iterations`` until it reaches 1."""
-        warmup = self.config.warmup_iterations
-        return 1.0 if warmup == 0 else min(1.0, (iteration + 1) / warmup)
+        """The learning rates' multiplier at ``iteration`` (counted from 0): a linear warm-up
+        ``(iteration + 1) / warmup_iterations``, then ``lr_schedule`` over the remaining iterations
+        (``constant``: 1; ``linear``: down to 0 at ``steps``, as TRL's default; ``cosine``:
+        ``(1 + cos(π·progress)) / 2``), evaluated at the iteration's start."""
+        c = self.config
+        if iteration < c.warmup_iterations:
+            return (iteration + 1) / c.warmup_iterations
+        if c.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (iteration - c.warmup_iterations) / max(1, c.steps - c.warmup_iterations))
+        return 1.0 - progress if c.lr_schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def update(self, batch: Batch) -> dict[str, float]:
         c, acc = self.config, self.accelerator

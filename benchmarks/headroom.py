@@ -85,7 +85,10 @@ def sft(args: argparse.Namespace) -> None:
         policy.train()
         log_probs = policy.text.log_probs(context, answer.tokens, answer.lengths)
         mask = (torch.arange(answer.tokens.shape[1])[None] < answer.lengths[:, None]).float()
-        loss = -((log_probs * mask).sum(1) / mask.sum(1)).mean()
+        if args.norm == "sequence":  # mean over each sequence's tokens, then over sequences (GRPO's)
+            loss = -((log_probs * mask).sum(1) / mask.sum(1)).mean()
+        else:  # one mean over all the batch's tokens
+            loss = -(log_probs * mask).sum() / mask.sum()
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.text_parameters(), 1.0)
@@ -105,6 +108,8 @@ def main() -> None:
     s = sub.add_parser("sft", help="how fast the language model moves on true answers or on its own samples")
     s.add_argument("--data", choices=["oracle", "self"], default="oracle")
     s.add_argument("--lr", type=float, default=3e-4)
+    s.add_argument("--norm", choices=["sequence", "token"], default="sequence",
+                   help="sequence: mean per sequence, then over sequences; token: mean over the batch's tokens")
     s.add_argument("--steps", type=int, default=50)
     s.add_argument("--batch", type=int, default=64)
     s.add_argument("--every", type=int, default=25)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from unigrpo_env.agents.config import ConfigError, UniGRPOConfig
-from unigrpo_env.agents.losses import clipped_surrogate, flow_grpo_loss, group_advantages, text_grpo_loss, text_kl
+from unigrpo_env.agents.losses import TEXT_LOSS_TYPES, clipped_surrogate, flow_grpo_loss, group_advantages, text_grpo_loss, text_kl
 from unigrpo_env.agents.shapes_policy import load_shapes_policy
 from unigrpo_env.agents.trainer import RunFolderError, Trainer
 from unigrpo_env.agents.unigrpo import RewardFailureError, UniGRPOAgent
@@ -61,6 +61,39 @@ def test_text_loss_by_hand():
     assert stats["text_clip_fraction"] == pytest.approx(1 / 5)
 
 
+def test_text_loss_types_by_hand():
+    old = torch.zeros(2, 3)
+    new = torch.log(torch.tensor([[1.1, 1.5, 9.0], [0.9, 1.0, 1.0]]))
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    adv = torch.tensor([2.0, -1.0])
+    tokens0, tokens1 = 1.1 * 2 + 1.2 * 2, -0.9 + -1.0 + -1.0  # row 0's third token is padding
+    bnpo, _ = text_grpo_loss(new, old, mask, adv, clip_range=0.2, loss_type="bnpo")
+    assert float(bnpo) == pytest.approx(-(tokens0 + tokens1) / 5, rel=1e-6)
+    dr, _ = text_grpo_loss(new, old, mask, adv, clip_range=0.2, loss_type="dr_grpo", max_tokens=4)
+    assert float(dr) == pytest.approx(-(tokens0 / 4 + tokens1 / 4) / 2, rel=1e-6)
+    only1, _ = text_grpo_loss(new, old, mask, adv, 0.2, torch.tensor([False, True]), loss_type="dr_grpo", max_tokens=4)
+    assert float(only1) == pytest.approx(-tokens1 / 4, rel=1e-6)
+    with pytest.raises(ValueError, match="max_tokens"):
+        text_grpo_loss(new, old, mask, adv, clip_range=0.2, loss_type="dr_grpo")
+    with pytest.raises(ValueError, match="loss_type"):
+        text_grpo_loss(new, old, mask, adv, clip_range=0.2, loss_type="mean")
+
+
+def test_grpo_mean_favours_short_sequences_and_token_means_do_not():
+    """With every advantage equal (SFT on the samples), GRPO's per-sequence mean gives a token of a
+    short sequence more weight than one of a long sequence; the token-level reductions do not."""
+    log_probs = torch.zeros(2, 4, requires_grad=True)  # on-policy; sequences of 1 and 4 tokens
+    mask = torch.tensor([[True, False, False, False], [True, True, True, True]])
+    weights = {}
+    for loss_type in TEXT_LOSS_TYPES:
+        loss, _ = text_grpo_loss(log_probs, log_probs.detach(), mask, torch.ones(2), 0.2, loss_type=loss_type, max_tokens=8)
+        (grad,) = torch.autograd.grad(-loss, log_probs)
+        weights[loss_type] = grad[mask].tolist()
+    assert weights["grpo"] == pytest.approx([1 / 2, 1 / 8, 1 / 8, 1 / 8, 1 / 8])  # 1 / (N·|y_i|)
+    assert weights["bnpo"] == pytest.approx([1 / 5] * 5)
+    assert weights["dr_grpo"] == pytest.approx([1 / 16] * 5)  # 1 / (N·budget)
+
+
 def test_text_kl_by_hand():
     new = torch.log(torch.tensor([[0.5, 0.25, 0.9], [0.8, 0.1, 0.2]]))
     ref = torch.log(torch.tensor([[0.25, 0.25, 0.1], [0.4, 0.2, 0.3]]))
@@ -101,6 +134,15 @@ def test_first_epoch_is_exactly_on_policy(tiny_checkpoint):
     assert stats["image_log_prob_drift"] < 1e-4 and stats["text_log_prob_drift"] < 1e-4
 
 
+@pytest.mark.parametrize("loss_type", ["bnpo", "dr_grpo"])
+def test_token_level_text_losses_train_on_policy(tiny_checkpoint, loss_type):
+    agent = UniGRPOAgent(load_shapes_policy(tiny_checkpoint), tiny_config(tiny_checkpoint, train="text", text_loss_type=loss_type))
+    batch = agent.collect(0)
+    assert [turn.token_budget for turn in batch.turns] == [agent.scenario.text_codec.max_tokens]  # Dr. GRPO's normaliser
+    stats = agent.update(batch)
+    assert stats["first_ratio_text_max_dev"] == 0.0 and math.isfinite(stats["loss_text"])
+
+
 @pytest.mark.parametrize("train", ["both", "text", "image"])
 def test_gradients_reach_the_trained_parameter_groups_only(tiny_checkpoint, train):
     policy = load_shapes_policy(tiny_checkpoint)
@@ -135,6 +177,16 @@ def test_learning_rates_warm_up_linearly(tiny_checkpoint):
     stats = agent.step()
     assert stats["lr_scale"] == 0.25
     assert {g["name"]: g["lr"] for g in agent.optimizer.param_groups} == pytest.approx({"text": 2.5e-4, "image": 5e-4})
+
+
+def test_learning_rate_schedules_decay_to_zero_after_the_warm_up(tiny_checkpoint):
+    def scales(**options):
+        agent = UniGRPOAgent(load_shapes_policy(tiny_checkpoint), tiny_config(tiny_checkpoint, steps=6, **options))
+        return [agent.learning_rate_scale(i) for i in range(6)]
+
+    assert scales(lr_schedule="linear", warmup_iterations=2) == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25])
+    assert scales(lr_schedule="cosine") == pytest.approx([(1 + math.cos(math.pi * i / 6)) / 2 for i in range(6)])
+    assert scales() == [1.0] * 6
 
 
 def test_two_processes_give_the_same_advantages_as_one(tmp_path):
