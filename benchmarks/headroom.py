@@ -11,8 +11,11 @@
   and evaluates the held-out description accuracy every ``--every`` steps. With ``--data oracle``
   the answers are the true ones (the best signal the text side could get: an upper bound on
   what RL learns from as many samples); with ``--data self`` they are the model's own samples,
-  unfiltered — the expected gradient is zero, so whatever changes is the noise that every
-  on-policy update also carries.
+  unfiltered. With ``--norm token`` (one mean over the batch's tokens) the expected gradient is
+  zero, so whatever changes is the noise that every on-policy update also carries. With
+  ``--norm sequence`` (GRPO's mean per sequence, then over sequences) it is not: a token of a
+  sequence of length |y| weighs 1/|y|, and the expected gradient is that of E[1/|y|], toward
+  shorter answers.
 """
 
 from __future__ import annotations
