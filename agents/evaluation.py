@@ -230,10 +230,16 @@ def _scores(result: Rollout) -> list[tuple[float, float]]:
     return list(zip(rewards, correct))
 
 
+def _is_shapes_world(scenario) -> bool:
+    """Whether ``scenario`` is built on ShapesWorld (it names each turn's target scene), so its
+    images use ShapesWorld's palette and its texts its description language."""
+    return getattr(scenario, "target_scene", None) is not None
+
+
 def _image_quality(world, images: list[np.ndarray]) -> list[float]:
     """ShapesWorld's image-quality score of each final image (NaN for scenarios not built on
     ShapesWorld, whose palette the measure assumes)."""
-    if getattr(world, "target_scene", None) is None:
+    if not _is_shapes_world(world):
         return [math.nan] * len(images)
     return [image_quality(np.asarray(image)).score for image in images]
 
@@ -242,14 +248,13 @@ def _description_hits(result: Rollout) -> list[float]:
     """Whether the last turn's description is the target scene's (NaN for scenarios without
     ``target_scene``, i.e. not built on ShapesWorld)."""
     scenario = result.envs.scenario
-    target_scene = getattr(scenario, "target_scene", None)
-    if target_scene is None:
+    if not _is_shapes_world(scenario):
         return [math.nan] * len(result.tasks)
     sample = result.texts[-1]
     hits = []
     for i, task in enumerate(result.tasks):
         text = scenario.text_codec.decode(sample.tokens[i, : int(sample.lengths[i])])
-        truth = describe(target_scene(task, task.num_turns - 1))
+        truth = describe(scenario.target_scene(task, task.num_turns - 1))
         hits.append(float(extract_description(text) == truth))
     return hits
 

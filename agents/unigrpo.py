@@ -70,9 +70,26 @@ class Batch:
     valid: torch.Tensor
     categories: list[str]
     stats: dict[str, float] = field(default_factory=dict)
+    # the frozen reference models' outputs, per key: (values [N, ...], which episodes are filled)
+    reference_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.rewards.shape[0])
+
+    def reference(self, key: tuple, index: torch.Tensor, compute: Any) -> torch.Tensor:
+        """A frozen reference model's output for episodes ``index``, computed once per batch: the
+        reference never changes, so later PPO epochs reuse what the first epoch computed."""
+        cached = self.reference_cache.get(key)
+        if cached is not None and bool(cached[1][index].all()):
+            return cached[0][index]
+        with torch.no_grad():
+            value = compute()
+        if cached is None:
+            cached = (value.new_zeros((len(self),) + tuple(value.shape[1:])), torch.zeros(len(self), dtype=torch.bool))
+            self.reference_cache[key] = cached
+        cached[0][index] = value
+        cached[1][index.cpu()] = True
+        return value
 
 
 def distributed_advantages(
@@ -238,13 +255,13 @@ class UniGRPOAgent:
         text_lp: list[torch.Tensor] = []
         image_lp: list[torch.Tensor] = []
         extras: dict[str, list] = {"text_reference": [], "image": []}
-        for turn in batch.turns:
+        for k, turn in enumerate(batch.turns):
             if self.train_text:
                 args = (turn.context.select(index), turn.tokens[index], turn.lengths[index])
                 text_lp.append(policy.text.log_probs(*args, temperature=settings.temperature))
                 if self.reference_text is not None:
-                    with torch.no_grad():
-                        extras["text_reference"].append(self.reference_text.log_probs(*args, temperature=settings.temperature))
+                    extras["text_reference"].append(batch.reference(
+                        ("text", k), index, lambda: self.reference_text.log_probs(*args, temperature=settings.temperature)))
             if self.train_image and turn.sde_steps:
                 condition = _select(turn.condition, index)
                 step_lp, reg_terms, norm_terms = [], [], []
@@ -256,8 +273,8 @@ class UniGRPOAgent:
                     step_lp.append(log_prob)
                     norm_terms.append((mean, turn.sde_means[s][index], std))
                     if self.reference is not None:
-                        with torch.no_grad():
-                            v_ref = self.reference.velocity(x_t, t, condition, cfg_scale=settings.cfg_scale)
+                        v_ref = batch.reference(
+                            ("velocity", k, s), index, lambda: self.reference.velocity(x_t, t, condition, cfg_scale=settings.cfg_scale))
                         if self.config.regularizer == "mse":
                             reg_terms.append(flow.velocity_mse(v, v_ref))
                         else:

@@ -171,6 +171,28 @@ def test_text_kl_starts_at_zero_and_is_logged(tiny_checkpoint):
     assert UniGRPOAgent(load_shapes_policy(tiny_checkpoint), tiny_config(tiny_checkpoint)).reference_text is None
 
 
+def test_reference_outputs_are_computed_once_per_batch_across_ppo_epochs(tiny_checkpoint):
+    config = tiny_config(tiny_checkpoint, ppo_epochs=3, minibatches=2, kl_text=0.1, sde_window_size=2)
+    agent = UniGRPOAgent(load_shapes_policy(tiny_checkpoint), config)
+    calls = {"velocity": 0, "text": 0}
+    velocity, log_probs = agent.reference.velocity, agent.reference_text.log_probs
+
+    def count(name, function):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return counted
+
+    agent.reference.velocity = count("velocity", velocity)
+    agent.reference_text.log_probs = count("text", log_probs)
+    batch = agent.collect(0)
+    stats = agent.update(batch)
+    # each minibatch of the first epoch once (2 SDE steps per image), then the cache
+    assert calls == {"velocity": 2 * 2, "text": 2}
+    cached = batch.reference_cache[("velocity", 0, batch.turns[0].sde_steps[0])]
+    assert bool(cached[1].all()) and math.isfinite(stats["regularizer_mse"]) and stats["kl_text"] >= 0.0
+
+
 def test_learning_rates_warm_up_linearly(tiny_checkpoint):
     agent = UniGRPOAgent(load_shapes_policy(tiny_checkpoint), tiny_config(tiny_checkpoint, warmup_iterations=4, lr_text=1e-3, lr_image=2e-3))
     assert [agent.learning_rate_scale(i) for i in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
