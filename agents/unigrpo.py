@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,11 +77,11 @@ class Batch:
     def __len__(self) -> int:
         return int(self.rewards.shape[0])
 
-    def reference(self, key: tuple, index: torch.Tensor, compute: Any) -> torch.Tensor:
+    def reference(self, key: tuple, index: torch.Tensor, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         """A frozen reference model's output for episodes ``index``, computed once per batch: the
         reference never changes, so later PPO epochs reuse what the first epoch computed."""
         cached = self.reference_cache.get(key)
-        if cached is not None and bool(cached[1][index].all()):
+        if cached is not None and bool(cached[1][index.cpu()].all()):
             return cached[0][index]
         with torch.no_grad():
             value = compute()
