@@ -36,6 +36,7 @@ from unigrpo_env.agents.config import UniGRPOConfig
 from unigrpo_env.agents.losses import flow_grpo_loss, group_advantages, text_grpo_loss, text_kl
 from unigrpo_env.agents.policy import TurnContext, UnifiedPolicy
 from unigrpo_env.agents.rollout import Rollout, RolloutSettings, rollout
+from unigrpo_env.lr_schedule import warmup_decay
 from unigrpo_env.registration import make_scenario, make_vec
 
 __all__ = ["UniGRPOAgent", "RewardFailureError", "TurnBatch", "Batch", "distributed_advantages"]
@@ -361,12 +362,7 @@ class UniGRPOAgent:
         (``constant``: 1; ``linear``: down to 0 at ``steps``, as TRL's default; ``cosine``:
         ``(1 + cos(π·progress)) / 2``), evaluated at the iteration's start."""
         c = self.config
-        if iteration < c.warmup_iterations:
-            return (iteration + 1) / c.warmup_iterations
-        if c.lr_schedule == "constant":
-            return 1.0
-        progress = min(1.0, (iteration - c.warmup_iterations) / max(1, c.steps - c.warmup_iterations))
-        return 1.0 - progress if c.lr_schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        return warmup_decay(iteration, c.warmup_iterations, c.steps, c.lr_schedule)
 
     def update(self, batch: Batch) -> dict[str, float]:
         c, acc = self.config, self.accelerator

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from unigrpo_env.agents.evaluation import _description_hits, _scores, evaluate, oracle_text_writer
+from unigrpo_env.agents.losses import _text_mean
 from unigrpo_env.agents.rollout import RolloutSettings, rollout, turn_context
 from unigrpo_env.agents.shapes_policy import load_shapes_policy
 from unigrpo_env.registration import make_scenario, make_vec
@@ -87,11 +88,9 @@ def sft(args: argparse.Namespace) -> None:
                                             generator=torch.Generator().manual_seed(step))
         policy.train()
         log_probs = policy.text.log_probs(context, answer.tokens, answer.lengths)
-        mask = (torch.arange(answer.tokens.shape[1])[None] < answer.lengths[:, None]).float()
-        if args.norm == "sequence":  # mean over each sequence's tokens, then over sequences (GRPO's)
-            loss = -((log_probs * mask).sum(1) / mask.sum(1)).mean()
-        else:  # one mean over all the batch's tokens
-            loss = -(log_probs * mask).sum() / mask.sum()
+        mask = torch.arange(answer.tokens.shape[1])[None] < answer.lengths[:, None]
+        # the text loss's own reductions: GRPO's mean per sequence, or one mean over the tokens (bnpo)
+        loss = -_text_mean(log_probs, mask, None, {"sequence": "grpo", "token": "bnpo"}[args.norm])[0]
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.text_parameters(), 1.0)

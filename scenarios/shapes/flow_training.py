@@ -44,7 +44,7 @@ from .render import render
 from .scene import CELLS, COLOURS, MAX_OBJECTS, SHAPES, Scene, SceneObject, describe
 from .tasks import CATEGORIES, LAYOUTS, task_split
 from .tokenizer import PAD, build_tokenizer, riddle_vocab_size
-from .schedule import warmup_cosine
+from unigrpo_env.lr_schedule import warmup_decay
 from .flow_model import ShapesFlowTransformer
 from .verify import verify
 
@@ -376,7 +376,7 @@ def _train(config: FlowTrainingConfig, out_dir, progress) -> ShapesFlowTransform
     ema = [p.detach().clone() for p in params] if config.ema_decay is not None else None
     for step in range(config.steps):
         for group in optimizer.param_groups:
-            group["lr"] = config.lr * warmup_cosine(step, config.warmup, config.steps, config.min_lr_ratio)
+            group["lr"] = config.lr * warmup_decay(step, config.warmup, config.steps, "cosine", config.min_lr_ratio)
         batch = data.sample_batch()
         t = _sample_t(config, batch.x0.shape[0], gen)
         noise = torch.randn(batch.x0.shape, generator=gen)

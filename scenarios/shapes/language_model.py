@@ -27,7 +27,7 @@ from pydantic import BaseModel, Field
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from unigrpo_env.scenarios.shapes.edits import edit_dialogue
-from unigrpo_env.scenarios.shapes.schedule import warmup_cosine
+from unigrpo_env.lr_schedule import warmup_decay
 from unigrpo_env.scenarios.shapes.tasks import answer_text, task_split
 from unigrpo_env.scenarios.shapes.tokenizer import (
     BOS,
@@ -195,7 +195,7 @@ def train_language_model(
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, config.warmup_steps, config.steps, min_ratio=0.1)
+        optimizer, lambda step: warmup_decay(step, config.warmup_steps, config.steps, "cosine", min_ratio=0.1)
     )
     model.train()
     start, loss_value = time.perf_counter(), float("nan")
