@@ -32,6 +32,18 @@ class UniGRPOConfig(BaseModel):
     checkpoint: str | None = Field(default=None, description="policy checkpoint folder; None = the shipped one")
     train: Literal["both", "text", "image"] = Field(default="both", description="both = UniGRPO; text = TextGRPO only; image = FlowGRPO only")
     seed: int = 0
+    text_adapter: Literal["full", "lora", "ln_tuning"] = Field(
+        default="full",
+        description="how the text side trains (peft): full = every weight; lora = low-rank updates of every linear layer; "
+        "ln_tuning = only the normalisation layers (measured: the tiny LM's RL noise stays in 896 parameters instead of 0.66 M)",
+    )
+    image_adapter: Literal["full", "lora", "ln_tuning"] = Field(
+        default="full", description="how the image side trains (peft): full, lora (the attention projections) or ln_tuning (the adaLN modulations)"
+    )
+    lora_rank: int = Field(default=8, ge=1, description="rank r of the LoRA adapters")
+    lora_alpha: float = Field(default=16.0, gt=0.0, description="LoRA scale α (the update is (α/r)·B·A)")
+    text_adapter_targets: list[str] | None = Field(default=None, description="module-name suffixes for the text adapter (None: agents.adapters.DEFAULT_TARGETS)")
+    image_adapter_targets: list[str] | None = Field(default=None, description="module-name suffixes for the image adapter (None: agents.adapters.DEFAULT_TARGETS)")
 
     # -- rollouts ------------------------------------------------------------------------------
     steps: int = Field(default=150, ge=1, description="training iterations (rollout + update); 150 × 2.9 s fits the 10-minute budget on 2 cores")

@@ -6,7 +6,9 @@
                            losses, clip fractions, ratio statistics, regulariser, time per phase
       eval_before/ eval_after/   held-out evaluation (eval.json, grid.png) of the start and the end
       reward_curve.png     training reward per iteration, held-out reward before and after
-      checkpoints/         ckpt-NNNNNN/ (policy in the checkpoint layout + trainer state), LATEST
+      checkpoints/         ckpt-NNNNNN/ (policy in the checkpoint layout + trainer state), LATEST;
+                           with peft adapters the policy is saved merged, and adapters.safetensors
+                           holds the adapter weights that --resume restores
       summary.json         held-out reward before/after (overall, per category), wall time
 
 Checkpoints are written atomically (into a temporary folder, renamed when complete, then the
@@ -28,13 +30,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
+from unigrpo_env.agents.adapters import adapter_state, has_adapter, load_adapter_state, merged_copy
 from unigrpo_env.agents.config import UniGRPOConfig
 from unigrpo_env.agents.evaluation import EvalReport, evaluate
 from unigrpo_env.agents.shapes_policy import load_shapes_policy
 from unigrpo_env.agents.unigrpo import RewardFailureError, UniGRPOAgent
 
-__all__ = ["Trainer", "RunFolderError"]
+__all__ = ["Trainer", "RunFolderError", "ADAPTER_FILE"]
+
+#: In a checkpoint of a run with adapters: the adapter weights (the models beside it are merged).
+ADAPTER_FILE = "adapters.safetensors"
 
 
 class RunFolderError(ValueError):
@@ -92,7 +99,13 @@ class Trainer:
             tmp = self.checkpoints / f".tmp-{self.agent.iteration:06d}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            self.accelerator.unwrap_model(self.agent.policy).save_pretrained(tmp)
+            policy = self.accelerator.unwrap_model(self.agent.policy)
+            adapters = adapter_state(policy)
+            if adapters:  # a plain checkpoint with the adapters merged, and the adapters themselves for --resume
+                merged_copy(policy).save_pretrained(tmp)
+                save_file(adapters, str(tmp / ADAPTER_FILE))
+            else:
+                policy.save_pretrained(tmp)
             torch.save(
                 {"iteration": self.agent.iteration, "optimizer": self.agent.optimizer.state_dict()},
                 tmp / "trainer_state.pt",
@@ -112,9 +125,12 @@ class Trainer:
         if not pointer.is_file():
             raise RunFolderError(f"nothing to resume in {str(self.out)!r}: no complete checkpoint yet")
         folder = self.checkpoints / pointer.read_text().strip()
-        saved = load_shapes_policy(folder)
         policy = self.agent.policy
-        policy.load_state_dict(saved.state_dict())
+        if has_adapter(policy.text) or has_adapter(policy.image):
+            # the base weights are the starting checkpoint's (frozen); only the adapters were trained
+            load_adapter_state(policy, load_file(str(folder / ADAPTER_FILE)))
+        else:
+            policy.load_state_dict(load_shapes_policy(folder).state_dict())
         state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
         self.agent.optimizer.load_state_dict(state["optimizer"])
         self.agent.iteration = int(state["iteration"])

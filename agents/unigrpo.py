@@ -32,6 +32,7 @@ import torch
 from accelerate import Accelerator
 
 from unigrpo_env import flow
+from unigrpo_env.agents.adapters import WithoutAdapter, attach_adapter, has_adapter
 from unigrpo_env.agents.config import UniGRPOConfig
 from unigrpo_env.agents.losses import flow_grpo_loss, group_advantages, text_grpo_loss, text_kl
 from unigrpo_env.agents.policy import TurnContext, UnifiedPolicy
@@ -109,6 +110,13 @@ def distributed_advantages(
     return all_advantages[start : start + n].cpu(), float(torch.isnan(all_rewards).float().mean())
 
 
+def _starting_model(part: Any) -> Any:
+    """The frozen starting model of a policy side: its adapter disabled, or a copy made now."""
+    if has_adapter(part):
+        return WithoutAdapter(part)
+    return copy.deepcopy(part).requires_grad_(False).eval()
+
+
 def _select(condition: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
     return {k: None if v is None else v[index.to(v.device)] for k, v in condition.items()}
 
@@ -133,13 +141,19 @@ class UniGRPOAgent:
         self.train_image = config.train in ("both", "image")
         policy.text.requires_grad_(self.train_text)
         policy.image.requires_grad_(self.train_image)
+        lora = {"rank": config.lora_rank, "alpha": config.lora_alpha}
+        if self.train_text:
+            attach_adapter(policy.text, "text", config.text_adapter, targets=config.text_adapter_targets, **lora)
+        if self.train_image:
+            attach_adapter(policy.image, "image", config.image_adapter, targets=config.image_adapter_targets, **lora)
         self.policy = policy.to(self.accelerator.device)
+        # The references are the starting models: the same network with its adapter disabled, or a frozen copy.
         self.reference = None
         if self.train_image and config.regularizer != "none":
-            self.reference = copy.deepcopy(policy.image).requires_grad_(False).eval()
+            self.reference = _starting_model(policy.image)
         self.reference_text = None
         if self.train_text and config.kl_text > 0:
-            self.reference_text = copy.deepcopy(policy.text).requires_grad_(False).eval()
+            self.reference_text = _starting_model(policy.text)
         groups = []
         if self.train_text:
             groups.append({"params": policy.text_parameters(), "lr": config.lr_text, "name": "text"})

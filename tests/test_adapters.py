@@ -1,0 +1,115 @@
+"""peft adapters in the agent: which parameters train, the reference is the adapter switched off,
+merged checkpoints load as plain ones, and a killed run with adapters resumes exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from unigrpo_env.agents.adapters import AdapterError, WithoutAdapter, attach_adapter, has_adapter, merged_copy
+from unigrpo_env.agents.config import UniGRPOConfig
+from unigrpo_env.agents.shapes_policy import load_shapes_policy
+from unigrpo_env.agents.trainer import ADAPTER_FILE, Trainer
+from unigrpo_env.agents.unigrpo import UniGRPOAgent
+
+TINY = dict(num_prompts=2, group_size=4, minibatches=1, eval_limit=6, scenario_options={"num_steps": 4}, checkpoint_every=2)
+
+
+def tiny_config(tiny_checkpoint, **overrides) -> UniGRPOConfig:
+    return UniGRPOConfig(**{**TINY, "checkpoint": str(tiny_checkpoint), **overrides})
+
+
+def _names(params, model):
+    ids = {id(p) for p in params}
+    return [n for n, p in model.named_parameters() if id(p) in ids]
+
+
+@pytest.mark.parametrize("text_adapter,image_adapter", [("lora", "lora"), ("ln_tuning", "ln_tuning"), ("ln_tuning", "full")])
+def test_only_adapter_parameters_train_and_the_first_epoch_is_on_policy(tiny_checkpoint, text_adapter, image_adapter):
+    policy = load_shapes_policy(tiny_checkpoint)
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    config = tiny_config(tiny_checkpoint, text_adapter=text_adapter, image_adapter=image_adapter, lr_text=1e-2, lr_image=1e-2)
+    agent = UniGRPOAgent(policy, config)
+    text_names = _names(policy.text_parameters(), policy.text)
+    marker = {"lora": "lora_", "ln_tuning": "ln_tuning_layers"}
+    assert text_names and all(marker[text_adapter] in n for n in text_names)
+    image_names = _names(policy.image_parameters(), policy.image)
+    if image_adapter == "full":
+        assert not has_adapter(policy.image) and len(image_names) == len(list(policy.image.parameters()))
+    else:
+        assert image_names and all(marker[image_adapter] in n for n in image_names)
+    assert isinstance(agent.reference, WithoutAdapter) if image_adapter != "full" else not isinstance(agent.reference, WithoutAdapter)
+    # an adapter starts as the identity: the first update is exactly on-policy
+    batch = agent.collect(0)
+    batch.advantages = torch.linspace(-1, 1, len(batch))
+    stats = agent.update(batch)
+    assert stats["first_ratio_text_max_dev"] == 0.0 and stats["first_ratio_image_max_dev"] == 0.0
+    assert stats["text_log_prob_drift"] < 1e-4 and stats["image_log_prob_drift"] < 1e-4
+    # the frozen base weights did not move
+    frozen = {n: p for n, p in policy.named_parameters() if not p.requires_grad}
+    base_key = {n.replace("base_model.model.", "").replace(".base_layer", ""): n for n in frozen}
+    for key, value in before.items():
+        name = base_key.get(key)
+        if name is not None:
+            assert torch.equal(frozen[name].detach(), value), key
+
+
+def test_the_reference_is_the_starting_model_with_the_adapter_switched_off(tiny_checkpoint):
+    start = load_shapes_policy(tiny_checkpoint)
+    policy = load_shapes_policy(tiny_checkpoint)
+    agent = UniGRPOAgent(policy, tiny_config(tiny_checkpoint, train="image", image_adapter="lora", lora_rank=2))
+    batch = agent.collect(0)
+    for name, p in policy.image.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # a trained adapter: the network now differs from its start
+    condition, x, t = batch.turns[0].condition, batch.turns[0].latents[1], batch.times[1]
+    v_start = start.image.velocity(x, t, condition)
+    v_reference = agent.reference.velocity(x, t, condition)
+    assert torch.allclose(v_reference, v_start, atol=1e-6) and not v_reference.requires_grad
+    assert not torch.allclose(policy.image.velocity(x, t, condition), v_start, atol=1e-3)
+    # merged into a plain copy, the adapter gives the adapted network's velocities
+    merged = merged_copy(policy)
+    assert not has_adapter(merged.image) and has_adapter(policy.image)
+    assert torch.allclose(merged.image.velocity(x, t, condition), policy.image.velocity(x, t, condition), atol=1e-5)
+    # and the text KL's reference, with a text adapter, is the starting language model
+    text_agent = UniGRPOAgent(load_shapes_policy(tiny_checkpoint), tiny_config(tiny_checkpoint, train="text", text_adapter="lora", kl_text=0.1))
+    assert isinstance(text_agent.reference_text, WithoutAdapter) and text_agent.reference is None
+
+
+def test_bad_adapters_give_clear_errors(tiny_checkpoint):
+    policy = load_shapes_policy(tiny_checkpoint)
+    with pytest.raises(AdapterError, match="cannot attach a lora adapter to the image model"):
+        attach_adapter(policy.image, "image", "lora", targets=["no_such_layer"])
+    attach_adapter(policy.text, "text", "lora")
+    with pytest.raises(AdapterError, match="already has an adapter"):
+        attach_adapter(policy.text, "text", "ln_tuning")
+
+    class Bare:
+        pass
+
+    with pytest.raises(AdapterError, match="text_adapter='full'"):
+        attach_adapter(Bare(), "text", "lora")
+    with pytest.raises(ValueError):
+        UniGRPOConfig(text_adapter="prefix")
+
+
+def _rows(path: Path):
+    return [{k: v for k, v in json.loads(line).items() if not k.startswith("time")} for line in path.read_text().splitlines()]
+
+
+def test_a_killed_run_with_adapters_resumes_exactly_and_its_checkpoint_loads_as_a_plain_one(tiny_checkpoint, tmp_path):
+    config = tiny_config(tiny_checkpoint, scenario_options={"num_steps": 3}, text_adapter="ln_tuning", image_adapter="lora",
+                         lr_text=1e-2, lr_image=1e-2)
+    Trainer(config.model_copy(update={"steps": 3}), tmp_path / "straight").run()
+    Trainer(config.model_copy(update={"steps": 2}), tmp_path / "killed").run()
+    Trainer(config.model_copy(update={"steps": 3}), tmp_path / "killed", resume=True).run()
+    assert _rows(tmp_path / "straight" / "metrics.jsonl") == _rows(tmp_path / "killed" / "metrics.jsonl")
+    folder = tmp_path / "killed" / "checkpoints" / (tmp_path / "killed" / "checkpoints" / "LATEST").read_text().strip()
+    assert (folder / ADAPTER_FILE).is_file()
+    plain = load_shapes_policy(folder)  # the merged models load like any checkpoint (unigrpo eval reads them)
+    start = load_shapes_policy(tiny_checkpoint)
+    moved = [k for k, v in plain.state_dict().items() if not torch.equal(v, start.state_dict()[k])]
+    assert any(k.startswith("text.") for k in moved) and any(k.startswith("image.") for k in moved)
