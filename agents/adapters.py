@@ -98,6 +98,7 @@ def attach_adapter(
     try:
         with warnings.catch_warnings():  # peft asks norm layers for in/out features that LN tuning never uses
             warnings.filterwarnings("ignore", message="Unsupported layer type", category=UserWarning)
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             part.model = get_peft_model(model, config)
     except ValueError as exc:  # peft: targets not found, or an architecture without a default table
         raise AdapterError(f"cannot attach a {kind} adapter to the {side} model ({type(model).__name__}): {' '.join(str(exc).split())[:300]}") from exc

@@ -3,6 +3,7 @@
     python benchmarks/headroom.py passk --split heldout -k 8      # pass@1 against pass@k, per category
     python benchmarks/headroom.py sft --data oracle --lr 3e-4     # fine-tune on the true answers
     python benchmarks/headroom.py sft --data self --lr 3e-4       # fine-tune on its own samples
+    python benchmarks/headroom.py gradsnr --batches 8             # how much of one batch's gradient is signal
 
 * ``passk`` samples k reasonings per task (temperature 1) and draws each with the ODE sampler:
   pass@1 is what the policy scores, pass@k how often one of k tries is right — the room that
@@ -16,11 +17,19 @@
   ``--norm sequence`` (GRPO's mean per sequence, then over sequences) it is not: a token of a
   sequence of length |y| weighs 1/|y|, and the expected gradient is that of E[1/|y|], toward
   shorter answers.
+* ``gradsnr`` computes the agent's policy gradient (its own loss, on-policy, the run's config) on
+  ``--batches`` independent batches of training prompts and reports, per parameter group, the mean
+  cosine ρ between two batches' gradients. Each batch gradient is the shared direction plus its own
+  noise, so ρ ≈ |signal|² / |gradient|²: the fraction of one batch's squared gradient that is
+  signal common to other prompts (0 for pure noise). Averaging n batches raises it to
+  nρ / (1 + (n − 1)ρ).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 from collections import defaultdict
 
 import numpy as np
@@ -100,6 +109,32 @@ def sft(args: argparse.Namespace) -> None:
             print(f"step {step}: loss {float(loss.detach()):.4f}, held-out description accuracy {description_accuracy():.3f}", flush=True)
 
 
+def gradsnr(args: argparse.Namespace) -> None:
+    from unigrpo_env.agents.config import UniGRPOConfig
+    from unigrpo_env.agents.unigrpo import UniGRPOAgent
+
+    config = UniGRPOConfig.model_validate({**json.loads(args.config), "checkpoint": args.checkpoint, "seed": args.seed})
+    agent = UniGRPOAgent(load_shapes_policy(args.checkpoint), config)
+    groups = {g["name"]: g["params"] for g in agent.optimizer.param_groups}
+    gradients: dict[str, list[torch.Tensor]] = {name: [] for name in groups}
+    for b in range(args.batches):
+        batch = agent.collect(10_000 + b)  # iterations no run reaches: prompts and noise independent of training
+        index = torch.arange(len(batch))
+        old = agent._old_log_probs(batch, [index])
+        agent.policy.train()
+        loss, _ = agent._loss(batch, index, old)
+        agent.optimizer.zero_grad(set_to_none=False)
+        loss.backward()
+        for name, params in groups.items():
+            gradients[name].append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params]).clone())
+    print(f"{args.batches} batches of {config.num_prompts} × {config.group_size}, config {args.config}")
+    print("| group | parameters | ρ = mean pairwise cosine | min | max |")
+    print("|---|---|---|---|---|")
+    for name, grads in gradients.items():
+        cos = [float(torch.nn.functional.cosine_similarity(grads[a], grads[b], dim=0)) for a, b in itertools.combinations(range(len(grads)), 2)]
+        print(f"| {name} | {grads[0].numel()} | {np.mean(cos):.4f} | {min(cos):.4f} | {max(cos):.4f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -116,14 +151,17 @@ def main() -> None:
     s.add_argument("--batch", type=int, default=64)
     s.add_argument("--every", type=int, default=25)
     s.add_argument("--eval-limit", type=int, default=140)
-    for q in (p, s):
+    g = sub.add_parser("gradsnr", help="how much of one batch's policy gradient is signal shared with other batches")
+    g.add_argument("--batches", type=int, default=8)
+    g.add_argument("--config", default="{}", help='UniGRPOConfig overrides as JSON, e.g. \'{"text_adapter": "ln_tuning"}\'')
+    for q in (p, s, g):
         q.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the shipped one)")
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    passk(args) if args.command == "passk" else sft(args)
+    {"passk": passk, "sft": sft, "gradsnr": gradsnr}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     unigrpo run scenario t2i_reason [--config FILE] [--steps N] [--seed S] [--out DIR] [--resume]
                                     [--train both|text|image] [--reg mse|kl|none] [--rollout-cfg SCALE] [--eval-cfg SCALE]
+                                    [--text-adapter full|lora|ln_tuning] [--image-adapter full|lora|ln_tuning]
                                     [--reward "shapes_verifier:1.0,quality:0.2"]
     unigrpo list scenarios|rewards
     unigrpo init scenario NAME [--dir DIR]
@@ -86,6 +87,12 @@ class TrainWhat(str, Enum):
     image = "image"
 
 
+class Adapter(str, Enum):
+    full = "full"
+    lora = "lora"
+    ln_tuning = "ln_tuning"
+
+
 class Regularizer(str, Enum):
     mse = "mse"
     kl = "kl"
@@ -106,6 +113,10 @@ def run(
     rollout_cfg: Optional[float] = typer.Option(None, "--rollout-cfg", min=1.0, help="CFG scale in rollouts (1 = CFG-free)."),
     eval_cfg: Optional[float] = typer.Option(None, "--eval-cfg", min=1.0, help="CFG scale of the held-out evaluations before and after (1 = none)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Starting checkpoint (default: the shipped one)."),
+    text_adapter: Optional[Adapter] = typer.Option(
+        None, "--text-adapter", help="Train the language model's every weight (full), LoRA adapters (lora) or its norm layers (ln_tuning), with peft."),
+    image_adapter: Optional[Adapter] = typer.Option(
+        None, "--image-adapter", help="Train the image model's every weight (full), LoRA adapters (lora) or its adaLN modulations (ln_tuning), with peft."),
     reward: Optional[str] = typer.Option(
         None, "--reward",
         help="The training reward: a reward name or a weighted sum such as 'shapes_verifier:1.0,quality:0.2' "
@@ -130,6 +141,9 @@ def run(
         overrides["train"] = train.value
     if reg is not None:
         overrides["regularizer"] = reg.value
+    for key, adapter in {"text_adapter": text_adapter, "image_adapter": image_adapter}.items():
+        if adapter is not None:
+            overrides[key] = adapter.value
     if checkpoint is not None:
         overrides["checkpoint"] = str(checkpoint)
     try:

@@ -113,3 +113,25 @@ def test_a_killed_run_with_adapters_resumes_exactly_and_its_checkpoint_loads_as_
     start = load_shapes_policy(tiny_checkpoint)
     moved = [k for k, v in plain.state_dict().items() if not torch.equal(v, start.state_dict()[k])]
     assert any(k.startswith("text.") for k in moved) and any(k.startswith("image.") for k in moved)
+
+
+def test_cli_adapter_flags_reach_the_run_and_bad_ones_exit_with_code_2(tiny_checkpoint, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from unigrpo_env.cli.main import main
+
+    config = tmp_path / "small.yaml"
+    config.write_text("num_prompts: 2\ngroup_size: 4\nminibatches: 1\neval_limit: 6\nscenario_options:\n  num_steps: 3\n")
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "scenario", "t2i_reason", "--steps", "1", "--config", str(config), "--checkpoint", str(tiny_checkpoint),
+              "--text-adapter", "ln_tuning", "--image-adapter", "lora", "--out", str(out)])
+    assert exit_info.value.code == 0, capsys.readouterr().err
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["text_adapter"], saved["image_adapter"]) == ("ln_tuning", "lora")
+    done = subprocess.run(
+        [sys.executable, "-m", "unigrpo_env.cli.main", "run", "scenario", "t2i_reason", "--steps", "1", "--text-adapter", "prefix"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2 and "prefix" in done.stderr and "Traceback" not in done.stderr, done.stderr
