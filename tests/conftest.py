@@ -81,3 +81,11 @@ def tiny_checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("checkpoint")
     write_tiny_checkpoint(root)
     return root
+
+
+@pytest.fixture
+def small_run_config(tmp_path):
+    """A config file for one-iteration CLI runs on the tiny checkpoint (2 prompts × 4, 3 steps per image)."""
+    path = tmp_path / "small.yaml"
+    path.write_text("num_prompts: 2\ngroup_size: 4\nminibatches: 1\neval_limit: 6\nscenario_options:\n  num_steps: 3\n")
+    return path

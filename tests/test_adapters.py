@@ -115,14 +115,13 @@ def test_a_killed_run_with_adapters_resumes_exactly_and_its_checkpoint_loads_as_
     assert any(k.startswith("text.") for k in moved) and any(k.startswith("image.") for k in moved)
 
 
-def test_cli_adapter_flags_reach_the_run_and_bad_ones_exit_with_code_2(tiny_checkpoint, tmp_path, capsys):
+def test_cli_adapter_flags_reach_the_run_and_bad_ones_exit_with_code_2(tiny_checkpoint, small_run_config, tmp_path, capsys):
     import subprocess
     import sys
 
     from unigrpo_env.cli.main import main
 
-    config = tmp_path / "small.yaml"
-    config.write_text("num_prompts: 2\ngroup_size: 4\nminibatches: 1\neval_limit: 6\nscenario_options:\n  num_steps: 3\n")
+    config = small_run_config
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
         main(["run", "scenario", "t2i_reason", "--steps", "1", "--config", str(config), "--checkpoint", str(tiny_checkpoint),

@@ -361,11 +361,10 @@ def test_cli_bad_reward_spec_is_one_line_and_exit_code_2(spec, message):
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("unigrpo: error:") and message in lines[0], done.stderr
 
 
-def test_cli_run_with_a_weighted_sum_logs_each_term(tiny_checkpoint, tmp_path, capsys):
+def test_cli_run_with_a_weighted_sum_logs_each_term(tiny_checkpoint, small_run_config, tmp_path, capsys):
     from unigrpo_env.cli.main import main
 
-    config = tmp_path / "small.yaml"
-    config.write_text("num_prompts: 2\ngroup_size: 4\nminibatches: 1\neval_limit: 6\nscenario_options:\n  num_steps: 3\n")
+    config = small_run_config
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
         main(["run", "scenario", "t2i_reason", "--steps", "1", "--config", str(config), "--checkpoint", str(tiny_checkpoint),
