@@ -12,9 +12,10 @@ copies of the normalisation layers, Zhao et al. 2023, arXiv 2312.11420). The ada
   model, which the regulariser and the text KL compare against (DESIGN.md section 6: "the
   reference model is the base weights with the adapter disabled"), without a second copy of it;
 * :func:`merged_copy` gives a plain copy of a policy with every adapter merged into its base
-  weights, which ``save_pretrained`` writes as an ordinary checkpoint (``unigrpo eval`` reads it
-  like any other); :func:`adapter_state` / :func:`load_adapter_state` carry the adapter weights
-  themselves across ``--resume``.
+  weights (the policies' own ``save_pretrained`` merges into a copy the same way, so a saved
+  folder is an ordinary checkpoint that ``unigrpo eval`` reads like any other);
+  :func:`adapter_state` / :func:`load_adapter_state` carry the adapter weights themselves across
+  ``--resume``.
 
 Why it matters even for a small model: an on-policy RL update carries little information per
 episode, and its noise spreads over every trained parameter; fewer trained parameters keep that

@@ -21,6 +21,15 @@ from torch import nn
 from unigrpo_env import flow
 from unigrpo_env.agents.policy import TextSample, TurnContext
 
+
+def plain_model(model: nn.Module) -> nn.Module:
+    """``model`` itself, or for a ``peft`` model a copy with its adapter merged into the weights."""
+    if hasattr(model, "merge_and_unload") and hasattr(model, "peft_config"):
+        import copy
+
+        return copy.deepcopy(model).merge_and_unload()
+    return model
+
 __all__ = ["CausalLMTextPolicy", "ConditionedFlowPolicy"]
 
 PromptBuilder = Callable[[Sequence[str], Sequence[Sequence[int]]], list[int]]
@@ -52,8 +61,9 @@ class CausalLMTextPolicy(nn.Module):
         return next(self.model.parameters()).device
 
     def save_pretrained(self, path: str) -> None:
-        """Save the model (and its tokenizer, if given) with ``save_pretrained``."""
-        self.model.save_pretrained(path)
+        """Save the model (and its tokenizer, if given) with ``save_pretrained``; a peft adapter is
+        merged into a copy first, so the folder is an ordinary checkpoint."""
+        plain_model(self.model).save_pretrained(path)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(path)
 
@@ -160,7 +170,8 @@ class ConditionedFlowPolicy(nn.Module):
         self.unconditional = unconditional
 
     def save_pretrained(self, path: str) -> None:
-        self.model.save_pretrained(path)
+        """Save the model with ``save_pretrained`` (a peft adapter merged into a copy first)."""
+        plain_model(self.model).save_pretrained(path)
 
     def condition(self, context: TurnContext) -> dict[str, Any]:
         device = next(self.model.parameters()).device

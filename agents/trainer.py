@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from unigrpo_env.agents.adapters import adapter_state, has_adapter, load_adapter_state, merged_copy
+from unigrpo_env.agents.adapters import adapter_state, has_adapter, load_adapter_state
 from unigrpo_env.agents.config import UniGRPOConfig
 from unigrpo_env.agents.evaluation import EvalReport, evaluate
 from unigrpo_env.agents.shapes_policy import load_shapes_policy
@@ -100,12 +100,10 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             policy = self.accelerator.unwrap_model(self.agent.policy)
+            policy.save_pretrained(tmp)  # plain models: adapters are merged into the saved weights
             adapters = adapter_state(policy)
-            if adapters:  # a plain checkpoint with the adapters merged, and the adapters themselves for --resume
-                merged_copy(policy).save_pretrained(tmp)
+            if adapters:  # and the adapters themselves, for --resume
                 save_file(adapters, str(tmp / ADAPTER_FILE))
-            else:
-                policy.save_pretrained(tmp)
             torch.save(
                 {"iteration": self.agent.iteration, "optimizer": self.agent.optimizer.state_dict()},
                 tmp / "trainer_state.pt",

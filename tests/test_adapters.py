@@ -57,7 +57,7 @@ def test_only_adapter_parameters_train_and_the_first_epoch_is_on_policy(tiny_che
             assert torch.equal(frozen[name].detach(), value), key
 
 
-def test_the_reference_is_the_starting_model_with_the_adapter_switched_off(tiny_checkpoint):
+def test_the_reference_is_the_starting_model_with_the_adapter_switched_off(tiny_checkpoint, tmp_path):
     start = load_shapes_policy(tiny_checkpoint)
     policy = load_shapes_policy(tiny_checkpoint)
     agent = UniGRPOAgent(policy, tiny_config(tiny_checkpoint, train="image", image_adapter="lora", lora_rank=2))
@@ -74,6 +74,11 @@ def test_the_reference_is_the_starting_model_with_the_adapter_switched_off(tiny_
     merged = merged_copy(policy)
     assert not has_adapter(merged.image) and has_adapter(policy.image)
     assert torch.allclose(merged.image.velocity(x, t, condition), policy.image.velocity(x, t, condition), atol=1e-5)
+    # and save_pretrained of the adapted policy writes that merged network as an ordinary checkpoint
+    policy.save_pretrained(tmp_path / "saved")
+    reloaded = load_shapes_policy(tmp_path / "saved")
+    assert torch.allclose(reloaded.image.velocity(x, t, condition), policy.image.velocity(x, t, condition), atol=1e-5)
+    assert has_adapter(policy.image)  # saving did not touch the live adapter
     # and the text KL's reference, with a text adapter, is the starting language model
     text_agent = UniGRPOAgent(load_shapes_policy(tiny_checkpoint), tiny_config(tiny_checkpoint, train="text", text_adapter="lora", kl_text=0.1))
     assert isinstance(text_agent.reference_text, WithoutAdapter) and text_agent.reference is None
