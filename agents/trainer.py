@@ -123,12 +123,13 @@ class Trainer:
         if not pointer.is_file():
             raise RunFolderError(f"nothing to resume in {str(self.out)!r}: no complete checkpoint yet")
         folder = self.checkpoints / pointer.read_text().strip()
-        policy = self.agent.policy
-        if has_adapter(policy.text) or has_adapter(policy.image):
-            # the base weights are the starting checkpoint's (frozen); only the adapters were trained
+        policy, saved = self.agent.policy, load_shapes_policy(folder)
+        adapted = [name for name in ("text", "image") if has_adapter(getattr(policy, name))]
+        if adapted:  # an adapted side's base weights are the starting checkpoint's (frozen): only its adapter trained
             load_adapter_state(policy, load_file(str(folder / ADAPTER_FILE)))
-        else:
-            policy.load_state_dict(load_shapes_policy(folder).state_dict())
+        for name in ("text", "image"):  # a side trained in full: its saved weights
+            if name not in adapted:
+                getattr(policy, name).load_state_dict(getattr(saved, name).state_dict())
         state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
         self.agent.optimizer.load_state_dict(state["optimizer"])
         self.agent.iteration = int(state["iteration"])

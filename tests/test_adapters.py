@@ -105,8 +105,9 @@ def _rows(path: Path):
     return [{k: v for k, v in json.loads(line).items() if not k.startswith("time")} for line in path.read_text().splitlines()]
 
 
-def test_a_killed_run_with_adapters_resumes_exactly_and_its_checkpoint_loads_as_a_plain_one(tiny_checkpoint, tmp_path):
-    config = tiny_config(tiny_checkpoint, scenario_options={"num_steps": 3}, text_adapter="ln_tuning", image_adapter="lora",
+@pytest.mark.parametrize("image_adapter", ["lora", "full"])  # "full": one side adapted, the other trained in full
+def test_a_killed_run_with_adapters_resumes_exactly_and_its_checkpoint_loads_as_a_plain_one(tiny_checkpoint, tmp_path, image_adapter):
+    config = tiny_config(tiny_checkpoint, scenario_options={"num_steps": 3}, text_adapter="ln_tuning", image_adapter=image_adapter,
                          lr_text=1e-2, lr_image=1e-2)
     Trainer(config.model_copy(update={"steps": 3}), tmp_path / "straight").run()
     Trainer(config.model_copy(update={"steps": 2}), tmp_path / "killed").run()
