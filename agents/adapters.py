@@ -11,11 +11,10 @@ copies of the normalisation layers, Zhao et al. 2023, arXiv 2312.11420). The ada
 * :class:`WithoutAdapter` calls the same policy side with its adapter disabled: the starting
   model, which the regulariser and the text KL compare against (DESIGN.md section 6: "the
   reference model is the base weights with the adapter disabled"), without a second copy of it;
-* :func:`merged_copy` gives a plain copy of a policy with every adapter merged into its base
-  weights (the policies' own ``save_pretrained`` merges into a copy the same way, so a saved
-  folder is an ordinary checkpoint that ``unigrpo eval`` reads like any other);
-  :func:`adapter_state` / :func:`load_adapter_state` carry the adapter weights themselves across
-  ``--resume``.
+* :func:`merged_model` gives a plain copy of an adapted network with its adapter merged into the
+  base weights; the policies' ``save_pretrained`` writes that, so a saved folder is an ordinary
+  checkpoint that ``unigrpo eval`` reads like any other; :func:`adapter_state` /
+  :func:`load_adapter_state` carry the adapter weights themselves across ``--resume``.
 
 Why it matters even for a small model: an on-policy RL update carries little information per
 episode, and its noise spreads over every trained parameter; fewer trained parameters keep that
@@ -41,7 +40,7 @@ __all__ = [
     "has_adapter",
     "WithoutAdapter",
     "adapter_disabled",
-    "merged_copy",
+    "merged_model",
     "adapter_state",
     "load_adapter_state",
 ]
@@ -138,16 +137,14 @@ class WithoutAdapter:
             return self.part.log_probs(*args, **kwargs)
 
 
-def merged_copy(policy: nn.Module) -> nn.Module:
-    """A deep copy of ``policy`` whose adapted sides carry plain networks with the adapters merged
-    into the base weights (``W + (α/r)·B·A``; the trained norm layers in place of the old)."""
+def merged_model(model: nn.Module) -> nn.Module:
+    """``model`` itself, or for a ``peft`` model a copy with its adapter merged into the base weights
+    (``W + (α/r)·B·A``; the trained norm layers in place of the old): what ``save_pretrained`` writes."""
     from peft import PeftModel
 
-    copied = copy.deepcopy(policy)
-    for part in (getattr(copied, "text", None), getattr(copied, "image", None)):
-        if part is not None and isinstance(getattr(part, "model", None), PeftModel):
-            part.model = part.model.merge_and_unload()
-    return copied
+    if isinstance(model, PeftModel):
+        return copy.deepcopy(model).merge_and_unload()
+    return model
 
 
 def adapter_state(policy: nn.Module) -> dict[str, torch.Tensor]:

@@ -19,16 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from unigrpo_env import flow
+from unigrpo_env.agents.adapters import merged_model
 from unigrpo_env.agents.policy import TextSample, TurnContext
-
-
-def plain_model(model: nn.Module) -> nn.Module:
-    """``model`` itself, or for a ``peft`` model a copy with its adapter merged into the weights."""
-    if hasattr(model, "merge_and_unload") and hasattr(model, "peft_config"):
-        import copy
-
-        return copy.deepcopy(model).merge_and_unload()
-    return model
 
 __all__ = ["CausalLMTextPolicy", "ConditionedFlowPolicy"]
 
@@ -63,7 +55,7 @@ class CausalLMTextPolicy(nn.Module):
     def save_pretrained(self, path: str) -> None:
         """Save the model (and its tokenizer, if given) with ``save_pretrained``; a peft adapter is
         merged into a copy first, so the folder is an ordinary checkpoint."""
-        plain_model(self.model).save_pretrained(path)
+        merged_model(self.model).save_pretrained(path)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(path)
 
@@ -171,7 +163,7 @@ class ConditionedFlowPolicy(nn.Module):
 
     def save_pretrained(self, path: str) -> None:
         """Save the model with ``save_pretrained`` (a peft adapter merged into a copy first)."""
-        plain_model(self.model).save_pretrained(path)
+        merged_model(self.model).save_pretrained(path)
 
     def condition(self, context: TurnContext) -> dict[str, Any]:
         device = next(self.model.parameters()).device

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from unigrpo_env.agents.adapters import AdapterError, WithoutAdapter, attach_adapter, has_adapter, merged_copy
+from unigrpo_env.agents.adapters import AdapterError, WithoutAdapter, attach_adapter, has_adapter, merged_model
 from unigrpo_env.agents.config import UniGRPOConfig
+from unigrpo_env.agents.hf_policies import ConditionedFlowPolicy
 from unigrpo_env.agents.shapes_policy import load_shapes_policy
 from unigrpo_env.agents.trainer import ADAPTER_FILE, Trainer
 from unigrpo_env.agents.unigrpo import UniGRPOAgent
@@ -71,9 +72,9 @@ def test_the_reference_is_the_starting_model_with_the_adapter_switched_off(tiny_
     assert torch.allclose(v_reference, v_start, atol=1e-6) and not v_reference.requires_grad
     assert not torch.allclose(policy.image.velocity(x, t, condition), v_start, atol=1e-3)
     # merged into a plain copy, the adapter gives the adapted network's velocities
-    merged = merged_copy(policy)
-    assert not has_adapter(merged.image) and has_adapter(policy.image)
-    assert torch.allclose(merged.image.velocity(x, t, condition), policy.image.velocity(x, t, condition), atol=1e-5)
+    merged = ConditionedFlowPolicy(merged_model(policy.image.model), policy.image.conditioner, policy.image.unconditional)
+    assert not has_adapter(merged) and has_adapter(policy.image)
+    assert torch.allclose(merged.velocity(x, t, condition), policy.image.velocity(x, t, condition), atol=1e-5)
     # and save_pretrained of the adapted policy writes that merged network as an ordinary checkpoint
     policy.save_pretrained(tmp_path / "saved")
     reloaded = load_shapes_policy(tmp_path / "saved")
