@@ -35,7 +35,7 @@ class UniGRPOConfig(BaseModel):
     text_adapter: Literal["full", "lora", "ln_tuning"] = Field(
         default="full",
         description="how the text side trains (peft): full = every weight; lora = low-rank updates of every linear layer; "
-        "ln_tuning = only the normalisation layers (measured: the tiny LM's RL noise stays in 896 parameters instead of 0.66 M)",
+        "ln_tuning = only the normalisation layers (896 parameters in ShapesWorld's LM; measured stable at lr 3e-2, where full training needs 1e-4)",
     )
     image_adapter: Literal["full", "lora", "ln_tuning"] = Field(
         default="full", description="how the image side trains (peft): full, lora (the attention projections) or ln_tuning (the adaLN modulations)"
