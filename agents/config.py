@@ -16,7 +16,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["UniGRPOConfig", "ConfigError"]
+__all__ = ["UniGRPOConfig", "ConfigError", "TEXT_LEARNING_RATES"]
+
+
+#: ``lr_text`` when none is given, by ``text_adapter``: the largest rates measured to keep ShapesWorld's
+#: language model stable (README, "Fewer trained parameters on the text side").
+TEXT_LEARNING_RATES: dict[str, float] = {"full": 1e-4, "lora": 1e-3, "ln_tuning": 3e-2}
 
 
 class ConfigError(ValueError):
@@ -65,14 +70,22 @@ class UniGRPOConfig(BaseModel):
     global_std: bool = Field(default=False, description="flow_grpo's global-std advantages instead of per-group std")
     advantage_eps: float = Field(default=1e-4, gt=0.0)
     regularizer: Literal["mse", "kl", "none"] = Field(default="mse", description="velocity MSE (UniGRPO), latent KL (Flow-GRPO) or none")
-    regularizer_weight: float | None = Field(default=None, ge=0.0, description="None = the regulariser's default (mse 1.0, kl 0.04)")
+    mse_weight: float = Field(
+        default=1.0, ge=0.0, description="β of the velocity MSE when regularizer is mse (UniGRPO: 1; t2i_reason recommends 3 with lr_image 1e-3: image quality 0.98)"
+    )
+    kl_weight: float = Field(default=0.04, ge=0.0, description="β of the latent KL when regularizer is kl (Flow-GRPO: 0.04)")
     text_loss_type: Literal["grpo", "bnpo", "dr_grpo"] = Field(
         default="grpo",
         description="how the text loss averages tokens (TRL's loss_type): grpo = per sequence, then over sequences; "
         "bnpo = over all tokens of the batch; dr_grpo = each sequence's sum over the token budget",
     )
     kl_text: float = Field(default=0.0, ge=0.0, description="β of GRPO's per-token KL (k3) to the starting language model (paper: 0; DeepSeekMath: 0.04)")
-    lr_text: float = Field(default=1e-4, gt=0.0, description="learning rate of the text parameters (paper: 1e-6 at 7B; measured: 3e-4 and above collapse the tiny LM)")
+    lr_text: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="learning rate of the text parameters (paper: 1e-6 at 7B); None = the rate measured for text_adapter on ShapesWorld's LM: "
+        "full 1e-4 (3e-4 and above collapse it), lora 1e-3 (3e-3 falls), ln_tuning 3e-2 (1e-1 collapses)",
+    )
     lr_image: float = Field(default=1e-4, gt=0.0, description="learning rate of the image parameters (paper: 3e-5 at 7B)")
     warmup_iterations: int = Field(default=0, ge=0, description="learning rates rise linearly from lr/warmup to lr over the first iterations (Adam's first steps are sign-like and full-size)")
     lr_schedule: Literal["constant", "linear", "cosine"] = Field(
@@ -93,6 +106,17 @@ class UniGRPOConfig(BaseModel):
     gradient_accumulation_steps: int = Field(default=1, ge=1)
     cpu: bool = Field(default=False, description="run on the CPU even where a GPU is present")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        if "regularizer_weight" in data:
+            raise ValueError("regularizer_weight was replaced by mse_weight (velocity MSE) and kl_weight (latent KL), one per regulariser")
+        if data.get("lr_text") is None:
+            data = {**data, "lr_text": TEXT_LEARNING_RATES[data.get("text_adapter", "full")] if data.get("text_adapter", "full") in TEXT_LEARNING_RATES else None}
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> "UniGRPOConfig":
         if self.minibatches > self.num_prompts * self.group_size:
@@ -101,9 +125,8 @@ class UniGRPOConfig(BaseModel):
 
     @property
     def regularizer_coef(self) -> float:
-        if self.regularizer_weight is not None:
-            return self.regularizer_weight
-        return {"mse": 1.0, "kl": 0.04, "none": 0.0}[self.regularizer]
+        """β of the chosen regulariser."""
+        return {"mse": self.mse_weight, "kl": self.kl_weight, "none": 0.0}[self.regularizer]
 
     @classmethod
     def for_scenario(cls, scenario: str, path: str | Path | None = None, **overrides: Any) -> "UniGRPOConfig":

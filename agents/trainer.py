@@ -75,7 +75,7 @@ class Trainer:
             saved = self.out / "config.json"
             if not saved.is_file():
                 raise RunFolderError(f"nothing to resume in {str(self.out)!r}: it has no config.json")
-            config = UniGRPOConfig.model_validate({**json.loads(saved.read_text()), "steps": config.steps})
+            config = UniGRPOConfig.model_validate({**_migrated(json.loads(saved.read_text())), "steps": config.steps})
         elif (self.out / "metrics.jsonl").exists():
             raise RunFolderError(f"{str(self.out)!r} already holds a run; pass --resume to continue it or choose another --out")
         self.config = config
@@ -249,3 +249,15 @@ def _plot_rewards(metrics_path: Path, summary: dict[str, Any], path: Path) -> No
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _migrated(saved: dict) -> dict:
+    """A run folder's ``config.json`` from an older release, in today's fields: the shared
+    ``regularizer_weight`` (None = the regulariser's default) became that regulariser's own weight."""
+    saved = dict(saved)
+    if "regularizer_weight" in saved:
+        weight = saved.pop("regularizer_weight")
+        field = {"mse": "mse_weight", "kl": "kl_weight"}.get(saved.get("regularizer", "mse"))
+        if weight is not None and field is not None:
+            saved[field] = weight
+    return saved

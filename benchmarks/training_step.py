@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--cfg", type=float, default=2.0, help="the CFG scale to compare with CFG-free")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    config = UniGRPOConfig(train=args.train)
+    config = UniGRPOConfig.for_scenario("t2i_reason", train=args.train)  # what `unigrpo run scenario t2i_reason` trains with
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"batch: {config.num_prompts} prompts × {config.group_size} rollouts, {config.ppo_epochs} PPO epoch(s) × "
           f"{config.minibatches} minibatch(es), train={config.train}")

@@ -146,5 +146,5 @@ def test_cli_adapter_flags_reach_the_run_and_bad_ones_exit_with_code_2(tiny_chec
 def test_the_example_configs_are_valid():
     folder = Path(__file__).parent.parent / "examples" / "configs"
     configs = {path.name: UniGRPOConfig.for_scenario("t2i_reason", path) for path in sorted(folder.glob("*.yaml"))}
-    recipe = configs["t2i_reason_ln_tuning.yaml"]
-    assert (recipe.text_adapter, recipe.lr_text, recipe.lr_schedule, recipe.regularizer_coef) == ("ln_tuning", 3e-2, "cosine", 3.0)
+    assert "t2i_reason_full_training.yaml" in configs
+    assert configs["t2i_reason_full_training.yaml"].text_adapter == "full"

@@ -299,8 +299,44 @@ def test_config_files_and_bad_values(tmp_path):
         UniGRPOConfig(train="everything")
 
 
+def test_each_regulariser_has_its_own_weight_and_the_text_rate_follows_the_adapter():
+    config = UniGRPOConfig(mse_weight=3.0, kl_weight=0.1)
+    assert config.regularizer_coef == 3.0  # mse, the default regulariser
+    assert config.model_copy(update={"regularizer": "kl"}).regularizer_coef == 0.1
+    assert UniGRPOConfig(regularizer="kl", mse_weight=3.0).regularizer_coef == 0.04  # a recommended MSE weight does not leak into --reg kl
+    assert UniGRPOConfig(regularizer="none", mse_weight=3.0).regularizer_coef == 0.0
+    with pytest.raises(ValueError, match="mse_weight.*kl_weight"):
+        UniGRPOConfig(regularizer_weight=3.0)  # the old, shared field says what replaced it
+    # lr_text: the measured rate of each adapter unless given
+    assert [UniGRPOConfig(text_adapter=a).lr_text for a in ("full", "lora", "ln_tuning")] == [1e-4, 1e-3, 3e-2]
+    assert UniGRPOConfig(text_adapter="ln_tuning", lr_text=1e-2).lr_text == 1e-2
+    assert UniGRPOConfig(lr_text=None).lr_text == 1e-4
+    # an older run folder's config.json still resumes: its shared weight moves to its regulariser's field
+    from unigrpo_env.agents.trainer import _migrated
+
+    assert UniGRPOConfig.model_validate(_migrated({"regularizer": "kl", "regularizer_weight": 0.5})).kl_weight == 0.5
+    assert UniGRPOConfig.model_validate(_migrated({"regularizer_weight": 3.0})).mse_weight == 3.0
+    assert UniGRPOConfig.model_validate(_migrated({"regularizer_weight": None})) == UniGRPOConfig()
+
+
+def test_t2i_reason_recommends_the_measured_recipe_and_flags_can_undo_it(tmp_path):
+    recipe = UniGRPOConfig.for_scenario("t2i_reason")
+    assert (recipe.text_adapter, recipe.lr_text, recipe.image_adapter, recipe.lr_image) == ("ln_tuning", 3e-2, "full", 1e-3)
+    assert (recipe.warmup_iterations, recipe.lr_schedule, recipe.regularizer_coef) == (25, "cosine", 3.0)
+    # --text-adapter full from the command line gets full training's own rate, not LN tuning's 3e-2
+    assert UniGRPOConfig.for_scenario("t2i_reason", text_adapter="full").lr_text == 1e-4
+    assert UniGRPOConfig.for_scenario("t2i_reason", regularizer="kl").regularizer_coef == 0.04
+    # the plain defaults the earlier tables were measured with, one file away
+    full = UniGRPOConfig.for_scenario("t2i_reason", Path(__file__).parent.parent / "examples" / "configs" / "t2i_reason_full_training.yaml")
+    plain = UniGRPOConfig(scenario="t2i_reason")
+    assert full == plain and (plain.text_adapter, plain.lr_text, plain.lr_image, plain.lr_schedule, plain.regularizer_coef) == ("full", 1e-4, 1e-4, "constant", 1.0)
+    # edit_multiturn keeps its own (it subclasses t2i_reason, but its measured defaults are the plain ones)
+    assert UniGRPOConfig.for_scenario("edit_multiturn").text_adapter == "full"
+
+
 def test_scenario_training_defaults_sit_under_the_file_and_the_overrides(tmp_path):
     from unigrpo_env.scenarios.edit_multiturn import EditMultiTurnScenario
+    from unigrpo_env.scenarios.t2i_reason import T2IReasonScenario
 
     recommended = EditMultiTurnScenario.training_defaults
     assert recommended and set(recommended) <= set(UniGRPOConfig.model_fields)
@@ -310,7 +346,7 @@ def test_scenario_training_defaults_sit_under_the_file_and_the_overrides(tmp_pat
     (tmp_path / "c.yaml").write_text("steps: 7\n")
     config = UniGRPOConfig.for_scenario("edit_multiturn", tmp_path / "c.yaml", seed=4)
     assert (config.steps, config.seed) == (7, 4)
-    assert UniGRPOConfig.for_scenario("t2i_reason") == UniGRPOConfig()
+    assert UniGRPOConfig.for_scenario("t2i_reason") == UniGRPOConfig(scenario="t2i_reason", **T2IReasonScenario.training_defaults)
 
 
 def test_the_agent_trains_on_edit_dialogues_unchanged(tiny_checkpoint):

@@ -76,7 +76,8 @@ class Scenario(ABC):
     name: ClassVar[str] = ""
     splits: ClassVar[tuple[str, ...]] = ("train", "heldout")
     #: Training settings this scenario recommends (``UniGRPOConfig`` field -> value), applied by
-    #: ``unigrpo run`` and ``UniGRPOConfig.for_scenario`` under the config file and the flags.
+    #: ``unigrpo run`` and ``UniGRPOConfig.for_scenario`` under the config file and the flags. A
+    #: subclass's dict replaces its parent's (extend it with ``{**Parent.training_defaults, ...}``).
     training_defaults: ClassVar[dict[str, Any]] = {}
 
     text_codec: TextCodec
