@@ -113,8 +113,8 @@ class UniGRPOConfig(BaseModel):
             return data
         if "regularizer_weight" in data:
             raise ValueError("regularizer_weight was replaced by mse_weight (velocity MSE) and kl_weight (latent KL), one per regulariser")
-        if data.get("lr_text") is None:
-            data = {**data, "lr_text": TEXT_LEARNING_RATES[data.get("text_adapter", "full")] if data.get("text_adapter", "full") in TEXT_LEARNING_RATES else None}
+        if data.get("lr_text") is None:  # the rate measured for the text adapter (an unknown adapter fails its own check)
+            data = {**data, "lr_text": TEXT_LEARNING_RATES.get(data.get("text_adapter", "full"))}
         return data
 
     @model_validator(mode="after")
