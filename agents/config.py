@@ -3,9 +3,10 @@
 Loadable from YAML or JSON (:meth:`UniGRPOConfig.from_file`) and overridable field by field (the
 CLI's flags). A scenario may recommend its own values (its ``training_defaults``, e.g. fewer
 iterations for a multi-turn scenario whose iterations cost more): :meth:`UniGRPOConfig.for_scenario`
-layers them under the file and the overrides, as ``unigrpo run`` does. Defaults are for
-ShapesWorld's ``t2i_reason`` on a 2-core CPU; the paper's values for Bagel at
-1024 px are in the comments, and the README's "Measured" section says how ours were chosen.
+layers them under the file and the overrides, as ``unigrpo run`` does. The plain defaults train
+every weight of both models, as measured on ShapesWorld on a 2-core CPU (``t2i_reason`` recommends
+LN tuning of the language model and an image schedule on top: its ``training_defaults``); the
+paper's values for Bagel at 1024 px are in the comments, and the README says how ours were chosen.
 """
 
 from __future__ import annotations
