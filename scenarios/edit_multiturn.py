@@ -52,8 +52,9 @@ class EditMultiTurnScenario(T2IReasonScenario):
     default_reward = "shapes_scene:0.7,edit_fidelity:0.3"
     #: Three turns make an iteration about 3× as long as t2i_reason's (9 s for 16 × 4 episodes on
     #: the 2-core CPU): 80 iterations and both held-out evaluations fit 15 minutes. It does not take
-    #: t2i_reason's recipe: on edits, its image schedule (0.346 → 0.366) and its LN tuning
-    #: (0.346 → 0.372) each did worse than full training (0.346 → 0.386; README, seed 0).
+    #: t2i_reason's recipe, which gained more here over 3 seeds (+0.040 ± 0.018 against
+    #: +0.020 ± 0.018) but ran 14.9 min alone on 2 cores, at the edge of the 15-minute budget:
+    #: examples/configs/edit_multiturn_recipe.yaml (README, "Multi-turn editing").
     training_defaults = {"steps": 80}
 
     def __init__(self, num_turns: int = 3, **options: Any):
