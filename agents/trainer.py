@@ -123,12 +123,13 @@ class Trainer:
         if not pointer.is_file():
             raise RunFolderError(f"nothing to resume in {str(self.out)!r}: no complete checkpoint yet")
         folder = self.checkpoints / pointer.read_text().strip()
-        policy, saved = self.agent.policy, load_shapes_policy(folder)
-        adapted = [name for name in ("text", "image") if has_adapter(getattr(policy, name))]
-        if adapted:  # an adapted side's base weights are the starting checkpoint's (frozen): only its adapter trained
+        policy = self.agent.policy
+        full = [name for name in ("text", "image") if not has_adapter(getattr(policy, name))]
+        if len(full) < 2:  # an adapted side's base weights are the starting checkpoint's (frozen): only its adapter trained
             load_adapter_state(policy, load_file(str(folder / ADAPTER_FILE)))
-        for name in ("text", "image"):  # a side trained in full: its saved weights
-            if name not in adapted:
+        if full:  # a side trained in full: its saved weights (the saved models are read only then)
+            saved = load_shapes_policy(folder)
+            for name in full:
                 getattr(policy, name).load_state_dict(getattr(saved, name).state_dict())
         state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
         self.agent.optimizer.load_state_dict(state["optimizer"])
