@@ -51,5 +51,38 @@ def test_language_model_trains_on_dialogues_in_the_chat_format_it_is_prompted_wi
         assert ids[len(context) : len(context) + len(answers[k])] == answers[k]
         assert all(target[len(context) : len(context) + len(answers[k])])
     assert sum(target) == sum(len(a) for a in answers)
-    _, mask, labels = _batch([data.riddle(0), (ids, target)], tokenizer.pad_token_id)
+    _, mask, labels = _batch([data.riddle(0, seed=0), (ids, target)], tokenizer.pad_token_id)
     assert int((labels[1] != -100).sum()) == sum(target) and int(mask[1].sum()) == len(ids)
+
+
+def test_answer_noise_replaces_attribute_words_by_others_of_their_kind_and_nothing_else():
+    """``answer_noise`` is the annotation errors of the shipped language model's training answers:
+    each attribute word is replaced, with that probability, by another of its kind; the answer's
+    other words and its length stay; without noise the answers are the true ones."""
+    import random
+
+    from unigrpo_env.scenarios.shapes.language_model import _Sequences, hf_tokenizer
+    from unigrpo_env.scenarios.shapes.tasks import task_split
+
+    tokenizer = hf_tokenizer()
+    kinds = _Sequences.NOISY_KINDS
+    answers = [task.answer for task in task_split("train")[::7]]
+    noisy, clean = _Sequences(tokenizer, answer_noise=0.3), _Sequences(tokenizer)
+    replaced = attribute_words = 0
+    rng = random.Random(0)
+    for answer in answers:
+        out = noisy.noisy(answer, rng).split()
+        words = answer.split()
+        assert len(out) == len(words)
+        for before, after in zip(words, out):
+            kind = next((k for k in kinds if before in k), None)
+            if kind is None:
+                assert after == before
+            else:
+                attribute_words += 1
+                replaced += after != before
+                assert after in kind
+    assert abs(replaced / attribute_words - 0.3) < 0.03, (replaced, attribute_words)
+    task = task_split("train")[3]
+    assert clean.riddle(3, seed=5) == clean.chat([task.prompt], [task.answer])
+    assert noisy.riddle(3, seed=5) == noisy.riddle(3, seed=5)  # the same errors for the same seed
