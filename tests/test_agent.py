@@ -330,8 +330,9 @@ def test_t2i_reason_recommends_the_measured_recipe_and_flags_can_undo_it(tmp_pat
     full = UniGRPOConfig.for_scenario("t2i_reason", Path(__file__).parent.parent / "examples" / "configs" / "t2i_reason_full_training.yaml")
     plain = UniGRPOConfig(scenario="t2i_reason")
     assert full == plain and (plain.text_adapter, plain.lr_text, plain.lr_image, plain.lr_schedule, plain.regularizer_coef) == ("full", 1e-4, 1e-4, "constant", 1.0)
-    # edit_multiturn keeps its own (it subclasses t2i_reason, but its measured defaults are the plain ones)
-    assert UniGRPOConfig.for_scenario("edit_multiturn").text_adapter == "full"
+    # edit_multiturn takes the recipe with its own length and warm-up
+    edit = UniGRPOConfig.for_scenario("edit_multiturn")
+    assert (edit.text_adapter, edit.lr_image, edit.steps, edit.warmup_iterations) == ("ln_tuning", 1e-3, 72, 15)
 
 
 def test_scenario_training_defaults_sit_under_the_file_and_the_overrides(tmp_path):
