@@ -27,9 +27,9 @@ import torch
 from pydantic import BaseModel, Field
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from unigrpo_env.lr_schedule import warmup_decay
 from unigrpo_env.scenarios.shapes.edits import edit_dialogue
 from unigrpo_env.scenarios.shapes.scene import CELLS, COLOURS, SHAPES
-from unigrpo_env.lr_schedule import warmup_decay
 from unigrpo_env.scenarios.shapes.tasks import answer_text, task_split
 from unigrpo_env.scenarios.shapes.tokenizer import (
     BOS,
@@ -163,25 +163,32 @@ class _Sequences:
     def _words(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    #: The kinds of words an annotation error replaces (by another word of the same kind).
+    #: The kinds of words an annotation error replaces (by another word of the same kind). Cell
+    #: words include the relations' "left" / "right" / "top" / "bottom" ("left of puts ...").
     NOISY_KINDS: tuple[tuple[str, ...], ...] = (tuple(COLOURS), tuple(SHAPES), tuple(CELLS))
+    #: Each such word's replacements: the other words of its kind.
+    _ALTERNATIVES: dict[str, tuple[str, ...]] = {
+        word: tuple(other for other in kind if other != word) for kind in NOISY_KINDS for word in kind
+    }
 
     def noisy(self, answer: str, rng: random.Random) -> str:
         """``answer`` with each colour, shape or cell word replaced, with probability ``answer_noise``,
         by another word of its kind drawn uniformly: the errors of an imperfect annotator."""
+        if self.answer_noise == 0:
+            return answer
         words = answer.split()
         for i, word in enumerate(words):
-            kind = next((kind for kind in self.NOISY_KINDS if word in kind), None)
-            if kind is not None and rng.random() < self.answer_noise:
-                words[i] = rng.choice([other for other in kind if other != word])
+            others = self._ALTERNATIVES.get(word)
+            if others is not None and rng.random() < self.answer_noise:
+                words[i] = rng.choice(others)
         return " ".join(words)
 
     def chat(self, prompts, answers, noise_seed: int | None = None) -> tuple[list[int], list[bool]]:
-        rng = random.Random(noise_seed) if self.answer_noise > 0 else None
+        rng = random.Random(noise_seed)
         ids, target = [self.bos], [False]
         for k, (prompt, answer) in enumerate(zip(prompts, answers)):
             context = ([self.image] if k else []) + self._words(prompt) + [self.think]
-            reply = self._words(self.noisy(answer, rng) if rng is not None else answer) + [self.end]
+            reply = self._words(self.noisy(answer, rng)) + [self.end]
             ids += context + reply
             target += [False] * len(context) + [True] * len(reply)
         return ids, target
