@@ -114,12 +114,14 @@ class UniGRPOConfig(BaseModel):
             return data
         if "regularizer_weight" in data:
             raise ValueError("regularizer_weight was replaced by mse_weight (velocity MSE) and kl_weight (latent KL), one per regulariser")
-        if data.get("lr_text") is None:  # the rate measured for the text adapter (an unknown adapter fails its own check)
-            data = {**data, "lr_text": TEXT_LEARNING_RATES.get(data.get("text_adapter", "full"))}
         return data
 
     @model_validator(mode="after")
     def _consistent(self) -> "UniGRPOConfig":
+        # lr_text not given: the rate measured for the text adapter, resolved again whenever the
+        # adapter changes (also by assignment), so it never keeps the rate of an adapter no longer used.
+        if self.lr_text is None or "lr_text" not in self.model_fields_set:
+            self.__dict__["lr_text"] = TEXT_LEARNING_RATES[self.text_adapter]
         if self.minibatches > self.num_prompts * self.group_size:
             raise ValueError(f"minibatches ({self.minibatches}) exceeds the batch ({self.num_prompts}×{self.group_size})")
         return self

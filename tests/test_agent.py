@@ -311,6 +311,14 @@ def test_each_regulariser_has_its_own_weight_and_the_text_rate_follows_the_adapt
     assert [UniGRPOConfig(text_adapter=a).lr_text for a in ("full", "lora", "ln_tuning")] == [1e-4, 1e-3, 3e-2]
     assert UniGRPOConfig(text_adapter="ln_tuning", lr_text=1e-2).lr_text == 1e-2
     assert UniGRPOConfig(lr_text=None).lr_text == 1e-4
+    # ... resolved again when the adapter is re-assigned, unless it was given
+    config = UniGRPOConfig()
+    config.text_adapter = "ln_tuning"
+    assert config.lr_text == 3e-2
+    config.lr_text = 5e-3
+    config.text_adapter = "lora"
+    assert config.lr_text == 5e-3
+    assert UniGRPOConfig.model_validate(UniGRPOConfig(text_adapter="lora").model_dump()).lr_text == 1e-3
     # an older run folder's config.json still resumes: its shared weight moves to its regulariser's field
     from unigrpo_env.agents.trainer import _migrated
 
