@@ -11,7 +11,10 @@ otherwise, or those of ``--config FILE`` given to every run):
     image       --train image
     cfg         --rollout-cfg 2          (CFG in rollouts; compare with ``uni`` evaluated with CFG)
     reg_none    --reg none
-    reg_kl      --reg kl
+    reg_kl      --reg kl                 (Flow-GRPO's weight 0.04)
+    reg_kl36    --config examples/configs/t2i_reason_kl_matched.yaml   (latent KL at weight 36,
+                                         the average strength of t2i_reason's MSE 3; this arm's
+                                         file replaces a --config given to the others)
 
 Every finished run is also evaluated with CFG 2 (``unigrpo eval --checkpoint <final> --cfg 2``),
 and so is the starting checkpoint once per seed, so the CFG comparison evaluates both arms with
@@ -38,6 +41,7 @@ ARMS: dict[str, list[str]] = {
     "cfg": ["--rollout-cfg", "2"],
     "reg_none": ["--reg", "none"],
     "reg_kl": ["--reg", "kl"],
+    "reg_kl36": ["--config", str(Path(__file__).resolve().parents[1] / "examples" / "configs" / "t2i_reason_kl_matched.yaml")],
 }
 EVAL_CFG = 2.0
 
@@ -50,7 +54,8 @@ def _unigrpo(*args: str, threads: int) -> None:
 def _run_one(root: Path, arm: str, seed: int, steps: int | None, config: str | None, threads: int) -> str:
     out = root / f"{arm}-seed{seed}"
     if not (out / "summary.json").exists():
-        extra = (["--steps", str(steps)] if steps else []) + (["--config", config] if config else [])
+        own_config = "--config" in ARMS[arm]  # such an arm's file replaces the shared one
+        extra = (["--steps", str(steps)] if steps else []) + (["--config", config] if config and not own_config else [])
         resume = ["--resume"] if (out / "checkpoints").exists() else []
         _unigrpo("run", "scenario", "t2i_reason", "--seed", str(seed), "--out", str(out), *ARMS[arm], *extra, *resume, threads=threads)
     final = out / "checkpoints" / (out / "checkpoints" / "LATEST").read_text().strip()  # the trainer's pointer

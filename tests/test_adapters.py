@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from unigrpo_env import flow
 from unigrpo_env.agents.adapters import AdapterError, WithoutAdapter, attach_adapter, has_adapter, merged_model
 from unigrpo_env.agents.config import UniGRPOConfig
 from unigrpo_env.agents.hf_policies import ConditionedFlowPolicy
@@ -145,7 +146,8 @@ def test_cli_adapter_flags_reach_the_run_and_bad_ones_exit_with_code_2(tiny_chec
 
 def test_the_example_configs_are_valid():
     folder = Path(__file__).parent.parent / "examples" / "configs"
-    scenario_of = {"t2i_reason_full_training.yaml": "t2i_reason", "edit_multiturn_full_training.yaml": "edit_multiturn"}
+    scenario_of = {"t2i_reason_full_training.yaml": "t2i_reason", "edit_multiturn_full_training.yaml": "edit_multiturn",
+                   "t2i_reason_kl_matched.yaml": "t2i_reason"}
     assert sorted(scenario_of) == sorted(path.name for path in folder.glob("*.yaml"))  # a new example config gets its scenario here
     configs = {name: UniGRPOConfig.for_scenario(scenario, folder / name) for name, scenario in scenario_of.items()}
     edit = configs["edit_multiturn_full_training.yaml"]
@@ -153,3 +155,15 @@ def test_the_example_configs_are_valid():
     assert edit == UniGRPOConfig(scenario="edit_multiturn", steps=80)
     assert "t2i_reason_full_training.yaml" in configs
     assert configs["t2i_reason_full_training.yaml"].text_adapter == "full"
+    # the recipe with latent KL instead of MSE, at the MSE's average strength over the SDE window
+    kl = configs["t2i_reason_kl_matched.yaml"]
+    assert kl == UniGRPOConfig.for_scenario("t2i_reason", regularizer="kl", kl_weight=36.0)
+    # KL per unit of squared velocity change, c(t), from the SDE step itself, at each step the window visits
+    times = flow.timestep_schedule(10)  # t2i_reason's denoising steps
+    visits = torch.zeros(len(times) - 1)
+    for start in range(kl.sde_window_max_start + 1):
+        visits[start:start + kl.sde_window_size] += 1
+    c = torch.stack([flow.latent_kl(flow.sde_step(torch.ones(1, 4), torch.zeros(1, 4), times[i], times[i + 1], kl.noise_level)[2],
+                                    flow.sde_step(torch.zeros(1, 4), torch.zeros(1, 4), times[i], times[i + 1], kl.noise_level)[2],
+                                    flow.sde_step_std(times[i], times[i + 1], kl.noise_level))[0] for i in range(len(times) - 1)])
+    assert abs(3.0 / float((c * visits).sum() / visits.sum()) - kl.kl_weight) < 1.0
