@@ -103,10 +103,10 @@ def _ms(values: list[float]) -> str:
 
 def table(args: argparse.Namespace) -> None:
     root = Path(args.root)
-    print("| arm | seeds | held-out reward before → after | GenEval correct before → after | correct gain "
-          "| correct, evaluated with CFG 2, before → after | image quality before → after "
+    print("| arm | seeds | held-out reward before → after | reward gain | GenEval correct before → after | correct gain "
+          "| correct, evaluated with CFG 2, before → after | description accuracy before → after | image quality before → after "
           "| train reward first → last 25 iterations | rollout s / iteration | network calls / image | minutes per run |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for arm in args.arms:
         rows = []
         for seed in args.seeds:
@@ -125,13 +125,15 @@ def table(args: argparse.Namespace) -> None:
         def ms(key: str) -> str:
             return _ms([r[key] for r in rows])
 
+        reward_gain = _ms([r["heldout_reward_after"] - r["heldout_reward_before"] for r in rows])
         gain = _ms([r["heldout_correct_after"] - r["heldout_correct_before"] for r in rows])
         minutes = [r["wall_seconds"] / 60 for r in rows]
         print(
             f"| {arm} | {', '.join(str(r['seed']) for r in rows)} "
-            f"| {ms('heldout_reward_before')} → {ms('heldout_reward_after')} "
+            f"| {ms('heldout_reward_before')} → {ms('heldout_reward_after')} | {reward_gain} "
             f"| {ms('heldout_correct_before')} → {ms('heldout_correct_after')} | {gain} "
             f"| {ms('cfg2_before')} → {ms('cfg2_after')} "
+            f"| {ms('description_accuracy_before')} → {ms('description_accuracy_after')} "
             f"| {ms('image_quality_before')} → {ms('image_quality_after')} "
             f"| {ms('train_first')} → {ms('train_last')} "
             f"| {np.mean([r['rollout_seconds'] for r in rows]):.2f} | {np.mean([r['calls_per_image'] for r in rows]):.0f} "
