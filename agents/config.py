@@ -117,11 +117,15 @@ class UniGRPOConfig(BaseModel):
         return data
 
     @model_validator(mode="after")
-    def _consistent(self) -> "UniGRPOConfig":
+    def _text_rate(self) -> "UniGRPOConfig":
         # lr_text not given: the rate measured for the text adapter, resolved again whenever the
         # adapter changes (also by assignment), so it never keeps the rate of an adapter no longer used.
         if self.lr_text is None or "lr_text" not in self.model_fields_set:
             self.__dict__["lr_text"] = TEXT_LEARNING_RATES[self.text_adapter]
+        return self
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "UniGRPOConfig":
         if self.minibatches > self.num_prompts * self.group_size:
             raise ValueError(f"minibatches ({self.minibatches}) exceeds the batch ({self.num_prompts}×{self.group_size})")
         return self

@@ -16,6 +16,7 @@ from unigrpo_env.agents.hf_policies import ConditionedFlowPolicy
 from unigrpo_env.agents.shapes_policy import load_shapes_policy
 from unigrpo_env.agents.trainer import ADAPTER_FILE, Trainer
 from unigrpo_env.agents.unigrpo import UniGRPOAgent
+from unigrpo_env.scenarios.t2i_reason import T2IReasonScenario
 
 TINY = dict(num_prompts=2, group_size=4, minibatches=1, eval_limit=6, scenario_options={"num_steps": 4}, checkpoint_every=2)
 
@@ -159,7 +160,7 @@ def test_the_example_configs_are_valid():
     kl = configs["t2i_reason_kl_matched.yaml"]
     assert kl == UniGRPOConfig.for_scenario("t2i_reason", regularizer="kl", kl_weight=36.0)
     # KL per unit of squared velocity change, c(t), from the SDE step itself, at each step the window visits
-    times = flow.timestep_schedule(10)  # t2i_reason's denoising steps
+    times = T2IReasonScenario().timesteps()  # the scenario's own denoising schedule
     visits = torch.zeros(len(times) - 1)
     for start in range(kl.sde_window_max_start + 1):
         visits[start:start + kl.sde_window_size] += 1
