@@ -1,12 +1,17 @@
-"""``UniGRPOConfig``: every hyperparameter of UniGRPO (DESIGN.md section 2), in one pydantic model.
+"""``UniGRPOConfig``: what a run trains on and every hyperparameter of UniGRPO (docs/design.md,
+section 3), in one pydantic model.
 
 Loadable from YAML or JSON (:meth:`UniGRPOConfig.from_file`) and overridable field by field (the
 CLI's flags). A scenario may recommend its own values (its ``training_defaults``, e.g. fewer
 iterations for a multi-turn scenario whose iterations cost more): :meth:`UniGRPOConfig.for_scenario`
 layers them under the file and the overrides, as ``unigrpo run`` does. The plain defaults train
-every weight of both models, as measured on ShapesWorld on a 2-core CPU (``t2i_reason`` recommends
-LN tuning of the language model and an image schedule on top: its ``training_defaults``); the
-paper's values for Bagel at 1024 px are in the comments, and the README says how ours were chosen.
+every weight of both models; the paper's values for Bagel at 1024 px are given beside each field,
+and how ShapesWorld's were chosen is in docs/experiments/.
+
+Counting words: an *iteration* is one rollout of a batch plus its update (``iterations``,
+``warmup_iterations``, ``checkpoint_every``); an *optimizer step* is one step of Adam (``ppo_epochs``
+× ``minibatches`` per iteration); a *denoising step* is one step of an image's flow (the scenario
+option ``num_steps``).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ __all__ = ["UniGRPOConfig", "ConfigError", "TEXT_LEARNING_RATES"]
 
 
 #: ``lr_text`` when none is given, by ``text_adapter``: the largest rates measured to keep ShapesWorld's
-#: language model stable (README, "Fewer trained parameters on the text side").
+#: language model stable (docs/experiments/parameter-efficient-training.md).
 TEXT_LEARNING_RATES: dict[str, float] = {"full": 1e-4, "lora": 1e-3, "ln_tuning": 3e-2}
 
 
@@ -35,13 +40,19 @@ class UniGRPOConfig(BaseModel):
     # -- what to train, on what ------------------------------------------------------------
     scenario: str = "t2i_reason"
     scenario_options: dict[str, Any] = Field(default_factory=dict)
-    checkpoint: str | None = Field(default=None, description="policy checkpoint folder; None = the shipped one")
+    policy: str | None = Field(
+        default=None, description="the policy kind (a registered name or 'module:Name'); None = the scenario's default_policy"
+    )
+    checkpoint: str | None = Field(default=None, description="the policy's checkpoint folder or hub id; None = the policy kind's default")
+    evaluator: str | None = Field(
+        default=None, description="the held-out evaluator (a registered name or 'module:Name'); None = the scenario's default_evaluator"
+    )
     train: Literal["both", "text", "image"] = Field(default="both", description="both = UniGRPO; text = TextGRPO only; image = FlowGRPO only")
     seed: int = 0
     text_adapter: Literal["full", "lora", "ln_tuning"] = Field(
         default="full",
         description="how the text side trains (peft): full = every weight; lora = low-rank updates of every linear layer; "
-        "ln_tuning = only the normalisation layers (896 parameters in ShapesWorld's LM; measured stable at lr 3e-2, where full training needs 1e-4)",
+        "ln_tuning = only the normalisation layers",
     )
     image_adapter: Literal["full", "lora", "ln_tuning"] = Field(
         default="full", description="how the image side trains (peft): full, lora (the attention projections) or ln_tuning (the adaLN modulations)"
@@ -52,8 +63,8 @@ class UniGRPOConfig(BaseModel):
     image_adapter_targets: list[str] | None = Field(default=None, description="module-name suffixes for the image adapter (None: agents.adapters.DEFAULT_TARGETS)")
 
     # -- rollouts ------------------------------------------------------------------------------
-    steps: int = Field(default=150, ge=1, description="training iterations (rollout + update); 150 × 2.9 s fits the 10-minute budget on 2 cores")
-    num_prompts: int = Field(default=16, ge=1, description="prompts per iteration (measured: more prompts with a smaller group transfers better to held-out prompts than 8×8)")
+    iterations: int = Field(default=150, ge=1, description="training iterations (one rollout of a batch and its update each)")
+    num_prompts: int = Field(default=16, ge=1, description="prompts per iteration")
     group_size: int = Field(default=4, ge=2, description="rollouts per prompt (paper: 24)")
     temperature: float = Field(default=1.0, gt=0.0, description="text sampling temperature (paper: 1)")
     noise_level: float = Field(default=0.7, gt=0.0, description="SDE noise level a (paper: 0.8; Flow-GRPO: 0.7)")
@@ -62,7 +73,7 @@ class UniGRPOConfig(BaseModel):
     rollout_cfg: float = Field(default=1.0, ge=1.0, description="CFG scale during rollouts and training (1 = CFG-free, the paper's default)")
 
     # -- the update ------------------------------------------------------------------------------
-    ppo_epochs: int = Field(default=1, ge=1, description="passes over each batch (paper: 2; measured: one Adam step per batch at lr 1e-4 raises the sampled positives, more steps overshoot)")
+    ppo_epochs: int = Field(default=1, ge=1, description="passes over each batch (paper: 2)")
     minibatches: int = Field(default=1, ge=1, description="minibatches per PPO epoch")
     clip_range_text: float = Field(default=0.2, gt=0.0, description="GRPO clip ε for tokens")
     clip_range_image: float = Field(default=1e-3, gt=0.0, description="Flow-GRPO clip ε for steps (paper: 1e-6 Bagel; Flow-GRPO: 1e-4)")
@@ -72,7 +83,7 @@ class UniGRPOConfig(BaseModel):
     advantage_eps: float = Field(default=1e-4, gt=0.0)
     regularizer: Literal["mse", "kl", "none"] = Field(default="mse", description="velocity MSE (UniGRPO), latent KL (Flow-GRPO) or none")
     mse_weight: float = Field(
-        default=1.0, ge=0.0, description="β of the velocity MSE when regularizer is mse (UniGRPO: 1; t2i_reason recommends 3 with lr_image 1e-3: image quality 0.98)"
+        default=1.0, ge=0.0, description="β of the velocity MSE when regularizer is mse (UniGRPO: 1)"
     )
     kl_weight: float = Field(default=0.04, ge=0.0, description="β of the latent KL when regularizer is kl (Flow-GRPO: 0.04)")
     text_loss_type: Literal["grpo", "bnpo", "dr_grpo"] = Field(
@@ -84,11 +95,10 @@ class UniGRPOConfig(BaseModel):
     lr_text: float | None = Field(
         default=None,
         gt=0.0,
-        description="learning rate of the text parameters (paper: 1e-6 at 7B); None = the rate measured for text_adapter on ShapesWorld's LM: "
-        "full 1e-4 (3e-4 and above collapse it), lora 1e-3 (3e-3 falls), ln_tuning 3e-2 (1e-1 collapses)",
+        description="learning rate of the text parameters (paper: 1e-6 at 7B); None = TEXT_LEARNING_RATES[text_adapter]",
     )
     lr_image: float = Field(default=1e-4, gt=0.0, description="learning rate of the image parameters (paper: 3e-5 at 7B)")
-    warmup_iterations: int = Field(default=0, ge=0, description="learning rates rise linearly from lr/warmup to lr over the first iterations (Adam's first steps are sign-like and full-size)")
+    warmup_iterations: int = Field(default=0, ge=0, description="learning rates rise linearly from lr/warmup to lr over the first iterations")
     lr_schedule: Literal["constant", "linear", "cosine"] = Field(
         default="constant", description="learning rates after the warm-up: constant, or decaying to 0 at the last iteration (linear, cosine)"
     )
@@ -104,7 +114,7 @@ class UniGRPOConfig(BaseModel):
     eval_limit: int | None = Field(default=None, ge=1, description="evaluate on the first N held-out tasks only")
     checkpoint_every: int = Field(default=10, ge=1, description="iterations between checkpoints")
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    gradient_accumulation_steps: int = Field(default=1, ge=1, description="Accelerate's: optimizer steps accumulated into one")
     cpu: bool = Field(default=False, description="run on the CPU even where a GPU is present")
 
     @model_validator(mode="before")
@@ -114,6 +124,8 @@ class UniGRPOConfig(BaseModel):
             return data
         if "regularizer_weight" in data:
             raise ValueError("regularizer_weight was replaced by mse_weight (velocity MSE) and kl_weight (latent KL), one per regulariser")
+        if "steps" in data:
+            raise ValueError("steps was renamed iterations (training iterations; num_steps in scenario_options are denoising steps)")
         return data
 
     @model_validator(mode="after")

@@ -1,17 +1,20 @@
 """Held-out evaluation of a unified policy, GenEval-style.
 
-Three numbers per category of the scenario's tasks:
+An :class:`Evaluator` plays every task of a split (or ``limit`` of them, spread over the
+categories) with the deterministic ODE sampler and reports, per category of the tasks and
+"overall" (the mean over categories, as GenEval reports it):
 
-* **pipeline** — the policy reasons, then draws (what a user gets);
-* **image given the true descriptions** — an oracle writes the correct reasoning and description,
-  the policy's image model draws (the image model alone);
-* **description accuracy** — how often the policy's reasoning ends in exactly the right scene
-  description (the language model alone);
-* **image quality** of the pipeline's images (ShapesWorld's stray-pixel, off-palette and noise
-  measure, in [0, 1]) — to see reward hacking that the verifier does not punish.
+* **pipeline** — the policy reasons, then draws (what a user gets): ``reward``, the mean dense
+  reward, and ``correct``, GenEval's binary verdict where the reward has a ``correct`` component;
+* **probes** — the same scores for rollouts whose text is written by someone else (a
+  :data:`~unigrpo_env.agents.rollout.TextWriter`), e.g. an oracle that writes the true
+  description, to judge the image model alone;
+* **metrics** — per-episode measurements of the pipeline's rollouts (:class:`EpisodeMetric`),
+  e.g. how often the reasoning ends in the right description, or an image-quality measure.
 
-Scores: ``correct`` is GenEval's binary verdict (all checks pass), ``reward`` the dense verifier
-score the RL reward uses. "overall" is the mean over categories, as GenEval reports it.
+The generic evaluator has no probes or metrics; a scenario package registers an evaluator with its
+own (``unigrpo.evaluators`` entry points; ShapesWorld's is ``shapes``), and a scenario names it
+in ``default_evaluator``.
 """
 
 from __future__ import annotations
@@ -19,21 +22,22 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
-from unigrpo_env.agents.policy import TextSample, TurnContext, UnifiedPolicy
-from unigrpo_env.agents.rollout import Rollout, RolloutSettings, rollout
+from unigrpo_env.agents.policy import UnifiedPolicy
+from unigrpo_env.agents.rollout import Rollout, RolloutSettings, TextWriter, rollout
 from unigrpo_env.agents.visuals import image_grid
-from unigrpo_env.registration import make_scenario, make_vec
-from unigrpo_env.scenarios.shapes import describe, extract_description
-from unigrpo_env.scenarios.shapes.quality import image_quality
+from unigrpo_env.reward import RewardFunction
+from unigrpo_env.scenario import Scenario
+from unigrpo_env.vector import InterleavedVectorEnv
 
-__all__ = ["CategoryScores", "EvalReport", "evaluate", "oracle_text_writer"]
+__all__ = ["CategoryScores", "EvalReport", "EpisodeMetric", "Evaluator"]
 
 
 class CategoryScores(BaseModel):
@@ -47,7 +51,14 @@ class CategoryScores(BaseModel):
 
 
 class EvalReport(BaseModel):
-    """The numbers of one evaluation (saved as JSON)."""
+    """The numbers of one evaluation (saved as ``eval.json``).
+
+    Attributes:
+        pipeline: per category, the scores of the policy's own rollouts.
+        probes: per probe, per category, the scores of rollouts with a probe's text.
+        metrics: per metric, per category, the mean of the metric over the pipeline's episodes.
+        labels: display names of the probes and metrics (for tables).
+    """
 
     model_config = ConfigDict(ser_json_inf_nan="constants")
 
@@ -59,26 +70,124 @@ class EvalReport(BaseModel):
     temperature: float
     num_steps: int
     pipeline: dict[str, CategoryScores]
-    image_given_truth: dict[str, CategoryScores]
-    description_accuracy: dict[str, float]
-    image_quality: dict[str, float] = {}
+    probes: dict[str, dict[str, CategoryScores]] = Field(default_factory=dict)
+    metrics: dict[str, dict[str, float]] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict)
     seconds: float
 
     def overall(self, part: str = "pipeline", metric: str = "correct") -> float:
-        return getattr(getattr(self, part)["overall"], metric)
+        """``metric`` ("reward" or "correct") over all categories of the pipeline or of a probe."""
+        scores = self.pipeline if part == "pipeline" else self.probes[part]
+        return getattr(scores["overall"], metric)
 
 
-def oracle_text_writer(context: TurnContext, envs) -> TextSample:
-    """Writes each episode's correct reasoning and description of the current turn
-    (``scenario.oracle_tokens(task, turn)``)."""
-    scenario = envs.scenario
-    rows = [scenario.oracle_tokens(task, context.turn) for task in envs.episodes.tasks]
-    width = max(len(r) for r in rows)
-    tokens = torch.full((len(rows), width), scenario.text_codec.pad_id, dtype=torch.long)
-    for i, r in enumerate(rows):
-        tokens[i, : len(r)] = torch.tensor(r)
-    lengths = torch.tensor([len(r) for r in rows])
-    return TextSample(tokens=tokens, lengths=lengths, log_probs=torch.zeros(tokens.shape))
+class EpisodeMetric(Protocol):
+    """A measurement of each episode of a finished rollout: one value per episode (NaN where it
+    does not apply). ``scenario`` is the one the rollout played."""
+
+    def __call__(self, result: Rollout, scenario: Scenario) -> Sequence[float]: ...
+
+
+class Evaluator:
+    """Plays a split with a policy and scores it; see the module docstring.
+
+    Args:
+        metrics: per-episode metrics of the pipeline's rollouts, by name.
+        probes: text writers whose rollouts are scored as well, by name.
+        labels: display names of the metrics and probes (default: the names).
+        batch_size: episodes per batched environment.
+        grid_per_category: how many images of each category ``grid.png`` shows.
+    """
+
+    def __init__(
+        self,
+        metrics: Mapping[str, EpisodeMetric] | None = None,
+        probes: Mapping[str, TextWriter] | None = None,
+        labels: Mapping[str, str] | None = None,
+        batch_size: int = 140,
+        grid_per_category: int = 4,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.metrics = dict(metrics or {})
+        self.probes = dict(probes or {})
+        self.labels = {name: name.replace("_", " ") for name in (*self.metrics, *self.probes)} | dict(labels or {})
+        self.batch_size = int(batch_size)
+        self.grid_per_category = int(grid_per_category)
+
+    def evaluate(
+        self,
+        policy: UnifiedPolicy,
+        scenario: Scenario,
+        *,
+        split: str = "heldout",
+        cfg_scale: float = 1.0,
+        seed: int = 0,
+        temperature: float = 1.0,
+        limit: int | None = None,
+        reward: RewardFunction | None = None,
+        run_probes: bool = True,
+        checkpoint: str | None = None,
+        out_dir: str | Path | None = None,
+    ) -> EvalReport:
+        """Evaluate ``policy`` on ``scenario``'s ``split``: images drawn with the deterministic ODE
+        sampler (CFG scale ``cfg_scale``), text sampled at ``temperature`` with a generator seeded
+        by ``seed``. ``reward`` scores instead of the scenario's own; ``run_probes=False`` skips the
+        probes' rollouts. With ``out_dir``, saves ``eval.json`` and ``grid.png`` (and ``turns.png``,
+        an image strip of each turn, for multi-turn tasks)."""
+        if cfg_scale < 1.0:
+            raise ValueError(f"cfg_scale must be >= 1 (1 = no guidance), got {cfg_scale}")
+        start = time.perf_counter()
+        tasks = _spread(list(scenario.check_split(split)), limit)
+        settings = RolloutSettings(temperature=temperature, noise_level=0.0, cfg_scale=cfg_scale)
+        generator = torch.Generator().manual_seed(seed)
+        probes = self.probes if run_probes else {}
+        rows: dict[str, list] = defaultdict(list)
+        for start_index in range(0, len(tasks), self.batch_size):
+            chunk = tasks[start_index : start_index + self.batch_size]
+            envs = InterleavedVectorEnv(scenario, len(chunk), 1, split=split, reward=reward)
+            options = {"task_index": [task.index for task in chunk]}
+            piped = rollout(policy, envs, settings, seed=seed, options=options, generator=generator)
+            rows["pipeline"] += _scores(piped)
+            rows["turn_images"] += list(piped.trajectory.turn_images().cpu().numpy())
+            for name, metric in self.metrics.items():
+                rows[name] += [float(v) for v in metric(piped, scenario)]
+            for name, writer in probes.items():
+                rows[name] += _scores(rollout(policy, envs, settings, seed=seed, options=options, write_text=writer))
+        categories = [task.category for task in tasks]
+        pipeline = rows["pipeline"]
+        report = EvalReport(
+            scenario=scenario.name,
+            split=split,
+            checkpoint=checkpoint,
+            seed=seed,
+            cfg_scale=cfg_scale,
+            temperature=temperature,
+            num_steps=scenario.num_steps,
+            pipeline=_by_category(categories, [r for r, _ in pipeline], [c for _, c in pipeline]),
+            probes={name: _by_category(categories, [r for r, _ in rows[name]], [c for _, c in rows[name]]) for name in probes},
+            metrics={
+                name: {c: s.correct for c, s in _by_category(categories, rows[name], rows[name]).items()} for name in self.metrics
+            },
+            labels={name: self.labels[name] for name in (*self.metrics, *probes)},
+            seconds=time.perf_counter() - start,
+        )
+        if out_dir is not None:
+            self._save(report, tasks, rows, Path(out_dir))
+        return report
+
+    def _save(self, report: EvalReport, tasks: list, rows: dict, out: Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(report.model_dump_json(indent=2))
+        categories = [task.category for task in tasks]
+        shown = _grid_indices(categories, per_category=self.grid_per_category)
+        image_grid(
+            [rows["turn_images"][i][-1] for i in shown],
+            [f"[{categories[i]}] {tasks[i].prompts[0]} -> reward {rows['pipeline'][i][0]:.2f}" for i in shown],
+            out / "grid.png",
+        )
+        if tasks[0].num_turns > 1:
+            _turn_strips(tasks, categories, rows, _grid_indices(categories, per_category=2), out / "turns.png")
 
 
 def _by_category(categories: Sequence[str], rewards: Sequence[float], correct: Sequence[float]) -> dict[str, CategoryScores]:
@@ -124,90 +233,6 @@ def _nanmean(values: list[float]) -> float:
     return float(np.mean(finite)) if finite else math.nan
 
 
-def _batches(total: int, size: int):
-    for start in range(0, total, size):
-        yield list(range(start, min(total, start + size)))
-
-
-def evaluate(
-    policy: UnifiedPolicy,
-    scenario: str = "t2i_reason",
-    *,
-    split: str = "heldout",
-    cfg_scale: float = 1.0,
-    seed: int = 0,
-    temperature: float = 1.0,
-    num_steps: int | None = None,
-    batch_size: int = 140,
-    limit: int | None = None,
-    checkpoint: str | None = None,
-    out_dir: str | Path | None = None,
-    image_given_truth: bool = True,
-    scenario_options: dict | None = None,
-) -> EvalReport:
-    """Evaluate ``policy`` on every task of ``split`` (or ``limit`` of them, spread over the
-    categories); images are drawn
-    with the deterministic ODE sampler, text sampled at ``temperature`` with a seeded generator.
-    With ``out_dir``, saves ``eval.json`` and ``grid.png`` (a few tasks per category).
-    ``image_given_truth=False`` skips the second rollout (the image model alone);
-    ``scenario_options`` build the scenario as a training run does (e.g. its reward)."""
-    if cfg_scale < 1.0:
-        raise ValueError(f"cfg_scale must be >= 1 (1 = no guidance), got {cfg_scale}")
-    start = time.perf_counter()
-    options = dict(scenario_options or {})
-    if num_steps is not None:
-        options["num_steps"] = num_steps
-    world = make_scenario(scenario, **options)
-    tasks = _spread(list(world.tasks(split)), limit)
-    settings = RolloutSettings(temperature=temperature, noise_level=0.0, cfg_scale=cfg_scale)
-    generator = torch.Generator().manual_seed(seed)
-    rows: dict[str, list] = defaultdict(list)
-    for chunk in _batches(len(tasks), batch_size):
-        envs = make_vec(world, num_prompts=len(chunk), group_size=1, split=split)
-        indices = [tasks[i].index for i in chunk]
-        piped = rollout(policy, envs, settings, seed=seed, options={"task_index": indices}, generator=generator)
-        rows["pipeline"] += _scores(piped)
-        rows["images"] += list(envs.episodes.records[-1].images.numpy())
-        rows["turn_images"] += list(torch.stack([r.images for r in envs.episodes.records], dim=1).numpy())
-        rows["described"] += _description_hits(piped)
-        if image_given_truth:
-            truth = rollout(policy, envs, settings, seed=seed, options={"task_index": indices}, write_text=oracle_text_writer)
-            rows["truth"] += _scores(truth)
-        else:
-            rows["truth"] += [(math.nan, math.nan)] * len(chunk)
-    categories = [t.category for t in tasks]
-    described = _by_category(categories, rows["described"], rows["described"])
-    quality = _image_quality(world, rows["images"])
-    quality_by_category = _by_category(categories, quality, quality)
-    report = EvalReport(
-        scenario=scenario,
-        split=split,
-        checkpoint=checkpoint,
-        seed=seed,
-        cfg_scale=cfg_scale,
-        temperature=temperature,
-        num_steps=world.num_steps,
-        pipeline=_by_category(categories, [r for r, _ in rows["pipeline"]], [c for _, c in rows["pipeline"]]),
-        image_given_truth=_by_category(categories, [r for r, _ in rows["truth"]], [c for _, c in rows["truth"]]),
-        description_accuracy={c: s.correct for c, s in described.items()},
-        image_quality={c: s.correct for c, s in quality_by_category.items()},
-        seconds=time.perf_counter() - start,
-    )
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.json").write_text(report.model_dump_json(indent=2))
-        shown = _grid_indices(categories, per_category=4)
-        image_grid(
-            [rows["images"][i] for i in shown],
-            [f"[{categories[i]}] {tasks[i].prompts[0]} -> reward {rows['pipeline'][i][0]:.2f}" for i in shown],
-            out / "grid.png",
-        )
-        if tasks[0].num_turns > 1:
-            _turn_strips(tasks, categories, rows, _grid_indices(categories, per_category=2), out / "turns.png")
-    return report
-
-
 def _turn_strips(tasks: list, categories: Sequence[str], rows: dict, shown: list[int], path: Path) -> None:
     """One row per shown task: the image of every turn, captioned with that turn's prompt."""
     num_turns = tasks[0].num_turns
@@ -223,40 +248,11 @@ def _turn_strips(tasks: list, categories: Sequence[str], rows: dict, shown: list
 
 def _scores(result: Rollout) -> list[tuple[float, float]]:
     rewards = result.rewards.tolist()
-    components = result.reward_components
+    components = result.trajectory.reward_components
     # GenEval's verdict: the verifier's own component, or the verifier term's inside a weighted sum
     key = "correct" if "correct" in components else next((k for k in sorted(components) if k.endswith("/correct")), None)
     correct = (components[key] if key else torch.full((len(rewards),), math.nan)).tolist()
     return list(zip(rewards, correct))
-
-
-def _is_shapes_world(scenario) -> bool:
-    """Whether ``scenario`` is built on ShapesWorld (it names each turn's target scene), so its
-    images use ShapesWorld's palette and its texts its description language."""
-    return getattr(scenario, "target_scene", None) is not None
-
-
-def _image_quality(world, images: list[np.ndarray]) -> list[float]:
-    """ShapesWorld's image-quality score of each final image (NaN for scenarios not built on
-    ShapesWorld, whose palette the measure assumes)."""
-    if not _is_shapes_world(world):
-        return [math.nan] * len(images)
-    return [image_quality(np.asarray(image)).score for image in images]
-
-
-def _description_hits(result: Rollout) -> list[float]:
-    """Whether the last turn's description is the target scene's (NaN for scenarios without
-    ``target_scene``, i.e. not built on ShapesWorld)."""
-    scenario = result.envs.scenario
-    if not _is_shapes_world(scenario):
-        return [math.nan] * len(result.tasks)
-    sample = result.texts[-1]
-    hits = []
-    for i, task in enumerate(result.tasks):
-        text = scenario.text_codec.decode(sample.tokens[i, : int(sample.lengths[i])])
-        truth = describe(scenario.target_scene(task, task.num_turns - 1))
-        hits.append(float(extract_description(text) == truth))
-    return hits
 
 
 def _grid_indices(categories: Sequence[str], per_category: int) -> list[int]:

@@ -25,7 +25,11 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-__all__ = ["TurnContext", "TextSample", "TextPolicy", "FlowPolicy", "UnifiedPolicy"]
+__all__ = ["TurnContext", "TextSample", "TextPolicy", "FlowPolicy", "UnifiedPolicy", "CheckpointError"]
+
+
+class CheckpointError(ValueError):
+    """A policy checkpoint that is missing, incomplete or unreadable (raised by policy loaders)."""
 
 
 class TurnContext(BaseModel):

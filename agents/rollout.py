@@ -5,7 +5,8 @@ per-token log-probabilities) and the segments go to the environment as one batch
 the flow policy's condition is built once and every denoising step is one network call for the
 whole batch (CFG-free by default), an SDE step (``flow.sde_step``, recording its log-probability)
 inside the SDE window and an ODE step outside it, as Flow-GRPO's "Fast" variant does.
-The environment records everything; :class:`Rollout` keeps what a trainer needs beside it.
+The environment records everything in its :class:`~unigrpo_env.BatchTrajectory`; :class:`Rollout`
+holds that record and the little the policy computed beside it (the flow conditions, the SDE means).
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from typing import Any
 import torch
 from pydantic import BaseModel, Field, model_validator
 
-from unigrpo_env import FlowAction, TextAction, flow
+from unigrpo_env import BatchTrajectory, FlowAction, Task, TextAction, flow
 from unigrpo_env.agents.policy import TextSample, TurnContext, UnifiedPolicy
 from unigrpo_env.vector import InterleavedVectorEnv
 
-__all__ = ["RolloutSettings", "Rollout", "rollout", "turn_context"]
+__all__ = ["RolloutSettings", "Rollout", "TextWriter", "rollout", "turn_context"]
 
 
 class RolloutSettings(BaseModel):
@@ -57,38 +58,51 @@ class RolloutSettings(BaseModel):
 
 @dataclass
 class Rollout:
-    """One finished batch: per turn the context, the text sample and the flow condition; the
-    rewards; and the environment, whose episode engine holds the batched trajectory."""
+    """One finished batch: the environment's record of it, and what the policy computed beside it.
 
-    envs: InterleavedVectorEnv
-    contexts: list[TurnContext] = field(default_factory=list)
-    texts: list[TextSample] = field(default_factory=list)
+    Attributes:
+        trajectory: the batched environment's :class:`~unigrpo_env.BatchTrajectory` — every
+            turn's tokens, latents, log-probabilities and SDE flags, the rewards and group ids.
+        conditions: per turn, the flow policy's condition (built once per image).
+        sde_means: per turn, ``step -> mean`` of each SDE step (RatioNorm's ``μ_old``).
+        network_calls: velocity-model calls of the image phases (2 per step with CFG).
+    """
+
+    trajectory: BatchTrajectory
     conditions: list[Any] = field(default_factory=list)
-    sde_means: list[dict[int, torch.Tensor]] = field(default_factory=list)  # per turn: step -> mean of the SDE step
-    token_budgets: list[int] = field(default_factory=list)  # per turn: the most tokens its text phase accepted
-    rewards: torch.Tensor | None = None
-    reward_components: dict[str, torch.Tensor] = field(default_factory=dict)
-    reward_error: str | None = None
+    sde_means: list[dict[int, torch.Tensor]] = field(default_factory=list)
     network_calls: int = 0
 
-    @property
-    def tasks(self):
-        return self.envs.episodes.tasks
+    def __len__(self) -> int:
+        return len(self.trajectory)
 
     @property
-    def group_ids(self) -> torch.Tensor:
-        return self.envs.group_ids
+    def tasks(self) -> list[Task]:
+        return self.trajectory.tasks
+
+    @property
+    def rewards(self) -> torch.Tensor:
+        return self.trajectory.rewards
+
+    def context(self, turn: int) -> TurnContext:
+        """The context of ``turn`` with its reasoning written (what its image was drawn from)."""
+        return turn_context(self.trajectory, turn)
 
 
-def turn_context(obs, history: list[list[torch.Tensor]]) -> TurnContext:
-    """The context of the current turn, before its reasoning is written."""
-    n = len(obs.prompts)
+def turn_context(trajectory: BatchTrajectory, turn: int) -> TurnContext:
+    """What N episodes condition on at ``turn``: the prompts up to it, the reasoning and images of
+    the turns before it, and its own reasoning so far (empty before its text phase has run)."""
+    turns = trajectory.turns
+    history = [
+        [turns[j].text.tokens[i, : int(turns[j].text.lengths[i])].cpu() for j in range(turn)] for i in range(len(trajectory))
+    ]
+    tokens, _ = turns[turn].text.padded()
     return TurnContext(
-        prompts=list(obs.prompts),
-        history=[list(h) for h in history],
-        images=obs.cond_images,
-        reasoning=torch.zeros((n, 0), dtype=torch.long),
-        reasoning_lengths=torch.zeros(n, dtype=torch.long),
+        prompts=[tuple(task.prompts[: turn + 1]) for task in trajectory.tasks],
+        history=history,
+        images=trajectory.turn_images(turn).cpu(),
+        reasoning=tokens,
+        reasoning_lengths=turns[turn].text.lengths,
     )
 
 
@@ -112,25 +126,18 @@ def rollout(
     obs, _ = envs.reset(seed=seed, options=options)
     if generator is None:
         generator = torch.Generator().manual_seed(0 if seed is None else seed)
-    result = Rollout(envs=envs)
-    history: list[list[torch.Tensor]] = [[] for _ in range(envs.num_envs)]
+    result = Rollout(trajectory=envs.trajectory)
     while True:
         # -- text phase: one batched segment per episode ------------------------------------
-        context = turn_context(obs, history)
-        budget = int(envs.episodes.tokens_left().max())
-        result.token_budgets.append(budget)
+        context = turn_context(result.trajectory, obs.turn)
         if write_text is not None:
             sample = write_text(context, envs)
         else:
+            budget = int((obs.tokens.shape[1] - obs.token_counts).max())
             sample = policy.text.sample(context, max_new_tokens=budget, temperature=settings.temperature, generator=generator)
         obs, *_ = envs.step(TextAction(tokens=sample.tokens, lengths=sample.lengths, log_probs=sample.log_probs))
-        context = context.with_reasoning(sample.tokens, sample.lengths)
-        for i in range(envs.num_envs):
-            history[i].append(sample.tokens[i, : int(sample.lengths[i])].cpu())
-        result.contexts.append(context)
-        result.texts.append(sample)
         # -- image phase: one network call per denoising step -----------------------------
-        condition = policy.image.condition(context)
+        condition = policy.image.condition(context.with_reasoning(sample.tokens, sample.lengths))
         result.conditions.append(condition)
         result.sde_means.append({})
         step = 0
@@ -143,11 +150,7 @@ def rollout(
                 action = FlowAction(x_next=x_next, log_prob=log_prob, stochastic=True)
             else:
                 action = FlowAction(x_next=flow.ode_step(velocity, obs.x_t, obs.t, obs.t_next), stochastic=False)
-            obs, rewards, terminated, _, info = envs.step(action)
+            obs, *_ = envs.step(action)
             step += 1
         if obs.phase == "done":
-            reward = envs.episodes.reward
-            result.rewards = reward.scores.clone()
-            result.reward_components = {k: v.clone() for k, v in reward.components.items()}
-            result.reward_error = reward.error
             return result

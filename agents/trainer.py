@@ -1,5 +1,9 @@
 """The trainer: runs UniGRPO for a number of iterations and keeps a run folder.
 
+It takes its parts as arguments, as TRL's trainers do — the policy to train, the scenario to train
+on, optionally a reward that replaces the scenario's and the held-out evaluator —, and the config
+(:func:`unigrpo_env.agents.parts.build_parts` makes the parts a config names, as the CLI does)::
+
     RUN/
       config.json          the resolved UniGRPOConfig
       metrics.jsonl        one line per iteration: rewards (overall, per category, per component),
@@ -7,15 +11,15 @@
       eval_before/ eval_after/   held-out evaluation (eval.json, grid.png) of the start and the end
       reward_curve.png     training reward per iteration, held-out reward before and after
       checkpoints/         ckpt-NNNNNN/ (policy in the checkpoint layout + trainer state), LATEST;
-                           with peft adapters the policy is saved merged, and adapters.safetensors
-                           holds the adapter weights that --resume restores
+                           with peft adapters the policy is saved merged (an ordinary checkpoint),
+                           and trained_state.safetensors holds what trained, which --resume restores
       summary.json         held-out reward before/after (overall, per category), wall time
 
 Checkpoints are written atomically (into a temporary folder, renamed when complete, then the
 ``LATEST`` pointer is replaced in one ``os.replace``), so a run killed at any moment resumes from
 its last complete checkpoint with ``resume=True`` and continues exactly as if never interrupted:
-every random choice of an iteration derives from (seed, iteration), and the model and optimizer
-states are restored.
+every random choice of an iteration derives from (seed, iteration), and the trained weights and the
+optimizer state are restored.
 """
 
 from __future__ import annotations
@@ -30,32 +34,63 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
-from unigrpo_env.agents.adapters import adapter_state, has_adapter, load_adapter_state
+from unigrpo_env.agents.adapters import adapter_state, has_adapter
 from unigrpo_env.agents.config import UniGRPOConfig
-from unigrpo_env.agents.evaluation import EvalReport, evaluate
-from unigrpo_env.agents.shapes_policy import load_shapes_policy
+from unigrpo_env.agents.evaluation import EvalReport, Evaluator
+from unigrpo_env.agents.policy import UnifiedPolicy
 from unigrpo_env.agents.unigrpo import RewardFailureError, UniGRPOAgent
+from unigrpo_env.reward import RewardFunction
+from unigrpo_env.scenario import Scenario
 
-__all__ = ["Trainer", "RunFolderError", "ADAPTER_FILE"]
+__all__ = ["Trainer", "RunFolderError", "TRAINED_STATE_FILE", "load_run_config", "trained_state"]
 
-#: In a checkpoint of a run with adapters: the adapter weights (the models beside it are merged).
-ADAPTER_FILE = "adapters.safetensors"
+#: In a checkpoint: the weights that trained (adapters, or a side's every weight), for --resume.
+TRAINED_STATE_FILE = "trained_state.safetensors"
 
 
 class RunFolderError(ValueError):
     """A run folder that cannot be used as asked (exists without --resume, nothing to resume...)."""
 
 
+def load_run_config(out_dir: str | Path, **overrides: Any) -> UniGRPOConfig:
+    """The config of the run in ``out_dir`` (its ``config.json``), with ``overrides`` (e.g. a new
+    number of ``iterations``) on top: what resuming that run trains with."""
+    saved = Path(out_dir) / "config.json"
+    if not saved.is_file():
+        raise RunFolderError(f"nothing to resume in {str(out_dir)!r}: it has no config.json")
+    return UniGRPOConfig.model_validate({**_migrated(json.loads(saved.read_text())), **overrides})
+
+
+def trained_state(policy: UnifiedPolicy, sides: list[str]) -> dict[str, torch.Tensor]:
+    """What trained of ``policy``'s ``sides`` ("text", "image"): an adapted side's adapter weights,
+    a side trained in full its whole state (names as in ``policy.state_dict()``)."""
+    state: dict[str, torch.Tensor] = {}
+    for side in sides:
+        part = getattr(policy, side)
+        weights = adapter_state(part) if has_adapter(part) else part.state_dict()
+        state.update({f"{side}.{name}": tensor.detach().cpu().clone() for name, tensor in weights.items()})
+    return state
+
+
 class Trainer:
-    """Run UniGRPO with ``config`` into the run folder ``out_dir``.
+    """Run UniGRPO on ``scenario`` with ``policy`` into the run folder ``out_dir``.
 
     Args:
-        config: the hyperparameters.
+        config: the hyperparameters (its ``scenario``, ``policy`` and ``checkpoint`` fields are
+            recorded in the run folder; the parts themselves are the arguments below).
         out_dir: the run folder.
-        resume: continue the run in ``out_dir`` from its last checkpoint.
+        policy: the unified policy to train.
+        scenario: the scenario to train on (its ``"train"`` split) and evaluate on (``config.eval_split``).
+        reward: scores the episodes instead of the scenario's own reward (None: the scenario's).
+        evaluator: the held-out evaluator (None: the generic :class:`Evaluator`).
+        resume: continue the run in ``out_dir`` from its last checkpoint; ``config`` must be the
+            run's own (:func:`load_run_config`), except for ``iterations``.
+        accelerator: an ``accelerate.Accelerator`` (None: one made from the config).
         on_iteration: called with each iteration's metrics (the CLI's progress bar).
+        on_status: called with a line about what the trainer is doing.
     """
 
     def __init__(
@@ -63,7 +98,12 @@ class Trainer:
         config: UniGRPOConfig,
         out_dir: str | Path,
         *,
+        policy: UnifiedPolicy,
+        scenario: Scenario,
+        reward: RewardFunction | None = None,
+        evaluator: Evaluator | None = None,
         resume: bool = False,
+        accelerator: Accelerator | None = None,
         on_iteration: Callable[[dict[str, Any]], None] | None = None,
         on_status: Callable[[str], None] | None = None,
     ):
@@ -72,18 +112,23 @@ class Trainer:
         self.on_iteration = on_iteration
         self.on_status = on_status or (lambda message: None)
         if resume:
-            saved = self.out / "config.json"
-            if not saved.is_file():
-                raise RunFolderError(f"nothing to resume in {str(self.out)!r}: it has no config.json")
-            config = UniGRPOConfig.model_validate({**_migrated(json.loads(saved.read_text())), "steps": config.steps})
+            saved = load_run_config(self.out, iterations=config.iterations)
+            if saved != config:
+                fields = sorted(k for k in UniGRPOConfig.model_fields if getattr(saved, k) != getattr(config, k))
+                raise RunFolderError(f"the run in {str(self.out)!r} was started with other settings ({', '.join(fields)})")
         elif (self.out / "metrics.jsonl").exists():
             raise RunFolderError(f"{str(self.out)!r} already holds a run; pass --resume to continue it or choose another --out")
         self.config = config
+        self.reward = reward
+        self.evaluator = evaluator if evaluator is not None else Evaluator()
         torch.manual_seed(config.seed)
-        policy = load_shapes_policy(config.checkpoint)
-        self.agent = UniGRPOAgent(policy, config)
+        self.agent = UniGRPOAgent(policy, config, scenario=scenario, reward=reward, accelerator=accelerator)
         self.accelerator = self.agent.accelerator
         self.is_main = self.accelerator.is_main_process
+
+    @property
+    def trained_sides(self) -> list[str]:
+        return [side for side, trains in (("text", self.agent.train_text), ("image", self.agent.train_image)) if trains]
 
     # -- checkpoints -----------------------------------------------------------------------------
 
@@ -101,9 +146,7 @@ class Trainer:
             tmp.mkdir(parents=True)
             policy = self.accelerator.unwrap_model(self.agent.policy)
             policy.save_pretrained(tmp)  # plain models: adapters are merged into the saved weights
-            adapters = adapter_state(policy)
-            if adapters:  # and the adapters themselves, for --resume
-                save_file(adapters, str(tmp / ADAPTER_FILE))
+            save_file(trained_state(policy, self.trained_sides), str(tmp / TRAINED_STATE_FILE))
             torch.save(
                 {"iteration": self.agent.iteration, "optimizer": self.agent.optimizer.state_dict()},
                 tmp / "trainer_state.pt",
@@ -123,14 +166,13 @@ class Trainer:
         if not pointer.is_file():
             raise RunFolderError(f"nothing to resume in {str(self.out)!r}: no complete checkpoint yet")
         folder = self.checkpoints / pointer.read_text().strip()
-        policy = self.agent.policy
-        full = [name for name in ("text", "image") if not has_adapter(getattr(policy, name))]
-        if len(full) < 2:  # an adapted side's base weights are the starting checkpoint's (frozen): only its adapter trained
-            load_adapter_state(policy, load_file(str(folder / ADAPTER_FILE)))
-        if full:  # a side trained in full: its saved weights (the saved models are read only then)
-            saved = load_shapes_policy(folder)
-            for name in full:
-                getattr(policy, name).load_state_dict(getattr(saved, name).state_dict())
+        policy = self.accelerator.unwrap_model(self.agent.policy)
+        saved = load_file(str(folder / TRAINED_STATE_FILE))
+        expected = set(trained_state(policy, self.trained_sides))
+        if set(saved) != expected:
+            missing, unexpected = sorted(expected - set(saved)), sorted(set(saved) - expected)
+            raise RunFolderError(f"the checkpoint in {str(folder)!r} does not fit this policy (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        policy.load_state_dict(saved, strict=False)
         state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
         self.agent.optimizer.load_state_dict(state["optimizer"])
         self.agent.iteration = int(state["iteration"])
@@ -140,20 +182,19 @@ class Trainer:
 
     def _evaluate(self, name: str) -> EvalReport:
         c = self.config
-        policy = self.accelerator.unwrap_model(self.agent.policy)
-        report = evaluate(
-            policy,
-            c.scenario,
+        return self.evaluator.evaluate(
+            self.accelerator.unwrap_model(self.agent.policy),
+            self.agent.scenario,
             split=c.eval_split,
             seed=c.seed,
             cfg_scale=c.eval_cfg,
             temperature=c.temperature,
             limit=c.eval_limit,
-            image_given_truth=False,
-            scenario_options=c.scenario_options,
+            reward=self.reward,
+            run_probes=False,
+            checkpoint=c.checkpoint,
             out_dir=self.out / name if self.is_main else None,
         )
-        return report
 
     def run(self) -> dict[str, Any]:
         started = time.perf_counter()
@@ -176,14 +217,14 @@ class Trainer:
             self.save_checkpoint()
             previous_seconds = 0.0
         try:
-            while self.agent.iteration < c.steps:
-                metrics = self.agent.step()
+            while self.agent.iteration < c.iterations:
+                metrics = self.agent.train_iteration()
                 if self.is_main:
                     with metrics_path.open("a") as f:
                         f.write(json.dumps(_jsonable(metrics)) + "\n")
                 if self.on_iteration is not None:
                     self.on_iteration(metrics)
-                if self.agent.iteration % c.checkpoint_every == 0 or self.agent.iteration == c.steps:
+                if self.agent.iteration % c.checkpoint_every == 0 or self.agent.iteration == c.iterations:
                     self.save_checkpoint()
                     if self.is_main:
                         (self.out / "progress.json").write_text(
@@ -198,15 +239,12 @@ class Trainer:
             "scenario": c.scenario,
             "train": c.train,
             "seed": c.seed,
-            "steps": c.steps,
+            "iterations": c.iterations,
             "heldout_reward_before": before.overall("pipeline", "reward"),
             "heldout_reward_after": after.overall("pipeline", "reward"),
             "heldout_correct_before": before.overall("pipeline", "correct"),
             "heldout_correct_after": after.overall("pipeline", "correct"),
-            "description_accuracy_before": before.description_accuracy["overall"],
-            "description_accuracy_after": after.description_accuracy["overall"],
-            "image_quality_before": before.image_quality.get("overall", float("nan")),
-            "image_quality_after": after.image_quality.get("overall", float("nan")),
+            **{f"{name}_{when}": report.metrics[name]["overall"] for name in before.metrics for when, report in (("before", before), ("after", after))},
             "eval_cfg": c.eval_cfg,
             "per_category": {
                 category: {
@@ -254,8 +292,11 @@ def _plot_rewards(metrics_path: Path, summary: dict[str, Any], path: Path) -> No
 
 def _migrated(saved: dict) -> dict:
     """A run folder's ``config.json`` from an older release, in today's fields: the shared
-    ``regularizer_weight`` (None = the regulariser's default) became that regulariser's own weight."""
+    ``regularizer_weight`` (None = the regulariser's default) became that regulariser's own weight,
+    and ``steps`` became ``iterations``."""
     saved = dict(saved)
+    if "steps" in saved:
+        saved["iterations"] = saved.pop("steps")
     if "regularizer_weight" in saved:
         weight = saved.pop("regularizer_weight")
         field = {"mse": "mse_weight", "kl": "kl_weight"}.get(saved.get("regularizer", "mse"))

@@ -31,16 +31,19 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from unigrpo_env import flow
+from unigrpo_env import BatchTrajectory, flow
 from unigrpo_env.agents.adapters import WithoutAdapter, attach_adapter, has_adapter
 from unigrpo_env.agents.config import UniGRPOConfig
 from unigrpo_env.agents.losses import flow_grpo_loss, group_advantages, text_grpo_loss, text_kl
 from unigrpo_env.agents.policy import TurnContext, UnifiedPolicy
 from unigrpo_env.agents.rollout import Rollout, RolloutSettings, rollout
 from unigrpo_env.lr_schedule import warmup_decay
-from unigrpo_env.registration import make_scenario, make_vec
+from unigrpo_env.registration import make_scenario
+from unigrpo_env.reward import RewardFunction
+from unigrpo_env.scenario import Scenario
+from unigrpo_env.vector import InterleavedVectorEnv
 
-__all__ = ["UniGRPOAgent", "RewardFailureError", "TurnBatch", "Batch", "distributed_advantages"]
+__all__ = ["UniGRPOAgent", "RewardFailureError", "Batch", "distributed_advantages"]
 
 
 class RewardFailureError(RuntimeError):
@@ -48,33 +51,30 @@ class RewardFailureError(RuntimeError):
 
 
 @dataclass
-class TurnBatch:
-    """One turn of a collected batch, as the update needs it (all ``[N, ...]``)."""
-
-    context: TurnContext
-    tokens: torch.Tensor
-    lengths: torch.Tensor
-    condition: dict[str, Any]
-    latents: list[torch.Tensor]  # x_1, then x_next of every step
-    sde_steps: list[int]
-    sde_means: dict[int, torch.Tensor]
-    recorded_text_log_probs: torch.Tensor
-    recorded_image_log_probs: torch.Tensor  # [N, len(sde_steps)]
-    token_budget: int = 0  # the most tokens this turn's text phase accepted (Dr. GRPO's normaliser)
-
-
-@dataclass
 class Batch:
-    turns: list[TurnBatch]
-    times: list[float]
+    """A collected batch as the update needs it: the rollout (the environment's batched trajectory
+    and the policy's conditions), each turn's context, and the advantages."""
+
+    rollout: Rollout
+    contexts: list[TurnContext]
     settings: RolloutSettings
-    rewards: torch.Tensor
     advantages: torch.Tensor
     valid: torch.Tensor
-    categories: list[str]
     stats: dict[str, float] = field(default_factory=dict)
     # the frozen reference models' outputs, per key: (values [N, ...], which episodes are filled)
     reference_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def trajectory(self) -> BatchTrajectory:
+        return self.rollout.trajectory
+
+    @property
+    def rewards(self) -> torch.Tensor:
+        return self.rollout.trajectory.rewards
+
+    @property
+    def categories(self) -> list[str]:
+        return [task.category for task in self.rollout.trajectory.tasks]
 
     def __len__(self) -> int:
         return int(self.rewards.shape[0])
@@ -127,10 +127,20 @@ class UniGRPOAgent:
     Args:
         policy: the unified policy to train (its starting image model is the regulariser's reference).
         config: the hyperparameters.
+        scenario: the scenario to train on; None builds ``config.scenario`` with ``config.scenario_options``.
+        reward: scores the finished episodes instead of the scenario's own reward (None: the scenario's).
         accelerator: an ``accelerate.Accelerator``; one is made from the config if None.
     """
 
-    def __init__(self, policy: UnifiedPolicy, config: UniGRPOConfig, accelerator: Accelerator | None = None):
+    def __init__(
+        self,
+        policy: UnifiedPolicy,
+        config: UniGRPOConfig,
+        *,
+        scenario: Scenario | None = None,
+        reward: RewardFunction | None = None,
+        accelerator: Accelerator | None = None,
+    ):
         self.config = config
         self.accelerator = accelerator or Accelerator(
             cpu=config.cpu,
@@ -160,13 +170,15 @@ class UniGRPOAgent:
         if self.train_image:
             groups.append({"params": policy.image_parameters(), "lr": config.lr_image, "name": "image"})
         self.optimizer = self.accelerator.prepare(torch.optim.AdamW(groups, weight_decay=config.weight_decay))
-        self.scenario = make_scenario(config.scenario, **config.scenario_options)
+        self.scenario = scenario if scenario is not None else make_scenario(config.scenario, **config.scenario_options)
         self.train_tasks = self.scenario.check_split("train")
         processes = self.accelerator.num_processes
         if config.group_size % processes:
             raise ValueError(f"group_size ({config.group_size}) must be divisible by the number of processes ({processes})")
         self.local_group_size = config.group_size // processes
-        self.envs = make_vec(self.scenario, num_prompts=config.num_prompts, group_size=self.local_group_size, device=self.accelerator.device)
+        self.envs = InterleavedVectorEnv(
+            self.scenario, config.num_prompts, self.local_group_size, device=self.accelerator.device, reward=reward
+        )
         self.iteration = 0
 
     # -- 1. collect ------------------------------------------------------------------------------
@@ -197,32 +209,32 @@ class UniGRPOAgent:
             generator=torch.Generator().manual_seed(seed),
         )
         rollout_seconds = time.perf_counter() - started
+        trajectory = result.trajectory
         advantages, valid, failed_fraction = self._advantages(result, prompts)
         batch = Batch(
-            turns=self._turns(result),
-            times=list(self.envs.episodes.times),
+            rollout=result,
+            contexts=[result.context(k) for k in range(len(trajectory.turns))],
             settings=settings,
-            rewards=result.rewards,
             advantages=advantages,
             valid=valid,
-            categories=[task.category for task in result.tasks],
         )
+        rewards = trajectory.rewards.numpy()
         batch.stats = {
-            "reward_mean": float(np.nanmean(result.rewards.numpy())) if bool(valid.any()) else math.nan,
-            "reward_std": float(np.nanstd(result.rewards.numpy())) if bool(valid.any()) else math.nan,
+            "reward_mean": float(np.nanmean(rewards)) if bool(valid.any()) else math.nan,
+            "reward_std": float(np.nanstd(rewards)) if bool(valid.any()) else math.nan,
             "reward_failed": float((~valid).sum()),
             "reward_failed_fraction": failed_fraction,
             "sde_window_start": float(settings.sde_window[0]) if settings.sde_window else 0.0,
-            "network_calls_per_image": result.network_calls / max(1, len(batch.turns)),
-            "time_rollout": rollout_seconds - (self.envs.episodes.reward.seconds if self.envs.episodes.reward else 0.0),
-            "time_reward": self.envs.episodes.reward.seconds if self.envs.episodes.reward else 0.0,
+            "network_calls_per_image": result.network_calls / max(1, len(trajectory.turns)),
+            "time_rollout": rollout_seconds - trajectory.reward_seconds,
+            "time_reward": trajectory.reward_seconds,
         }
-        for name, values in result.reward_components.items():
+        for name, values in trajectory.reward_components.items():
             batch.stats[f"reward/{name}"] = float(np.nanmean(values.numpy())) if bool((~torch.isnan(values)).any()) else math.nan
-        if result.reward_error is not None:
-            batch.stats["reward_error"] = result.reward_error  # type: ignore[assignment]
+        if trajectory.reward_error is not None:
+            batch.stats["reward_error"] = trajectory.reward_error  # type: ignore[assignment]
         if failed_fraction > c.max_failed_fraction:
-            detail = f" ({result.reward_error})" if result.reward_error else ""
+            detail = f" ({trajectory.reward_error})" if trajectory.reward_error else ""
             raise RewardFailureError(
                 f"the reward failed for {failed_fraction:.0%} of iteration {iteration}'s batch, more than the allowed "
                 f"{c.max_failed_fraction:.0%}{detail}"
@@ -231,34 +243,11 @@ class UniGRPOAgent:
 
     def _advantages(self, result: Rollout, prompts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, float]:
         acc = self.accelerator
-        group_ids = torch.as_tensor(prompts)[result.group_ids]  # the prompt's index: the same group in every process
+        group_ids = torch.as_tensor(prompts)[result.trajectory.group_ids]  # the prompt's index: the same group in every process
         advantages, failed_fraction = distributed_advantages(
             acc, result.rewards, group_ids, eps=self.config.advantage_eps, global_std=self.config.global_std
         )
         return advantages, ~torch.isnan(result.rewards), failed_fraction
-
-    def _turns(self, result: Rollout) -> list[TurnBatch]:
-        records = self.envs.episodes.records
-        turns = []
-        for k, record in enumerate(records):
-            sde_steps = [s for s, stochastic in enumerate(record.stochastic) if stochastic]
-            recorded = [record.step_log_probs[s] for s in sde_steps]
-            text = result.texts[k]
-            turns.append(
-                TurnBatch(
-                    context=result.contexts[k],
-                    tokens=text.tokens,
-                    lengths=text.lengths,
-                    condition=result.conditions[k],
-                    latents=record.latents,
-                    sde_steps=sde_steps,
-                    sde_means=result.sde_means[k],
-                    recorded_text_log_probs=text.log_probs,
-                    recorded_image_log_probs=torch.stack(recorded, dim=1) if recorded else torch.zeros((len(result.rewards), 0)),
-                    token_budget=result.token_budgets[k],
-                )
-            )
-        return turns
 
     # -- 3. update ---------------------------------------------------------------------------------
 
@@ -271,23 +260,25 @@ class UniGRPOAgent:
         text_lp: list[torch.Tensor] = []
         image_lp: list[torch.Tensor] = []
         extras: dict[str, list] = {"text_reference": [], "image": []}
-        for k, turn in enumerate(batch.turns):
+        for k, turn in enumerate(batch.trajectory.turns):
             if self.train_text:
-                args = (turn.context.select(index), turn.tokens[index], turn.lengths[index])
+                tokens, _ = turn.text.padded()
+                args = (batch.contexts[k].select(index), tokens[index], turn.text.lengths[index])
                 text_lp.append(policy.text.log_probs(*args, temperature=settings.temperature))
                 if self.reference_text is not None:
                     extras["text_reference"].append(batch.reference(
                         ("text", k), index, lambda: self.reference_text.log_probs(*args, temperature=settings.temperature)))
-            if self.train_image and turn.sde_steps:
-                condition = _select(turn.condition, index)
+            image = turn.image
+            if self.train_image and image.sde_steps:
+                condition = _select(batch.rollout.conditions[k], index)
                 step_lp, reg_terms, norm_terms = [], [], []
-                for s in turn.sde_steps:
-                    x_t, x_next = turn.latents[s][index], turn.latents[s + 1][index]
-                    t, t_next = batch.times[s], batch.times[s + 1]
+                for s in image.sde_steps:
+                    x_t, x_next = image.latents[index, s], image.latents[index, s + 1]
+                    t, t_next = float(image.times[s]), float(image.times[s + 1])
                     v = policy.image.velocity(x_t, t, condition, cfg_scale=settings.cfg_scale)
                     log_prob, mean, std = flow.sde_step_log_prob(v, x_t, t, t_next, settings.noise_level, x_next)
                     step_lp.append(log_prob)
-                    norm_terms.append((mean, turn.sde_means[s][index], std))
+                    norm_terms.append((mean, batch.rollout.sde_means[k][s][index], std))
                     if self.reference is not None:
                         v_ref = batch.reference(
                             ("velocity", k, s), index, lambda: self.reference.velocity(x_t, t, condition, cfg_scale=settings.cfg_scale))
@@ -312,10 +303,10 @@ class UniGRPOAgent:
         stats: dict[str, float] = {}
         loss = torch.zeros((), device=self.accelerator.device)
         for k, log_probs in enumerate(text_lp):
-            turn = batch.turns[k]
-            lengths = turn.lengths[index].to(log_probs.device)
+            text = batch.trajectory.turns[k].text
+            lengths = text.lengths[index].to(log_probs.device)
             mask = torch.arange(log_probs.shape[1], device=log_probs.device)[None] < lengths[:, None]
-            reduction = {"loss_type": c.text_loss_type, "max_tokens": turn.token_budget}
+            reduction = {"loss_type": c.text_loss_type, "max_tokens": text.max_tokens}
             text_loss, s = text_grpo_loss(log_probs, old["text"][k][index], mask, advantages, c.clip_range_text, valid, **reduction)
             loss = loss + text_loss / len(text_lp)
             if extras["text_reference"]:  # GRPO's β·KL to the starting language model
@@ -353,11 +344,11 @@ class UniGRPOAgent:
         recomputed at all."""
         n = len(batch)
         old: dict[str, list[torch.Tensor]] = {"text": [], "image": []}
-        for turn in batch.turns:
+        for turn in batch.trajectory.turns:
             if self.train_text:
-                old["text"].append(torch.full(turn.tokens.shape, math.nan, device=self.accelerator.device))
-            if self.train_image and turn.sde_steps:
-                old["image"].append(torch.full((n, len(turn.sde_steps)), math.nan, device=self.accelerator.device))
+                old["text"].append(torch.full(turn.text.padded()[0].shape, math.nan, device=self.accelerator.device))
+            if self.train_image and turn.image.sde_steps:
+                old["image"].append(torch.full((n, len(turn.image.sde_steps)), math.nan, device=self.accelerator.device))
         for index in parts:
             text_lp, image_lp, _ = self._log_probs(batch, index)
             self._store_old(old, index, text_lp, image_lp)
@@ -373,10 +364,10 @@ class UniGRPOAgent:
     def learning_rate_scale(self, iteration: int) -> float:
         """The learning rates' multiplier at ``iteration`` (counted from 0): a linear warm-up
         ``(iteration + 1) / warmup_iterations``, then ``lr_schedule`` over the remaining iterations
-        (``constant``: 1; ``linear``: down to 0 at ``steps``, as TRL's default; ``cosine``:
+        (``constant``: 1; ``linear``: down to 0 at ``iterations``, as TRL's default; ``cosine``:
         ``(1 + cos(π·progress)) / 2``), evaluated at the iteration's start."""
         c = self.config
-        return warmup_decay(iteration, c.warmup_iterations, c.steps, c.lr_schedule)
+        return warmup_decay(iteration, c.warmup_iterations, c.iterations, c.lr_schedule)
 
     def update(self, batch: Batch) -> dict[str, float]:
         c, acc = self.config, self.accelerator
@@ -435,21 +426,22 @@ class UniGRPOAgent:
         """How far the recomputed log-probabilities are from those recorded during the rollout (a
         check that rollout and training compute the same policy)."""
         drift: dict[str, float] = {}
+        turns = batch.trajectory.turns
         for k, lp in enumerate(old["text"]):
-            turn = batch.turns[k]
-            mask = torch.arange(lp.shape[1], device=lp.device)[None] < turn.lengths.to(lp.device)[:, None]
-            diff = (lp - turn.recorded_text_log_probs.to(lp.device)).abs()[mask]
+            text = turns[k].text
+            mask = torch.arange(lp.shape[1], device=lp.device)[None] < text.lengths.to(lp.device)[:, None]
+            diff = (lp - text.padded()[1].to(lp.device)).abs()[mask]
             drift["text_log_prob_drift"] = max(drift.get("text_log_prob_drift", 0.0), float(diff.max()) if diff.numel() else 0.0)
         for k, lp in enumerate(old["image"]):
-            turn = [t for t in batch.turns if t.sde_steps][k]
-            diff = (lp - turn.recorded_image_log_probs.to(lp.device)).abs()
+            image = [turn.image for turn in turns if turn.image.sde_steps][k]
+            diff = (lp - image.log_probs[:, image.sde_steps].to(lp.device)).abs()
             drift["image_log_prob_drift"] = max(drift.get("image_log_prob_drift", 0.0), float(diff.max()) if diff.numel() else 0.0)
         return drift
 
     # -- one iteration -----------------------------------------------------------------------------
 
-    def step(self) -> dict[str, float]:
-        """Collect a batch and update on it; returns the iteration's metrics."""
+    def train_iteration(self) -> dict[str, float]:
+        """One iteration: collect a batch and update on it; returns the iteration's metrics."""
         batch = self.collect(self.iteration)
         stats = dict(batch.stats)
         stats.update(self.update(batch))

@@ -51,11 +51,11 @@ def _unigrpo(*args: str, threads: int) -> None:
     subprocess.run([sys.executable, "-m", "unigrpo_env.cli.main", *args], check=True, env=env, stdout=subprocess.DEVNULL)
 
 
-def _run_one(root: Path, arm: str, seed: int, steps: int | None, config: str | None, threads: int) -> str:
+def _run_one(root: Path, arm: str, seed: int, iterations: int | None, config: str | None, threads: int) -> str:
     out = root / f"{arm}-seed{seed}"
     if not (out / "summary.json").exists():
         own_config = "--config" in ARMS[arm]  # such an arm's file replaces the shared one
-        extra = (["--steps", str(steps)] if steps else []) + (["--config", config] if config and not own_config else [])
+        extra = (["--iterations", str(iterations)] if iterations else []) + (["--config", config] if config and not own_config else [])
         resume = ["--resume"] if (out / "checkpoints").exists() else []
         _unigrpo("run", "scenario", "t2i_reason", "--seed", str(seed), "--out", str(out), *ARMS[arm], *extra, *resume, threads=threads)
     final = out / "checkpoints" / (out / "checkpoints" / "LATEST").read_text().strip()  # the trainer's pointer
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> None:
     threads = 1 if args.jobs > 1 else 2
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = [pool.submit(_base_one, root, seed, threads) for seed in args.seeds]
-        futures += [pool.submit(_run_one, root, arm, seed, args.steps, args.config, threads) for seed in args.seeds for arm in args.arms]
+        futures += [pool.submit(_run_one, root, arm, seed, args.iterations, args.config, threads) for seed in args.seeds for arm in args.arms]
         for future in futures:
             print(future.result(), flush=True)
 
@@ -147,7 +147,7 @@ def main() -> None:
     parser.add_argument("--root", default="runs/ablations", help="folder of the run folders")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=None, help="iterations per run (default: the config's)")
+    parser.add_argument("--iterations", type=int, default=None, help="iterations per run (default: the config's)")
     parser.add_argument("--config", default=None, help="a config file for every run (e.g. examples/configs/t2i_reason_full_training.yaml)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each with one thread when > 1)")
     args = parser.parse_args()

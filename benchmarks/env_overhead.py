@@ -7,6 +7,10 @@ math, the same decoding and reward scoring, and keeping the latents and log-prob
 
 Run: ``python benchmarks/env_overhead.py [--episodes 20] [--steps 10] [--threads 2]``.
 The two loops alternate, so drifts of the machine hit both alike; medians are reported.
+
+It also times one ``env.step`` of the single environment along a long image phase
+(``--long-steps`` denoising steps): every step returns ``info["trajectory"]``, the episode so far,
+so a trajectory built by copying would cost more at every step; a view costs the same.
 """
 
 from __future__ import annotations
@@ -83,6 +87,29 @@ def bare_episode(scenario, tasks, net, n: int, seed: int) -> float:
     return time.perf_counter() - start
 
 
+def step_cost_along_an_episode(num_steps: int, repeats: int) -> tuple[float, float]:
+    """Median seconds of one image-phase ``env.step`` (with its ``info["trajectory"]``) over the
+    first and over the last tenth of a ``num_steps``-step image phase."""
+    env = unigrpo_env.make("t2i_reason", num_steps=num_steps)
+    early: list[float] = []
+    late: list[float] = []
+    tenth = max(1, num_steps // 10)
+    for seed in range(repeats):
+        obs, _ = env.reset(seed=seed)
+        obs, *_ = env.step(TextAction(tokens=[env.text_codec.eot_id]))
+        for k in range(num_steps):
+            action = FlowAction(x_next=flow.ode_step(-obs.x_t, obs.x_t, obs.t, obs.t_next))
+            start = time.perf_counter()
+            obs, _, _, _, info = env.step(action)
+            _ = info["trajectory"].turns[0].image.x_next  # what a caller reads of it
+            seconds = time.perf_counter() - start
+            if k < tenth:
+                early.append(seconds)
+            elif k >= num_steps - tenth:
+                late.append(seconds)
+    return statistics.median(early), statistics.median(late)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--episodes", type=int, default=20, help="batches of 32 episodes per loop")
@@ -90,6 +117,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--long-steps", type=int, default=400, help="denoising steps of the single-env step-cost probe")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -98,7 +126,7 @@ def main() -> None:
     scenario = envs.scenario
     n = envs.num_envs
     envs.reset(seed=0)
-    tasks = envs.episodes.tasks
+    tasks = envs.tasks
     tokens = torch.full((n, 1), scenario.text_codec.eot_id)  # one end-of-thinking token per episode
 
     def measure(net: nn.Module) -> tuple[float, float]:
@@ -125,6 +153,10 @@ def main() -> None:
     print(f"  bare loop : {bare_zero * 1e3:8.1f} ms per batch;  make_vec: {env_zero * 1e3:8.1f} ms per batch")
     print(f"  the environment adds {(env_zero - bare_zero) * 1e3:.2f} ms per batch = {per_step * 1e6:.0f} us per step "
           f"({per_step / ((bare_med - bare_zero) / args.steps) * 100:.1f}% of one network call)")
+
+    early, late = step_cost_along_an_episode(args.long_steps, repeats=3)
+    print(f"single env, one image step with info['trajectory'], {args.long_steps}-step image phase:")
+    print(f"  first tenth: {early * 1e6:.0f} us per step;  last tenth: {late * 1e6:.0f} us per step  (ratio {late / early:.2f})")
 
 
 if __name__ == "__main__":

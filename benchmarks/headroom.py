@@ -35,11 +35,13 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from unigrpo_env.agents.evaluation import _description_hits, _scores, evaluate, oracle_text_writer
+from unigrpo_env.agents.evaluation import _scores
 from unigrpo_env.agents.losses import _text_mean
 from unigrpo_env.agents.rollout import RolloutSettings, rollout, turn_context
-from unigrpo_env.agents.shapes_policy import load_shapes_policy
 from unigrpo_env.registration import make_scenario, make_vec
+from unigrpo_env.scenarios.shapes.evaluation import description_accuracy as description_hits
+from unigrpo_env.scenarios.shapes.evaluation import oracle_text_writer, shapes_evaluator
+from unigrpo_env.scenarios.shapes.policy import load_shapes_policy
 
 
 def passk(args: argparse.Namespace) -> None:
@@ -55,7 +57,7 @@ def passk(args: argparse.Namespace) -> None:
         envs = make_vec(world, num_prompts=len(chunk), group_size=args.k, split=args.split)
         result = rollout(policy, envs, RolloutSettings(temperature=1.0, noise_level=0.0), seed=args.seed + start,
                          options={"task_index": [t.index for t in chunk]}, generator=generator)
-        described = np.array(_description_hits(result)).reshape(len(chunk), args.k)
+        described = np.array(description_hits(result, world)).reshape(len(chunk), args.k)
         correct = np.array([c for _, c in _scores(result)]).reshape(len(chunk), args.k)
         for i, task in enumerate(chunk):
             hits["description"][task.category].append(described[i])
@@ -79,21 +81,23 @@ def sft(args: argparse.Namespace) -> None:
     optimizer = torch.optim.AdamW(policy.text_parameters(), lr=args.lr, weight_decay=0.0)
     rng = np.random.default_rng(args.seed)
 
+    evaluator = shapes_evaluator()
+
     def description_accuracy() -> float:
-        report = evaluate(policy, "t2i_reason", limit=args.eval_limit, image_given_truth=False, seed=args.seed)
-        return report.description_accuracy["overall"]
+        report = evaluator.evaluate(policy, world, limit=args.eval_limit, run_probes=False, seed=args.seed)
+        return report.metrics["description_accuracy"]["overall"]
 
     print(f"step 0: held-out description accuracy {description_accuracy():.3f}", flush=True)
     for step in range(1, args.steps + 1):
         chosen = rng.choice(len(train), args.batch, replace=False)
         envs = make_vec(world, num_prompts=args.batch, group_size=1, split="train")
         obs, _ = envs.reset(seed=step, options={"task_index": [int(train[i].index) for i in chosen]})
-        context = turn_context(obs, [[] for _ in range(args.batch)])
+        context = turn_context(envs.trajectory, 0)
         if args.data == "oracle":
             answer = oracle_text_writer(context, envs)
         else:
             with torch.no_grad():
-                answer = policy.text.sample(context, max_new_tokens=int(envs.episodes.tokens_left().max()), temperature=1.0,
+                answer = policy.text.sample(context, max_new_tokens=envs.text_codec.max_tokens, temperature=1.0,
                                             generator=torch.Generator().manual_seed(step))
         policy.train()
         log_probs = policy.text.log_probs(context, answer.tokens, answer.lengths)

@@ -22,7 +22,7 @@ import torch
 
 from unigrpo_env.agents.config import UniGRPOConfig
 from unigrpo_env.agents.rollout import RolloutSettings, rollout
-from unigrpo_env.agents.shapes_policy import load_shapes_policy
+from unigrpo_env.scenarios.shapes.policy import load_shapes_policy
 from unigrpo_env.agents.unigrpo import UniGRPOAgent
 
 PHASES = [
@@ -36,8 +36,8 @@ PHASES = [
 
 def training_split(config: UniGRPOConfig, iterations: int) -> dict[str, float]:
     agent = UniGRPOAgent(load_shapes_policy(None), config)
-    agent.step()  # warm-up: first-call allocations
-    rows = [agent.step() for _ in range(iterations)]
+    agent.train_iteration()  # warm-up: first-call allocations
+    rows = [agent.train_iteration() for _ in range(iterations)]
     return {name: statistics.median(r[key] for r in rows) for name, key in PHASES}
 
 

@@ -1,16 +1,17 @@
 """The ``unigrpo`` command (Typer).
 
-    unigrpo run scenario t2i_reason [--config FILE] [--steps N] [--seed S] [--out DIR] [--resume]
+    unigrpo run scenario t2i_reason [--config FILE] [--iterations N] [--seed S] [--out DIR] [--resume]
                                     [--train both|text|image] [--reg mse|kl|none] [--rollout-cfg SCALE] [--eval-cfg SCALE]
                                     [--text-adapter full|lora|ln_tuning] [--image-adapter full|lora|ln_tuning]
                                     [--reward "shapes_verifier:1.0,quality:0.2"]
-    unigrpo list scenarios|rewards
+    unigrpo list scenarios|rewards|policies|evaluators
     unigrpo init scenario NAME [--dir DIR]
     unigrpo pretrain shapes --out DIR [--seed S]
     unigrpo eval scenario t2i_reason [--checkpoint DIR] [--cfg SCALE] [--seed S] [--out DIR]
 
-Scenario and reward names may also be ``module:Name`` references, and installed plugins
-(entry-point groups ``unigrpo.scenarios`` / ``unigrpo.rewards``) are found by name.
+Scenario, reward, policy and evaluator names may also be ``module:Name`` references, and installed
+plugins (entry-point groups ``unigrpo.scenarios``, ``unigrpo.rewards``, ``unigrpo.policies``,
+``unigrpo.evaluators``) are found by name.
 Bad arguments, unknown scenarios and unreadable checkpoints print one line
 (``unigrpo: error: ...``) and exit with code 2, without a traceback.
 """
@@ -44,16 +45,20 @@ def _root() -> None:
 class Listable(str, Enum):
     scenarios = "scenarios"
     rewards = "rewards"
+    policies = "policies"
+    evaluators = "evaluators"
 
 
 @app.command("list")
-def list_(what: Listable = typer.Argument(..., help="What to list: scenarios or rewards.")) -> None:
-    """List the registered scenarios or rewards: built-in, registered in code, and installed
-    plugins (entry points), each loaded to show whether it works; a broken one shows its error."""
-    from unigrpo_env.registration import GYM_IDS, REWARDS, SCENARIOS
+def list_(what: Listable = typer.Argument(..., help="What to list: scenarios, rewards, policies or evaluators.")) -> None:
+    """List the registered scenarios, rewards, policies or evaluators: built-in, registered in
+    code, and installed plugins (entry points), each loaded to show whether it works; a broken one
+    shows its error."""
+    from unigrpo_env.agents.parts import EVALUATORS, POLICIES
+    from unigrpo_env.registration import REWARDS, SCENARIOS, gym_ids as registered_gym_ids
 
-    registry = SCENARIOS if what is Listable.scenarios else REWARDS
-    gym_ids = {name: env_id for env_id, name in GYM_IDS.items()}
+    registry = {"scenarios": SCENARIOS, "rewards": REWARDS, "policies": POLICIES, "evaluators": EVALUATORS}[what.value]
+    gym_ids = {name: env_id for env_id, name in registered_gym_ids().items()} if what is Listable.scenarios else {}
     table = Table(title=f"registered {what.value}")
     table.add_column("name")
     if what is Listable.scenarios:
@@ -104,7 +109,7 @@ def run(
     kind: Runnable = typer.Argument(..., help="What to run: 'scenario'."),
     name: str = typer.Argument(..., help="The scenario to train on, e.g. t2i_reason."),
     config: Optional[Path] = typer.Option(None, "--config", help="A YAML or JSON file of UniGRPOConfig options; flags override it."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Training iterations."),
+    iterations: Optional[int] = typer.Option(None, "--iterations", min=1, help="Training iterations (one rollout of a batch and its update each)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of prompts, sampling and updates."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: runs/<scenario>-<time>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
@@ -112,7 +117,8 @@ def run(
     reg: Optional[Regularizer] = typer.Option(None, "--reg", help="Regulariser: mse (velocity MSE), kl (latent KL) or none."),
     rollout_cfg: Optional[float] = typer.Option(None, "--rollout-cfg", min=1.0, help="CFG scale in rollouts (1 = CFG-free)."),
     eval_cfg: Optional[float] = typer.Option(None, "--eval-cfg", min=1.0, help="CFG scale of the held-out evaluations before and after (1 = none)."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Starting checkpoint (default: the shipped one)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Starting checkpoint (default: the policy's own, e.g. ShapesWorld's shipped one)."),
+    policy: Optional[str] = typer.Option(None, "--policy", help="The policy kind to train (default: the scenario's; see `unigrpo list policies`)."),
     text_adapter: Optional[Adapter] = typer.Option(
         None, "--text-adapter", help="Train the language model's every weight (full), LoRA adapters (lora) or its norm layers (ln_tuning), with peft."),
     image_adapter: Optional[Adapter] = typer.Option(
@@ -130,11 +136,11 @@ def run(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from unigrpo_env.agents.config import UniGRPOConfig
-    from unigrpo_env.agents.trainer import Trainer
-    from unigrpo_env.registration import make_scenario
+    from unigrpo_env.agents.parts import build_parts
+    from unigrpo_env.agents.trainer import Trainer, load_run_config
 
     overrides: dict = {}
-    for key, value in {"steps": steps, "seed": seed, "rollout_cfg": rollout_cfg, "eval_cfg": eval_cfg}.items():
+    for key, value in {"iterations": iterations, "seed": seed, "rollout_cfg": rollout_cfg, "eval_cfg": eval_cfg, "policy": policy}.items():
         if value is not None:
             overrides[key] = value
     if train is not None:
@@ -146,12 +152,17 @@ def run(
             overrides[key] = adapter.value
     if checkpoint is not None:
         overrides["checkpoint"] = str(checkpoint)
+    if resume and out is None:
+        raise UserError("--resume needs --out, the run folder to continue")
     try:
-        settings = UniGRPOConfig.for_scenario(name, config, **overrides)
+        if resume:  # the run's own settings; only its length may change
+            settings = load_run_config(out, **({"iterations": iterations} if iterations is not None else {}))
+        else:
+            settings = UniGRPOConfig.for_scenario(name, config, **overrides)
     except ValidationError as exc:
         first = exc.errors()[0]
         raise UserError(f"invalid config: {'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from exc
-    if reward is not None:
+    if reward is not None and not resume:
         from unigrpo_env.rewards import RewardSpecError, parse_reward_spec
 
         try:
@@ -160,22 +171,24 @@ def run(
             raise UserError(f"--reward: {exc}") from exc
         settings.scenario_options = {**settings.scenario_options, "reward": reward}
     _check_scenario(settings.scenario, settings.scenario_options)
-    if resume and out is None:
-        raise UserError("--resume needs --out, the run folder to continue")
     out = out or Path("runs") / f"{name}-{_time.strftime('%Y%m%d-%H%M%S')}"
+    parts = build_parts(settings)
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("reward {task.fields[reward]}"),
         TimeElapsedColumn(), TimeRemainingColumn(), console=console,
     ) as bar:
-        task = bar.add_task("UniGRPO" if settings.train == "both" else f"{settings.train}-only GRPO", total=settings.steps, reward="  -  ")
+        task = bar.add_task("UniGRPO" if settings.train == "both" else f"{settings.train}-only GRPO", total=settings.iterations, reward="  -  ")
 
         def on_iteration(metrics: dict) -> None:
             bar.update(task, completed=int(metrics["iteration"]) + 1, reward=f"{metrics.get('reward_mean', float('nan')):.3f}")
 
-        trainer = Trainer(settings, out, resume=resume, on_iteration=on_iteration, on_status=lambda m: bar.console.print(f"[dim]{m}[/dim]"))
+        trainer = Trainer(
+            settings, out, policy=parts.policy, scenario=parts.scenario, evaluator=parts.evaluator, resume=resume,
+            on_iteration=on_iteration, on_status=lambda m: bar.console.print(f"[dim]{m}[/dim]"),
+        )
         bar.update(task, completed=trainer.agent.iteration)
         summary = trainer.run()
-    table = Table(title=f"held-out reward, before → after ({settings.steps} iterations, train={settings.train}, seed {settings.seed})")
+    table = Table(title=f"held-out reward, before → after ({settings.iterations} iterations, train={settings.train}, seed {settings.seed})")
     for column in ("category", "reward before", "reward after", "correct before", "correct after"):
         table.add_column(column, justify="left" if column == "category" else "right")
     for category, row in summary["per_category"].items():
@@ -226,7 +239,7 @@ def init(
     for path in files:
         console.print(f"  {path.relative_to(root)}")
     console.print("next:")
-    for step in (f"pip install -e {root}", "unigrpo list scenarios", f"pytest {root}", f"unigrpo run scenario {name} --steps 2"):
+    for step in (f"pip install -e {root}", "unigrpo list scenarios", f"pytest {root}", f"unigrpo run scenario {name} --iterations 2"):
         console.print(f"  {step}")
 
 
@@ -266,14 +279,15 @@ def pretrain(
         summary = pretrain_shapes(out, config, progress)
     console.print(f"checkpoint written to {out} in {summary['wall_seconds'] / 60:.1f} min")
     if evaluate_after:
-        _evaluate_and_print("t2i_reason", checkpoint=out, cfg=1.0, seed=0, out=out / "eval", split="heldout", temperature=1.0, limit=None)
+        _evaluate_and_print("t2i_reason", checkpoint=out, policy=None, cfg=1.0, seed=0, out=out / "eval", split="heldout", temperature=1.0, limit=None)
 
 
 @app.command("eval")
 def eval_(
     kind: Evaluable = typer.Argument(..., help="What to evaluate: 'scenario'."),
     name: str = typer.Argument(..., help="The scenario, e.g. t2i_reason."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint folder (default: the shipped ShapesWorld checkpoint)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint folder (default: the policy's own, e.g. ShapesWorld's shipped one)."),
+    policy: Optional[str] = typer.Option(None, "--policy", help="The policy kind (default: the scenario's; see `unigrpo list policies`)."),
     cfg: float = typer.Option(1.0, "--cfg", min=1.0, help="Classifier-free guidance scale of the image model (1 = none)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the text sampling and the initial noise."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for eval.json and grid.png."),
@@ -282,26 +296,30 @@ def eval_(
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only the first N tasks."),
 ) -> None:
     """Score a policy on a scenario's held-out tasks: a GenEval-style table per category."""
-    _evaluate_and_print(name, checkpoint=checkpoint, cfg=cfg, seed=seed, out=out, split=split, temperature=temperature, limit=limit)
+    _evaluate_and_print(name, checkpoint=checkpoint, policy=policy, cfg=cfg, seed=seed, out=out, split=split, temperature=temperature, limit=limit)
 
 
-def _evaluate_and_print(name: str, *, checkpoint, cfg: float, seed: int, out, split: str, temperature: float, limit) -> None:
-    from unigrpo_env.agents.evaluation import evaluate
-    from unigrpo_env.agents.shapes_policy import load_shapes_policy
+def _evaluate_and_print(name: str, *, checkpoint, policy, cfg: float, seed: int, out, split: str, temperature: float, limit) -> None:
+    from unigrpo_env.agents.parts import build_evaluator, load_policy
     from unigrpo_env.registration import make_scenario
 
     _check_scenario(name, {})  # unknown or broken scenario -> one line, exit code 2
-    policy = load_shapes_policy(checkpoint)
-    report = evaluate(policy, name, split=split, cfg_scale=cfg, seed=seed, temperature=temperature, limit=limit,
-                      checkpoint=None if checkpoint is None else str(checkpoint), out_dir=out)
+    scenario = make_scenario(name)
+    evaluator = build_evaluator(None, scenario=name)
+    loaded = load_policy(policy, None if checkpoint is None else str(checkpoint), scenario=name)
+    report = evaluator.evaluate(loaded, scenario, split=split, cfg_scale=cfg, seed=seed, temperature=temperature, limit=limit,
+                                checkpoint=None if checkpoint is None else str(checkpoint), out_dir=out)
     table = Table(title=f"{name} · {split} · cfg {cfg} · temperature {temperature} · seed {seed}")
-    for column in ("category", "tasks", "pipeline correct", "pipeline reward", "image | true desc. correct", "description accuracy", "image quality"):
+    columns = ["category", "tasks", "pipeline correct", "pipeline reward"]
+    columns += [f"{report.labels.get(probe, probe)} correct" for probe in report.probes]
+    columns += [report.labels.get(metric, metric) for metric in report.metrics]
+    for column in columns:
         table.add_column(column, justify="right" if column != "category" else "left")
     for category, scores in report.pipeline.items():
-        truth = report.image_given_truth[category]
-        style = "bold" if category == "overall" else None
-        table.add_row(category, str(scores.count), f"{scores.correct:.3f}", f"{scores.reward:.3f}", f"{truth.correct:.3f}",
-                      f"{report.description_accuracy[category]:.3f}", f"{report.image_quality.get(category, float('nan')):.3f}", style=style)
+        row = [category, str(scores.count), f"{scores.correct:.3f}", f"{scores.reward:.3f}"]
+        row += [f"{probe[category].correct:.3f}" for probe in report.probes.values()]
+        row += [f"{metric.get(category, float('nan')):.3f}" for metric in report.metrics.values()]
+        table.add_row(*row, style="bold" if category == "overall" else None)
     console.print(table)
     console.print(f"{report.seconds:.0f} s" + (f"; eval.json and grid.png in {out}" if out else ""))
 
@@ -309,7 +327,7 @@ def _evaluate_and_print(name: str, *, checkpoint, cfg: float, seed: int, out, sp
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; usage errors print one line (``unigrpo: error: ...``) and exit with code 2."""
     from unigrpo_env.agents.config import ConfigError
-    from unigrpo_env.agents.shapes_policy import CheckpointError
+    from unigrpo_env.agents.policy import CheckpointError
     from unigrpo_env.agents.trainer import RunFolderError
     from unigrpo_env.agents.unigrpo import RewardFailureError
     from unigrpo_env.registration import RegistryError

@@ -10,9 +10,10 @@ The package is a complete, installable starting point::
 
 Once installed (``pip install -e <dir>``) its scenario shows in ``unigrpo list scenarios``,
 trains with ``unigrpo run scenario <name>`` on the shipped ShapesWorld policy, and its tests
-pass. The scenario subclasses :class:`~unigrpo_env.scenarios.t2i_reason.T2IReasonScenario`
-(the shipped policy knows ShapesWorld's tokenizer and canvas only), with its own subset of the
-world's riddles, a small held-out split so evaluation is quick, and its own registered reward.
+pass. The scenario subclasses the registered ``t2i_reason`` (ShapesWorld's scenario, taken from
+the registry as any plugin would: the shipped policy knows ShapesWorld's tokenizer and canvas
+only), with its own subset of the world's riddles, a small held-out split so evaluation is quick,
+and its own registered reward, composed of registered scorers.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ The `${name}` scenario for unigrpo-env, written by `unigrpo init scenario ${name
     pip install -e .                      # registers the entry points
     unigrpo list scenarios                # shows ${name}
     pytest                                # the package's own tests
-    unigrpo run scenario ${name} --steps 2
+    unigrpo run scenario ${name} --iterations 2
     unigrpo run scenario ${name} --reward "${reward}:1.0,jpeg_compressibility:0.1"
 
 Everything is in `src/${package}/__init__.py`:
@@ -152,13 +153,9 @@ tasks (:meth:`${cls}.shapes_tasks`) and reward (:class:`${reward_cls}`).
 
 from __future__ import annotations
 
-import torch
-
 from unigrpo_env.reward import RewardInputs, RewardOutput
-from unigrpo_env.rewards import register_reward
-from unigrpo_env.scenarios import register_scenario
-from unigrpo_env.scenarios.shapes import ShapesTask, image_quality, task_split, verify
-from unigrpo_env.scenarios.t2i_reason import T2IReasonScenario
+from unigrpo_env.rewards import get_reward, register_reward
+from unigrpo_env.scenarios import SCENARIOS, register_scenario
 
 __all__ = ["${cls}", "${reward_cls}", "CATEGORIES", "HELDOUT_PER_CATEGORY"]
 
@@ -169,26 +166,32 @@ CATEGORIES: tuple[str, ...] = ("colors", "color_attr")
 HELDOUT_PER_CATEGORY = 4
 
 
+#: ShapesWorld's single-round scenario, the base of this one (taken from the registry, as any
+#: registered scenario can be extended).
+T2IReasonScenario = SCENARIOS.get("t2i_reason")
+
+
 @register_reward("${reward}")
 class ${reward_cls}:
     """Score in [0, 1]: ``(1 - q)·verifier + q·quality`` with ``q = quality_weight``.
 
     ``verifier`` is the fraction of the task's checks the image passes (ShapesWorld's exact
-    verifier), ``quality`` the image-quality score (1 = clean, flat colours). Components (logged
-    separately): ``correct`` (all checks pass), ``fraction`` and ``quality``.
+    verifier, the registered ``shapes_verifier``), ``quality`` the image-quality score (1 = clean,
+    flat colours; the registered ``image_quality``). Components (logged separately): ``correct``
+    (all checks pass), ``fraction`` and ``quality``.
     """
 
     def __init__(self, quality_weight: float = 0.2):
         if not 0.0 <= quality_weight <= 1.0:
             raise ValueError(f"quality_weight must be in [0, 1], got {quality_weight}")
         self.quality_weight = float(quality_weight)
+        self.verifier = get_reward("shapes_verifier")
+        self.quality = get_reward("image_quality")
 
     def __call__(self, inputs: RewardInputs) -> RewardOutput:
-        images = inputs.images.cpu().numpy()  # [N, H, W, 3] uint8, the final images
-        verdicts = [verify(images[i], ShapesTask.from_dict(task.meta["shapes_task"])) for i, task in enumerate(inputs.tasks)]
-        fraction = torch.tensor([v.score for v in verdicts], dtype=torch.float32)
-        correct = torch.tensor([float(v.correct) for v in verdicts])
-        quality = torch.tensor([image_quality(images[i]).score for i in range(len(images))], dtype=torch.float32)
+        verdict = self.verifier(inputs)  # inputs.images: [N, H, W, 3] uint8, the final images
+        fraction, correct = verdict.components["fraction"], verdict.components["correct"]
+        quality = self.quality(inputs).scores
         scores = (1.0 - self.quality_weight) * fraction + self.quality_weight * quality
         return RewardOutput(scores=scores, components={"correct": correct, "fraction": fraction, "quality": quality})
 
@@ -204,10 +207,10 @@ class ${cls}(T2IReasonScenario):
     name = "${name}"
     default_reward = "${reward}"
 
-    def shapes_tasks(self, split: str) -> list[ShapesTask]:
+    def shapes_tasks(self, split: str) -> list:
         """Train: every riddle of :data:`CATEGORIES`; held out: the first
         :data:`HELDOUT_PER_CATEGORY` of each (combinations never seen in training)."""
-        tasks = [t for t in task_split(split) if t.category in CATEGORIES]
+        tasks = [t for t in super().shapes_tasks(split) if t.category in CATEGORIES]
         if split == "heldout":
             taken = dict.fromkeys(CATEGORIES, 0)
             kept = []
@@ -250,7 +253,7 @@ def play_oracle(env, task_index):
     """Write the right description, then follow the straight line to the target image."""
     scenario = env.unwrapped.scenario
     obs, _ = env.reset(seed=task_index, options={"task_index": task_index})
-    task = env.unwrapped.episodes.tasks[0]
+    task = env.unwrapped.task
     obs, reward, terminated, _, info = env.step(TextAction(tokens=scenario.oracle_tokens(task)))
     x0 = scenario.target_latent(task)
     while not terminated:

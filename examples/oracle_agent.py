@@ -25,7 +25,7 @@ def play_oracle(env, task_index: int, seed: int = 0):
     """One episode of the oracle on task ``task_index``; returns (reward, info)."""
     scenario = env.unwrapped.scenario
     obs, info = env.reset(seed=seed, options={"task_index": task_index})
-    task = env.unwrapped.episodes.tasks[0]
+    task = env.unwrapped.task
     obs, reward, terminated, _, info = env.step(TextAction(tokens=scenario.oracle_tokens(task)))
     x0 = scenario.target_latent(task)
     while not terminated:

@@ -24,16 +24,20 @@ Kinds of scorer:
 * slow per-sample scorers — wrap in :class:`ChunkedReward` to score chunks concurrently.
 
 Registry. ``@register_reward("name")`` registers a factory (a class or a function returning a
-reward); installed packages add theirs through the entry-point group ``unigrpo.rewards``;
-``get_reward(name_or_spec, **options)`` builds one. Built-in:
+reward); installed packages add theirs through the entry-point group ``unigrpo.rewards``, and so
+do the built-in ones (this package's own entry points); ``get_reward(name_or_spec, **options)``
+builds one. Built-in:
 
 ==========================  ======================================================================
+``jpeg_compressibility``    DDPO's reward: minus the JPEG size of the image in kB (this module)
 ``shapes_verifier``         ShapesWorld's exact verifier (GenEval-style checks), in [0, 1]
 ``shapes_scene``            exact scene match: Jaccard index of detected and target objects
 ``image_quality``           stray pixels, off-palette colour and noise, in [0, 1] (alias ``quality``)
 ``edit_fidelity``           fraction of the objects an edit must leave alone that are still there
-``jpeg_compressibility``    DDPO's reward: minus the JPEG size of the image in kB
 ==========================  ======================================================================
+
+The ShapesWorld scorers live in the ShapesWorld package (:mod:`unigrpo_env.scenarios.shapes.rewards`,
+:mod:`unigrpo_env.scenarios.shapes.edit_fidelity`), which registers them like any plugin.
 """
 
 from typing import Any

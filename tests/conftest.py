@@ -89,3 +89,12 @@ def small_run_config(tmp_path):
     path = tmp_path / "small.yaml"
     path.write_text("num_prompts: 2\ngroup_size: 4\nminibatches: 1\neval_limit: 6\nscenario_options:\n  num_steps: 3\n")
     return path
+
+
+def trainer_for(config, out_dir, **options):
+    """A Trainer with the parts ``config`` names (as the CLI builds them)."""
+    from unigrpo_env.agents.parts import build_parts
+    from unigrpo_env.agents.trainer import Trainer
+
+    parts = build_parts(config)
+    return Trainer(config, out_dir, policy=parts.policy, scenario=parts.scenario, evaluator=parts.evaluator, **options)

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import write_tiny_checkpoint  # noqa: E402
 
 from unigrpo_env.agents.config import UniGRPOConfig  # noqa: E402
-from unigrpo_env.agents.shapes_policy import load_shapes_policy  # noqa: E402
+from unigrpo_env.scenarios.shapes.policy import load_shapes_policy  # noqa: E402
 from unigrpo_env.agents.unigrpo import UniGRPOAgent, distributed_advantages  # noqa: E402
 
 out = Path(sys.argv[1])
@@ -31,7 +31,7 @@ if rank == 0:
 accelerator.wait_for_everyone()
 config = UniGRPOConfig(num_prompts=1, group_size=4, minibatches=1, checkpoint=str(ckpt), scenario_options={"num_steps": 2}, cpu=True)
 agent = UniGRPOAgent(load_shapes_policy(ckpt), config, accelerator=accelerator)
-stats = agent.step()
+stats = agent.train_iteration()
 accelerator.wait_for_everyone()
 
 (out / f"rank{rank}.json").write_text(json.dumps({

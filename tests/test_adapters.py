@@ -13,10 +13,12 @@ from unigrpo_env import flow
 from unigrpo_env.agents.adapters import AdapterError, WithoutAdapter, attach_adapter, has_adapter, merged_model
 from unigrpo_env.agents.config import UniGRPOConfig
 from unigrpo_env.agents.hf_policies import ConditionedFlowPolicy
-from unigrpo_env.agents.shapes_policy import load_shapes_policy
-from unigrpo_env.agents.trainer import ADAPTER_FILE, Trainer
+from unigrpo_env.scenarios.shapes.policy import load_shapes_policy
+from unigrpo_env.agents.trainer import TRAINED_STATE_FILE
+
+from conftest import trainer_for
 from unigrpo_env.agents.unigrpo import UniGRPOAgent
-from unigrpo_env.scenarios.t2i_reason import T2IReasonScenario
+from unigrpo_env.scenarios.shapes.t2i_reason import T2IReasonScenario
 
 TINY = dict(num_prompts=2, group_size=4, minibatches=1, eval_limit=6, scenario_options={"num_steps": 4}, checkpoint_every=2)
 
@@ -68,7 +70,8 @@ def test_the_reference_is_the_starting_model_with_the_adapter_switched_off(tiny_
     for name, p in policy.image.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.5)  # a trained adapter: the network now differs from its start
-    condition, x, t = batch.turns[0].condition, batch.turns[0].latents[1], batch.times[1]
+    image = batch.trajectory.turns[0].image
+    condition, x, t = batch.rollout.conditions[0], image.latents[:, 1], float(image.times[1])
     v_start = start.image.velocity(x, t, condition)
     v_reference = agent.reference.velocity(x, t, condition)
     assert torch.allclose(v_reference, v_start, atol=1e-6) and not v_reference.requires_grad
@@ -112,12 +115,12 @@ def _rows(path: Path):
 def test_a_killed_run_with_adapters_resumes_exactly_and_its_checkpoint_loads_as_a_plain_one(tiny_checkpoint, tmp_path, image_adapter):
     config = tiny_config(tiny_checkpoint, scenario_options={"num_steps": 3}, text_adapter="ln_tuning", image_adapter=image_adapter,
                          lr_text=1e-2, lr_image=1e-2)
-    Trainer(config.model_copy(update={"steps": 3}), tmp_path / "straight").run()
-    Trainer(config.model_copy(update={"steps": 2}), tmp_path / "killed").run()
-    Trainer(config.model_copy(update={"steps": 3}), tmp_path / "killed", resume=True).run()
+    trainer_for(config.model_copy(update={"iterations": 3}), tmp_path / "straight").run()
+    trainer_for(config.model_copy(update={"iterations": 2}), tmp_path / "killed").run()
+    trainer_for(config.model_copy(update={"iterations": 3}), tmp_path / "killed", resume=True).run()
     assert _rows(tmp_path / "straight" / "metrics.jsonl") == _rows(tmp_path / "killed" / "metrics.jsonl")
     folder = tmp_path / "killed" / "checkpoints" / (tmp_path / "killed" / "checkpoints" / "LATEST").read_text().strip()
-    assert (folder / ADAPTER_FILE).is_file()
+    assert (folder / TRAINED_STATE_FILE).is_file()
     plain = load_shapes_policy(folder)  # the merged models load like any checkpoint (unigrpo eval reads them)
     start = load_shapes_policy(tiny_checkpoint)
     moved = [k for k, v in plain.state_dict().items() if not torch.equal(v, start.state_dict()[k])]
@@ -133,13 +136,13 @@ def test_cli_adapter_flags_reach_the_run_and_bad_ones_exit_with_code_2(tiny_chec
     config = small_run_config
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
-        main(["run", "scenario", "t2i_reason", "--steps", "1", "--config", str(config), "--checkpoint", str(tiny_checkpoint),
+        main(["run", "scenario", "t2i_reason", "--iterations", "1", "--config", str(config), "--checkpoint", str(tiny_checkpoint),
               "--text-adapter", "ln_tuning", "--image-adapter", "lora", "--out", str(out)])
     assert exit_info.value.code == 0, capsys.readouterr().err
     saved = json.loads((out / "config.json").read_text())
     assert (saved["text_adapter"], saved["image_adapter"]) == ("ln_tuning", "lora")
     done = subprocess.run(
-        [sys.executable, "-m", "unigrpo_env.cli.main", "run", "scenario", "t2i_reason", "--steps", "1", "--text-adapter", "prefix"],
+        [sys.executable, "-m", "unigrpo_env.cli.main", "run", "scenario", "t2i_reason", "--iterations", "1", "--text-adapter", "prefix"],
         capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 2 and "prefix" in done.stderr and "Traceback" not in done.stderr, done.stderr
@@ -153,7 +156,7 @@ def test_the_example_configs_are_valid():
     configs = {name: UniGRPOConfig.for_scenario(scenario, folder / name) for name, scenario in scenario_of.items()}
     edit = configs["edit_multiturn_full_training.yaml"]
     # edit_multiturn's earlier defaults: the plain config for 80 iterations
-    assert edit == UniGRPOConfig(scenario="edit_multiturn", steps=80)
+    assert edit == UniGRPOConfig(scenario="edit_multiturn", iterations=80)
     assert "t2i_reason_full_training.yaml" in configs
     assert configs["t2i_reason_full_training.yaml"].text_adapter == "full"
     # the recipe with latent KL instead of MSE, at the MSE's average strength over the SDE window

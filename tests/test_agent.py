@@ -14,8 +14,10 @@ import torch
 
 from unigrpo_env.agents.config import ConfigError, UniGRPOConfig
 from unigrpo_env.agents.losses import TEXT_LOSS_TYPES, clipped_surrogate, flow_grpo_loss, group_advantages, text_grpo_loss, text_kl
-from unigrpo_env.agents.shapes_policy import load_shapes_policy
-from unigrpo_env.agents.trainer import RunFolderError, Trainer
+from unigrpo_env.scenarios.shapes.policy import load_shapes_policy
+from unigrpo_env.agents.trainer import RunFolderError
+
+from conftest import trainer_for
 from unigrpo_env.agents.unigrpo import RewardFailureError, UniGRPOAgent
 from unigrpo_env.reward import RewardOutput
 from unigrpo_env.rewards import register_reward
@@ -129,7 +131,7 @@ def tiny_config(tiny_checkpoint, **overrides) -> UniGRPOConfig:
 
 def test_first_epoch_is_exactly_on_policy(tiny_checkpoint):
     agent = UniGRPOAgent(load_shapes_policy(tiny_checkpoint), tiny_config(tiny_checkpoint, sde_window_size=None))
-    stats = agent.step()
+    stats = agent.train_iteration()
     assert stats["first_ratio_text_max_dev"] == 0.0 and stats["first_ratio_image_max_dev"] == 0.0
     assert stats["image_log_prob_drift"] < 1e-4 and stats["text_log_prob_drift"] < 1e-4
 
@@ -138,7 +140,7 @@ def test_first_epoch_is_exactly_on_policy(tiny_checkpoint):
 def test_token_level_text_losses_train_on_policy(tiny_checkpoint, loss_type):
     agent = UniGRPOAgent(load_shapes_policy(tiny_checkpoint), tiny_config(tiny_checkpoint, train="text", text_loss_type=loss_type))
     batch = agent.collect(0)
-    assert [turn.token_budget for turn in batch.turns] == [agent.scenario.text_codec.max_tokens]  # Dr. GRPO's normaliser
+    assert [turn.text.max_tokens for turn in batch.trajectory.turns] == [agent.scenario.text_codec.max_tokens]  # Dr. GRPO's normaliser
     stats = agent.update(batch)
     assert stats["first_ratio_text_max_dev"] == 0.0 and math.isfinite(stats["loss_text"])
 
@@ -165,7 +167,7 @@ def test_gradients_reach_the_trained_parameter_groups_only(tiny_checkpoint, trai
 def test_text_kl_starts_at_zero_and_is_logged(tiny_checkpoint):
     agent = UniGRPOAgent(load_shapes_policy(tiny_checkpoint), tiny_config(tiny_checkpoint, train="text", kl_text=0.1))
     assert agent.reference_text is not None and agent.reference is None
-    stats = agent.step()
+    stats = agent.train_iteration()
     assert stats["kl_text"] == pytest.approx(0.0, abs=1e-6)  # the first update is at the reference
     assert stats["first_ratio_text_max_dev"] == 0.0
     assert UniGRPOAgent(load_shapes_policy(tiny_checkpoint), tiny_config(tiny_checkpoint)).reference_text is None
@@ -189,21 +191,21 @@ def test_reference_outputs_are_computed_once_per_batch_across_ppo_epochs(tiny_ch
     stats = agent.update(batch)
     # each minibatch of the first epoch once (2 SDE steps per image), then the cache
     assert calls == {"velocity": 2 * 2, "text": 2}
-    cached = batch.reference_cache[("velocity", 0, batch.turns[0].sde_steps[0])]
+    cached = batch.reference_cache[("velocity", 0, batch.trajectory.turns[0].image.sde_steps[0])]
     assert bool(cached[1].all()) and math.isfinite(stats["regularizer_mse"]) and stats["kl_text"] >= 0.0
 
 
 def test_learning_rates_warm_up_linearly(tiny_checkpoint):
     agent = UniGRPOAgent(load_shapes_policy(tiny_checkpoint), tiny_config(tiny_checkpoint, warmup_iterations=4, lr_text=1e-3, lr_image=2e-3))
     assert [agent.learning_rate_scale(i) for i in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    stats = agent.step()
+    stats = agent.train_iteration()
     assert stats["lr_scale"] == 0.25
     assert {g["name"]: g["lr"] for g in agent.optimizer.param_groups} == pytest.approx({"text": 2.5e-4, "image": 5e-4})
 
 
 def test_learning_rate_schedules_decay_to_zero_after_the_warm_up(tiny_checkpoint):
     def scales(**options):
-        agent = UniGRPOAgent(load_shapes_policy(tiny_checkpoint), tiny_config(tiny_checkpoint, steps=6, **options))
+        agent = UniGRPOAgent(load_shapes_policy(tiny_checkpoint), tiny_config(tiny_checkpoint, iterations=6, **options))
         return [agent.learning_rate_scale(i) for i in range(6)]
 
     assert scales(lr_schedule="linear", warmup_iterations=2) == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25])
@@ -236,9 +238,9 @@ def _rows(path: Path):
 def test_killed_and_resumed_run_matches_an_uninterrupted_one(tiny_checkpoint, tmp_path):
     # warm-up and evaluation with CFG ride along: the learning-rate schedule resumes too
     config = tiny_config(tiny_checkpoint, scenario_options={"num_steps": 3}, warmup_iterations=3, eval_cfg=2.0)
-    Trainer(config.model_copy(update={"steps": 3}), tmp_path / "straight").run()
-    Trainer(config.model_copy(update={"steps": 2}), tmp_path / "killed").run()  # stops after its checkpoint at 2
-    summary = Trainer(config.model_copy(update={"steps": 3}), tmp_path / "killed", resume=True).run()
+    trainer_for(config.model_copy(update={"iterations": 3}), tmp_path / "straight").run()
+    trainer_for(config.model_copy(update={"iterations": 2}), tmp_path / "killed").run()  # stops after its checkpoint at 2
+    summary = trainer_for(config.model_copy(update={"iterations": 3}), tmp_path / "killed", resume=True).run()
     assert _rows(tmp_path / "straight" / "metrics.jsonl") == _rows(tmp_path / "killed" / "metrics.jsonl")
     for name in ("config.json", "summary.json", "reward_curve.png", "eval_before/grid.png", "eval_after/eval.json"):
         assert (tmp_path / "killed" / name).exists()
@@ -246,7 +248,7 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tiny_checkpoint, tm
     assert summary["eval_cfg"] == 2.0 and json.loads((tmp_path / "killed" / "eval_after" / "eval.json").read_text())["cfg_scale"] == 2.0
     assert [row["lr_scale"] for row in _rows(tmp_path / "killed" / "metrics.jsonl")] == pytest.approx([1 / 3, 2 / 3, 1.0])
     with pytest.raises(RunFolderError, match="already holds a run"):
-        Trainer(config, tmp_path / "straight")
+        trainer_for(config, tmp_path / "straight")
 
 
 calls = {"n": 0}
@@ -271,26 +273,29 @@ class Broken:
 
 def test_failed_samples_are_left_out_and_counted(tiny_checkpoint):
     agent = UniGRPOAgent(load_shapes_policy(tiny_checkpoint), tiny_config(tiny_checkpoint, scenario_options={"num_steps": 3, "reward": "test_partly_nan"}))
-    stats = agent.step()
+    stats = agent.train_iteration()
     assert stats["reward_failed"] == 2.0 and math.isfinite(stats["loss"])
     batch = agent.collect(1)
     assert (~batch.valid).sum() == 2 and (batch.advantages[~batch.valid] == 0).all()
 
 
 def test_a_scorer_failing_for_most_of_a_batch_stops_the_run_with_a_checkpoint(tiny_checkpoint, tmp_path):
-    config = tiny_config(tiny_checkpoint, steps=3, scenario_options={"num_steps": 3, "reward": "test_broken"})
+    config = tiny_config(tiny_checkpoint, iterations=3, scenario_options={"num_steps": 3, "reward": "test_broken"})
     with pytest.raises(RewardFailureError, match="reward server unreachable"):
-        Trainer(config, tmp_path / "run").run()
+        trainer_for(config, tmp_path / "run").run()
     assert (tmp_path / "run" / "checkpoints" / "LATEST").is_file()
 
 
 def test_config_files_and_bad_values(tmp_path):
-    (tmp_path / "c.yaml").write_text("steps: 7\ntrain: text\nlr_text: 0.001\n")
+    (tmp_path / "c.yaml").write_text("iterations: 7\ntrain: text\nlr_text: 0.001\n")
     config = UniGRPOConfig.from_file(tmp_path / "c.yaml", seed=3)
-    assert (config.steps, config.train, config.lr_text, config.seed) == (7, "text", 0.001, 3)
+    assert (config.iterations, config.train, config.lr_text, config.seed) == (7, "text", 0.001, 3)
+    (tmp_path / "old.yaml").write_text("steps: 7\n")
+    with pytest.raises(ValueError, match="steps was renamed iterations"):
+        UniGRPOConfig.from_file(tmp_path / "old.yaml")
     (tmp_path / "c.json").write_text(json.dumps({"regularizer": "kl"}))
     assert UniGRPOConfig.from_file(tmp_path / "c.json").regularizer_coef == 0.04
-    (tmp_path / "bad.yaml").write_text("steps: [\n")
+    (tmp_path / "bad.yaml").write_text("iterations: [\n")
     with pytest.raises(ConfigError):
         UniGRPOConfig.from_file(tmp_path / "bad.yaml")
     with pytest.raises(ValueError):
@@ -325,6 +330,7 @@ def test_each_regulariser_has_its_own_weight_and_the_text_rate_follows_the_adapt
     assert UniGRPOConfig.model_validate(_migrated({"regularizer": "kl", "regularizer_weight": 0.5})).kl_weight == 0.5
     assert UniGRPOConfig.model_validate(_migrated({"regularizer_weight": 3.0})).mse_weight == 3.0
     assert UniGRPOConfig.model_validate(_migrated({"regularizer_weight": None})) == UniGRPOConfig()
+    assert UniGRPOConfig.model_validate(_migrated({"steps": 12})).iterations == 12
 
 
 def test_t2i_reason_recommends_the_measured_recipe_and_flags_can_undo_it(tmp_path):
@@ -340,21 +346,21 @@ def test_t2i_reason_recommends_the_measured_recipe_and_flags_can_undo_it(tmp_pat
     assert full == plain and (plain.text_adapter, plain.lr_text, plain.lr_image, plain.lr_schedule, plain.regularizer_coef) == ("full", 1e-4, 1e-4, "constant", 1.0)
     # edit_multiturn takes the recipe with its own length and warm-up
     edit = UniGRPOConfig.for_scenario("edit_multiturn")
-    assert (edit.text_adapter, edit.lr_image, edit.steps, edit.warmup_iterations) == ("ln_tuning", 1e-3, 72, 15)
+    assert (edit.text_adapter, edit.lr_image, edit.iterations, edit.warmup_iterations) == ("ln_tuning", 1e-3, 72, 15)
 
 
 def test_scenario_training_defaults_sit_under_the_file_and_the_overrides(tmp_path):
-    from unigrpo_env.scenarios.edit_multiturn import EditMultiTurnScenario
-    from unigrpo_env.scenarios.t2i_reason import T2IReasonScenario
+    from unigrpo_env.scenarios.shapes.edit_multiturn import EditMultiTurnScenario
+    from unigrpo_env.scenarios.shapes.t2i_reason import T2IReasonScenario
 
     recommended = EditMultiTurnScenario.training_defaults
     assert recommended and set(recommended) <= set(UniGRPOConfig.model_fields)
     config = UniGRPOConfig.for_scenario("edit_multiturn")
     assert config.scenario == "edit_multiturn"
     assert all(getattr(config, k) == v for k, v in recommended.items())
-    (tmp_path / "c.yaml").write_text("steps: 7\n")
+    (tmp_path / "c.yaml").write_text("iterations: 7\n")
     config = UniGRPOConfig.for_scenario("edit_multiturn", tmp_path / "c.yaml", seed=4)
-    assert (config.steps, config.seed) == (7, 4)
+    assert (config.iterations, config.seed) == (7, 4)
     assert UniGRPOConfig.for_scenario("t2i_reason") == UniGRPOConfig(scenario="t2i_reason", **T2IReasonScenario.training_defaults)
 
 
@@ -364,7 +370,7 @@ def test_the_agent_trains_on_edit_dialogues_unchanged(tiny_checkpoint):
     policy = load_shapes_policy(tiny_checkpoint)
     agent = UniGRPOAgent(policy, tiny_config(tiny_checkpoint, scenario="edit_multiturn", sde_window_size=None))
     batch = agent.collect(0)
-    assert len(batch.turns) == 3 and all(t.sde_steps for t in batch.turns)
+    assert len(batch.trajectory.turns) == 3 and all(t.image.sde_steps for t in batch.trajectory.turns)
     assert {"reward/shapes_scene", "reward/edit_fidelity"} <= set(batch.stats)
     text_lp, image_lp, _ = agent._log_probs(batch, torch.arange(len(batch)))
     assert len(text_lp) == 3 and len(image_lp) == 3
@@ -374,5 +380,5 @@ def test_the_agent_trains_on_edit_dialogues_unchanged(tiny_checkpoint):
         assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in policy.text.parameters())
         assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in policy.image.parameters())
     policy.zero_grad()
-    stats = agent.step()
+    stats = agent.train_iteration()
     assert stats["first_ratio_text_max_dev"] == 0.0 and stats["first_ratio_image_max_dev"] == 0.0

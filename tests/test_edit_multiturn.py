@@ -4,6 +4,8 @@ the random agent run on its id in test_t2i_reason.py (parametrised over every re
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ import unigrpo_env
 from unigrpo_env import FlowAction, TextAction, Trajectory, flow
 from unigrpo_env.errors import InvalidActionError
 from unigrpo_env.reward import RewardInputs
-from unigrpo_env.rewards.shapes import SceneMatchReward, scene_meta
+from unigrpo_env.scenarios.shapes.rewards import SceneMatchReward, scene_meta
 from unigrpo_env.scenarios.shapes import Scene, SceneObject, describe, parse_description, render
 from unigrpo_env.scenarios.shapes.edits import EDIT_KINDS, EditDialogue, apply_random_edit, dialogue_split, reference
 from unigrpo_env.scenarios.shapes.tasks import extract_description
@@ -92,7 +94,7 @@ def test_scene_match_is_one_only_for_the_exact_scene():
 
 def _oracle_turns(envs, scenario):
     """Play every turn with the oracle's text and the straight-line velocity onto each turn's target."""
-    tasks = envs.episodes.tasks
+    tasks = envs.tasks
     for turn in range(tasks[0].num_turns):
         obs, *_ = envs.step([TextAction(tokens=scenario.oracle_tokens(t, turn)) for t in tasks])
         targets = torch.stack([scenario.target_latent(t, turn) for t in tasks])
@@ -115,11 +117,11 @@ def test_oracle_gets_the_full_reward_on_heldout_dialogues(num_turns):
     assert info["reward_components"]["shapes_scene/correct"].tolist() == [1.0] * len(chosen)
     assert info["reward_components"]["edit_fidelity"].tolist() == [1.0] * len(chosen)
     if num_turns == 3:
-        records = envs.episodes.records
-        assert len(records) == 3
+        turns = envs.trajectory.turns
+        assert len(turns) == 3
         for k in range(3):  # every turn's image is that turn's scene
-            expected = torch.stack([torch.from_numpy(render(scenario.target_scene(t, k))) for t in envs.episodes.tasks])
-            assert (records[k].images.int() - expected.int()).abs().max() <= 1
+            expected = torch.stack([torch.from_numpy(render(scenario.target_scene(t, k))) for t in envs.tasks])
+            assert (turns[k].image.images.int() - expected.int()).abs().max() <= 1
 
 
 def test_edit_reward_drops_when_an_untouched_object_is_lost():
@@ -151,7 +153,7 @@ def _play_turns(env, scenario, task, turns: int, seed: int):
 def test_three_turn_trajectory_saves_and_loads_exactly(tmp_path):
     env = unigrpo_env.make("edit_multiturn")
     env.reset(seed=5)
-    scenario, task = env.scenario, env.episodes.tasks[0]
+    scenario, task = env.scenario, env.task
     obs, info = _play_turns(env, scenario, task, 3, seed=5)
     trajectory = info["trajectory"]
     assert obs.phase == "done" and trajectory.terminated and len(trajectory.turns) == 3
@@ -162,14 +164,14 @@ def test_three_turn_trajectory_saves_and_loads_exactly(tmp_path):
 
 
 def test_invalid_action_in_turn_two_leaves_turns_one_and_two_intact():
-    env = unigrpo_env.make("edit_multiturn")
+    env = unigrpo_env.make("edit_multiturn", render_mode="rgb_array")
     env.reset(seed=2)
-    scenario, task = env.scenario, env.episodes.tasks[0]
+    scenario, task = env.scenario, env.task
     obs, info = _play_turns(env, scenario, task, 1, seed=2)
     obs, _, _, _, info = env.step(TextAction(tokens=scenario.oracle_tokens(task, 1)))
     assert obs.turn == 1 and obs.phase == "image"
-    before = info["trajectory"]
-    x_t = obs.x_t.clone()
+    before = copy.deepcopy(info["trajectory"])  # a view of the env's record: copy it so a change would show
+    x_t, drawn = obs.x_t.clone(), env.render()  # render() decodes the env's own current latent
     bad = [
         TextAction(tokens=[3]),                                               # text in the image phase
         FlowAction(x_next=torch.full_like(x_t, float("nan"))),                # NaN latent
@@ -179,7 +181,7 @@ def test_invalid_action_in_turn_two_leaves_turns_one_and_two_intact():
         with pytest.raises(InvalidActionError):
             env.step(action)
         assert env.trajectory == before
-        assert torch.equal(env.episodes.x_t[0], x_t)
+        assert np.array_equal(env.render(), drawn)
     assert len(before.turns) == 2 and len(before.turns[0].segments) == 2 and len(before.turns[1].segments) == 2
     # the episode goes on from where it was and finishes with the full reward
     target = scenario.target_latent(task, 1)
@@ -207,7 +209,7 @@ def test_options_and_categories():
 
 def test_the_shipped_image_model_reads_edit_only_words_as_unknown():
     from unigrpo_env.agents.policy import TurnContext
-    from unigrpo_env.agents.shapes_policy import load_shapes_policy
+    from unigrpo_env.scenarios.shapes.policy import load_shapes_policy
     from unigrpo_env.scenarios.shapes.tokenizer import build_tokenizer, riddle_vocab_size
 
     policy = load_shapes_policy()

@@ -3,6 +3,7 @@ noise and determinism, invalid actions leaving everything unchanged, the batched
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -28,7 +29,7 @@ def target_latent(env, rgb):
 
 def play_oracle(env, obs):
     """Follow the straight-line velocity towards the task's colour; return the last step's output."""
-    task = env.episodes.tasks[0]
+    task = env.task
     while True:
         if obs.phase == "text":
             out = env.step(TextAction(tokens=[3, 2]))
@@ -84,7 +85,7 @@ def test_seeded_reset_is_deterministic_and_noise_is_seeded(toy_scenario):
     def run(seed):
         obs, _ = env.reset(seed=seed)
         obs, *_ = finish_text(env)
-        return obs.x_t, env.episodes.tasks[0]
+        return obs.x_t, env.task
 
     x_a, task_a = run(7)
     x_b, task_b = run(7)
@@ -104,8 +105,9 @@ def test_step_before_reset_and_after_end(toy_scenario):
 
 
 def _state(env):
-    traj = env.trajectory
-    return traj, env.episodes.phase, env.episodes.step_index, env.action_space.phase
+    """A copy of what the env holds (the trajectory is a view of its record: copy it, so that a
+    change to the record would show)."""
+    return copy.deepcopy(env.trajectory), env.phase, env.action_space.phase
 
 
 INVALID_TEXT = [
@@ -184,7 +186,8 @@ def test_env_does_not_alias_the_callers_tensors(toy_scenario):
     x.fill_(7.0)
     obs.x_t.fill_(9.0)
     assert float(env.trajectory.turns[0].image.x_next.abs().max()) == 0.0
-    assert float(env.episodes.x_t.abs().max()) == 0.0
+    next_obs, *_ = env.step(FlowAction(x_next=x.clone()))  # the env's own latent was not changed through obs
+    assert float(env.trajectory.turns[0].image.x_t[1].abs().max()) == 0.0
 
 
 def test_log_probs_and_stochastic_flags_are_recorded(toy_scenario):
@@ -272,17 +275,17 @@ def test_vector_env_matches_single_env_episode_by_episode(toy_scenario):
         batched = TextAction(tokens=action.tokens.unsqueeze(0)) if isinstance(action, TextAction) else FlowAction(x_next=action.x_next.unsqueeze(0))
         envs.step(batched)
         env.step(action)
-    assert envs.trajectory(0) == env.trajectory
+    assert envs.trajectory.episode(0) == env.trajectory
 
 
 def test_vector_env_random_agent_and_seeding(toy_scenario):
     envs = unigrpo_env.make_vec(toy_scenario, num_prompts=2, group_size=2)
 
     def rollout(seed):
-        envs.reset(seed=seed)
+        obs, _ = envs.reset(seed=seed)
         envs.action_space.seed(seed)
         for _ in range(200):
-            *_, term, _, _ = envs.step(envs.action_space.sample())
+            obs, _, term, _, _ = envs.step(envs.action_space.sample(mask=obs))  # the observation masks the sample
             if term.all():
                 return envs.trajectories()
         raise AssertionError("random agent did not finish")
@@ -291,11 +294,23 @@ def test_vector_env_random_agent_and_seeding(toy_scenario):
     assert rollout(1) != rollout(2)
 
 
+def test_vector_action_space_is_a_static_description(toy_scenario):
+    envs = unigrpo_env.make_vec(toy_scenario, num_prompts=1, group_size=2)
+    space = envs.action_space
+    obs, _ = envs.reset(seed=0)
+    with pytest.raises(ValueError, match="mask=obs"):
+        space.sample()
+    described = repr(space)
+    obs, *_ = envs.step(TextAction(tokens=[[3, 2], [3, 2]]))
+    assert obs.phase == "image" and envs.action_space is space and repr(space) == described
+    assert space.contains(space.sample(mask=obs)) and space.contains(TextAction(tokens=[[3], [4]]))
+
+
 def test_invalid_batched_action_leaves_vector_env_unchanged(toy_scenario):
     envs = unigrpo_env.make_vec(toy_scenario, num_prompts=1, group_size=2)
     envs.reset(seed=0)
     envs.step(TextAction(tokens=[[3, 2], [3, 2]]))
-    before = envs.trajectories()
+    before = copy.deepcopy(envs.trajectories())
     bad_x = torch.zeros(2, 3, 4, 4)
     bad_x[1, 0, 0, 0] = float("nan")
     for bad, error in [

@@ -19,14 +19,14 @@ import pytest
 import unigrpo_env
 from unigrpo_env.registration import REWARDS, SCENARIOS, Registry, RegistryError
 from unigrpo_env.rewards import WeightedSum, get_reward
-from unigrpo_env.scenarios.t2i_reason import T2IReasonScenario
+from unigrpo_env.scenarios.shapes.t2i_reason import T2IReasonScenario
 
 from conftest import MeanColourReward, ToyScenario
 
 FAKE_OK = '''
-from unigrpo_env.rewards.shapes import ImageQualityReward
+from unigrpo_env.scenarios.shapes.rewards import ImageQualityReward
 from unigrpo_env.scenarios import register_scenario
-from unigrpo_env.scenarios.t2i_reason import T2IReasonScenario
+from unigrpo_env.scenarios.shapes.t2i_reason import T2IReasonScenario
 
 
 @register_scenario("fake_ok")  # registers itself on import, as well as through its entry point
@@ -180,7 +180,7 @@ def test_unigrpo_list_shows_a_broken_plugin_with_its_error(tmp_path):
     assert rewards.returncode == 0 and "boom" in row(rewards.stdout, "fake_broken_reward")
     assert "SystemExit" in row(rewards.stdout, "fake_exiting_reward")
     assert row(rewards.stdout, "fake_quality").rstrip(" │").endswith("ok") and row(rewards.stdout, "shapes_verifier").rstrip(" │").endswith("ok")
-    used = run_cli("run", "scenario", "fake_broken", "--steps", "1", extra_path=root)
+    used = run_cli("run", "scenario", "fake_broken", "--iterations", "1", extra_path=root)
     lines = used.stderr.strip().splitlines()
     assert used.returncode == 2 and len(lines) == 1 and lines[0].startswith("unigrpo: error:") and "boom" in lines[0]
 
@@ -252,10 +252,10 @@ def test_a_generated_plugin_installs_into_a_fresh_venv_lists_passes_its_tests_an
     assert tested.returncode == 0 and "4 passed" in tested.stdout, tested.stdout + tested.stderr
 
     out = tmp_path / "run"
-    trained = run("-m", "unigrpo_env.cli.main", "run", "scenario", "my_edit", "--steps", "2", "--out", str(out))
+    trained = run("-m", "unigrpo_env.cli.main", "run", "scenario", "my_edit", "--iterations", "2", "--out", str(out))
     assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["scenario"] == "my_edit" and summary["steps"] == 2
+    assert summary["scenario"] == "my_edit" and summary["iterations"] == 2
     assert set(summary["per_category"]) == {"colors", "color_attr", "overall"}  # the plugin's own tasks
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 2 and all({"reward/correct", "reward/fraction", "reward/quality"} <= set(m) for m in metrics)

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import unigrpo_env
-from unigrpo_env.agents.evaluation import evaluate
+from unigrpo_env.scenarios.shapes.evaluation import shapes_evaluator
 from unigrpo_env.agents.policy import FlowPolicy, TextPolicy, TurnContext, UnifiedPolicy
 from unigrpo_env.agents.rollout import RolloutSettings, rollout
-from unigrpo_env.agents.shapes_policy import CheckpointError, load_shapes_policy, shapes_policy
+from unigrpo_env.scenarios.shapes.policy import CheckpointError, load_shapes_policy, shapes_policy
 from unigrpo_env.scenarios.shapes import task_split
 
 
@@ -113,34 +113,44 @@ def test_rollout_records_on_policy_log_probs(policy):
     envs = unigrpo_env.make_vec("t2i_reason", num_prompts=2, group_size=2, num_steps=4)
     result = rollout(policy, envs, RolloutSettings(sde_window=(1, 2)), seed=0)
     assert result.rewards.shape == (4,) and result.network_calls == 4
-    trajectories = envs.trajectories()
-    text = trajectories[0].turns[0].text
-    assert text.has_log_probs and torch.equal(text.tokens, result.texts[0].tokens[0, : result.texts[0].lengths[0]])
-    assert trajectories[0].turns[0].image.stochastic.tolist() == [False, True, True, False]
-    recomputed = policy.text.log_probs(result.contexts[0], result.texts[0].tokens, result.texts[0].lengths)
-    assert torch.allclose(recomputed, result.texts[0].log_probs, atol=1e-4)  # the ratio is 1 on-policy
+    assert result.trajectory is envs.trajectory  # the rollout keeps the env's own record, no copy
+    text = envs.trajectories()[0].turns[0].text
+    turn = result.trajectory.turns[0]
+    assert text.has_log_probs and torch.equal(text.tokens, turn.text.tokens[0, : turn.text.lengths[0]])
+    assert turn.image.stochastic.tolist() == [False, True, True, False] == envs.trajectories()[0].turns[0].image.stochastic.tolist()
+    tokens, recorded = turn.text.padded()
+    recomputed = policy.text.log_probs(result.context(0), tokens, turn.text.lengths)
+    mask = torch.arange(tokens.shape[1])[None] < turn.text.lengths[:, None]
+    assert torch.allclose(recomputed[mask], recorded[mask], atol=1e-4)  # the ratio is 1 on-policy
 
 
 def test_evaluation_reports_every_category_and_writes_files(policy, tmp_path):
-    report = evaluate(policy, "t2i_reason", limit=12, batch_size=6, out_dir=tmp_path, num_steps=3)
+    scenario = unigrpo_env.make_scenario("t2i_reason", num_steps=3)
+    report = shapes_evaluator(batch_size=6).evaluate(policy, scenario, limit=12, out_dir=tmp_path)
     assert set(report.pipeline) >= {"overall"} and report.pipeline["overall"].count == 12
-    assert 0.0 <= report.image_given_truth["overall"].correct <= 1.0
+    assert 0.0 <= report.probes["image_given_truth"]["overall"].correct <= 1.0
+    assert set(report.metrics) == {"description_accuracy", "image_quality"}
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["pipeline"]["overall"]["count"] == 12 and (tmp_path / "grid.png").stat().st_size > 0
 
 
 def test_evaluation_uses_the_runs_reward_and_finds_genevals_verdict_inside_a_sum(policy):
-    plain = evaluate(policy, "t2i_reason", limit=6, batch_size=6, num_steps=3, image_given_truth=False)
-    summed = evaluate(
-        policy, "t2i_reason", limit=6, batch_size=6, num_steps=3, image_given_truth=False,
-        scenario_options={"reward": "shapes_verifier:1.0,quality:0.5"},
+    evaluator = shapes_evaluator(batch_size=6)
+    plain = evaluator.evaluate(policy, unigrpo_env.make_scenario("t2i_reason", num_steps=3), limit=6, run_probes=False)
+    summed_scenario = unigrpo_env.make_scenario("t2i_reason", num_steps=3, reward="shapes_verifier:1.0,quality:0.5")
+    summed = evaluator.evaluate(policy, summed_scenario, limit=6, run_probes=False)
+    assert not plain.probes and not summed.probes
+    # a reward given to the evaluator scores instead of the scenario's own
+    also_summed = evaluator.evaluate(
+        policy, unigrpo_env.make_scenario("t2i_reason", num_steps=3), limit=6, run_probes=False, reward=summed_scenario.reward
     )
+    assert also_summed.pipeline == summed.pipeline
     assert summed.overall("pipeline", "correct") == plain.overall("pipeline", "correct")  # same images, same verdicts
     assert summed.overall("pipeline", "reward") > plain.overall("pipeline", "reward")  # + 0.5 × quality (> 0)
     # the evaluation's image-quality column is the quality reward of the same images
     gain = summed.overall("pipeline", "reward") - plain.overall("pipeline", "reward")
-    assert gain == pytest.approx(0.5 * plain.image_quality["overall"], abs=1e-5)
-    assert 0.0 < plain.image_quality["overall"] <= 1.0
+    assert gain == pytest.approx(0.5 * plain.metrics["image_quality"]["overall"], abs=1e-5)
+    assert 0.0 < plain.metrics["image_quality"]["overall"] <= 1.0
 
 
 def test_bad_checkpoints_raise_checkpoint_error(tmp_path, tiny_checkpoint):

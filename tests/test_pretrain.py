@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from unigrpo_env.agents.shapes_policy import load_shapes_policy
+from unigrpo_env.scenarios.shapes.policy import load_shapes_policy
 from unigrpo_env.scenarios.shapes.flow_training import FlowTrainingConfig
 from unigrpo_env.scenarios.shapes.language_model import LanguageModelConfig
 from unigrpo_env.scenarios.shapes.pretrain import PretrainConfig, pretrain_shapes

@@ -29,9 +29,9 @@ from unigrpo_env.rewards import (
     parse_reward_spec,
 )
 from unigrpo_env.rewards.concurrency import ScorerPool, merge_outputs
-from unigrpo_env.rewards.edit import EditFidelityReward, edit_meta
+from unigrpo_env.scenarios.shapes.edit_fidelity import EditFidelityReward, edit_meta
 from unigrpo_env.rewards.jpeg import JpegCompressibilityReward
-from unigrpo_env.rewards.shapes import ImageQualityReward, ShapesVerifierReward
+from unigrpo_env.scenarios.shapes.rewards import ImageQualityReward, ShapesVerifierReward
 from unigrpo_env.scenarios.shapes import Scene, SceneObject, render
 
 from conftest import MeanColourReward, ToyScenario
@@ -319,7 +319,7 @@ def test_t2i_reason_takes_a_weighted_sum_and_the_oracle_scores_its_weights():
     env = unigrpo_env.make("t2i_reason", split="heldout", reward="shapes_verifier:1.0,quality:0.2,jpeg_compressibility:0")
     scenario = env.unwrapped.scenario
     obs, _ = env.reset(seed=0, options={"task_index": 0})
-    task = env.unwrapped.episodes.tasks[0]
+    task = env.unwrapped.task
     x0 = scenario.target_latent(task)
     obs, reward, terminated, _, info = env.step(TextAction(tokens=scenario.oracle_tokens(task)))
     while not terminated:
@@ -335,14 +335,14 @@ def test_t2i_reason_takes_a_weighted_sum_and_the_oracle_scores_its_weights():
 
 def test_the_agent_logs_each_term_separately(tiny_checkpoint):
     from unigrpo_env.agents.config import UniGRPOConfig
-    from unigrpo_env.agents.shapes_policy import load_shapes_policy
+    from unigrpo_env.scenarios.shapes.policy import load_shapes_policy
     from unigrpo_env.agents.unigrpo import UniGRPOAgent
 
     config = UniGRPOConfig(
         num_prompts=2, group_size=4, minibatches=1, checkpoint=str(tiny_checkpoint),
         scenario_options={"num_steps": 3, "reward": "shapes_verifier:1.0,quality:0.2"},
     )
-    stats = UniGRPOAgent(load_shapes_policy(tiny_checkpoint), config).step()
+    stats = UniGRPOAgent(load_shapes_policy(tiny_checkpoint), config).train_iteration()
     for key in ("reward/shapes_verifier", "reward/quality", "reward/shapes_verifier/correct", "reward/quality/noise"):
         assert key in stats and math.isfinite(stats[key])
     assert stats["reward_mean"] == pytest.approx(stats["reward/shapes_verifier"] + 0.2 * stats["reward/quality"], abs=1e-5)
@@ -354,7 +354,7 @@ def test_the_agent_logs_each_term_separately(tiny_checkpoint):
 )
 def test_cli_bad_reward_spec_is_one_line_and_exit_code_2(spec, message):
     done = subprocess.run(
-        [sys.executable, "-m", "unigrpo_env.cli.main", "run", "scenario", "t2i_reason", "--steps", "1", "--reward", spec],
+        [sys.executable, "-m", "unigrpo_env.cli.main", "run", "scenario", "t2i_reason", "--iterations", "1", "--reward", spec],
         capture_output=True, text=True, timeout=120,
     )
     lines = done.stderr.strip().splitlines()
@@ -367,7 +367,7 @@ def test_cli_run_with_a_weighted_sum_logs_each_term(tiny_checkpoint, small_run_c
     config = small_run_config
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
-        main(["run", "scenario", "t2i_reason", "--steps", "1", "--config", str(config), "--checkpoint", str(tiny_checkpoint),
+        main(["run", "scenario", "t2i_reason", "--iterations", "1", "--config", str(config), "--checkpoint", str(tiny_checkpoint),
               "--reward", "shapes_verifier:1.0,quality:0.2", "--out", str(out)])
     assert exit_info.value.code == 0, capsys.readouterr().err
     saved = json.loads((out / "config.json").read_text())

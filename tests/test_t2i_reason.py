@@ -15,7 +15,9 @@ from gymnasium.utils.env_checker import check_env
 import unigrpo_env
 from unigrpo_env import FlowAction, TextAction, Trajectory, flow
 from unigrpo_env._tensor_eq import tensors_equal
-from unigrpo_env.registration import GYM_IDS
+from unigrpo_env.registration import gym_ids
+
+GYM_IDS = gym_ids()  # every registered scenario's Gymnasium id
 from unigrpo_env.scenarios.shapes import CATEGORIES, ShapesTask, render
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +49,7 @@ def test_random_agent_finishes_episodes(env_id):
 def oracle_rollout(envs, targets: torch.Tensor):
     """Drive every episode of a batched env onto ``targets`` [N, 3, H, W] (after the oracle's text)."""
     scenario = envs.scenario
-    tokens = [TextAction(tokens=scenario.oracle_tokens(task)) for task in envs.episodes.tasks]
+    tokens = [TextAction(tokens=scenario.oracle_tokens(task)) for task in envs.tasks]
     obs, *_ = envs.step(tokens)
     assert obs.phase == "image"
     terminated = None
@@ -63,7 +65,7 @@ def test_oracle_gets_full_reward_on_every_heldout_task_of_every_category():
     assert {t.category for t in tasks} == set(CATEGORIES)
     envs = unigrpo_env.make_vec(scenario, num_prompts=len(tasks), group_size=1, split="heldout")
     envs.reset(seed=0, options={"task_index": list(range(len(tasks)))})
-    targets = torch.stack([scenario.target_latent(task) for task in envs.episodes.tasks])
+    targets = torch.stack([scenario.target_latent(task) for task in envs.tasks])
     rewards, info = oracle_rollout(envs, targets)
     assert rewards.tolist() == [1.0] * len(tasks)
     assert info["reward_components"]["correct"].tolist() == [1.0] * len(tasks)
@@ -167,4 +169,4 @@ def test_make_rejects_unknown_scenarios_and_options():
         unigrpo_env.make("t2i_reason", split="validation")
     env = unigrpo_env.make("t2i_reason", num_steps=4, max_tokens=50, split="heldout")
     obs, _ = env.reset(seed=0)
-    assert obs.num_steps == 4 and obs.tokens_left == 50 and env.unwrapped.episodes.tasks[0].split == "heldout"
+    assert obs.num_steps == 4 and obs.tokens_left == 50 and env.unwrapped.task.split == "heldout"

@@ -13,6 +13,7 @@ One episode is one trajectory of text-token steps and flow-denoising steps with 
 
 from unigrpo_env import flow
 from unigrpo_env.actions import FlowAction, TextAction
+from unigrpo_env.batch_trajectory import BatchTrajectory, BatchTurn, ImageRecord, TextRecord
 from unigrpo_env.codecs import ImageCodec, PixelCodec, TextCodec
 from unigrpo_env.env import InterleavedEnv
 from unigrpo_env.errors import (
@@ -51,6 +52,10 @@ __all__ = [
     "TextSegment",
     "ImageSegment",
     "DenoisingStep",
+    "BatchTrajectory",
+    "BatchTurn",
+    "TextRecord",
+    "ImageRecord",
     "Task",
     "Scenario",
     "TextCodec",

@@ -24,8 +24,11 @@ from unigrpo_env.actions import FlowAction, TextAction
 from unigrpo_env.episodes import EpisodeBatch, pick_tasks, seeded_generator
 from unigrpo_env.errors import ActionShapeError, InvalidActionError
 from unigrpo_env.observation import Observation
+from unigrpo_env.reward import RewardFunction
 from unigrpo_env.scenario import Scenario
 from unigrpo_env.spaces import FlowActionSpace, InterleavedActionSpace, ObservationSpace, TextActionSpace
+from unigrpo_env.task import Task
+from unigrpo_env.trajectory import Trajectory
 
 __all__ = ["InterleavedEnv"]
 
@@ -38,6 +41,7 @@ class InterleavedEnv(gym.Env[Observation, "TextAction | FlowAction"]):
         split: the task split episodes draw from (``"train"`` or ``"heldout"``).
         device: where latents live; actions' tensors must be on it.
         render_mode: ``"rgb_array"`` or None.
+        reward: scores the finished episode instead of the scenario's own reward (None: the scenario's).
 
     ``reset(seed=..., options=...)`` options: ``split`` (this episode's split), ``task_index``
     (an index into the split) or ``tasks`` (a one-element list of :class:`~unigrpo_env.Task`).
@@ -51,6 +55,7 @@ class InterleavedEnv(gym.Env[Observation, "TextAction | FlowAction"]):
         split: str = "train",
         device: str | torch.device = "cpu",
         render_mode: str | None = None,
+        reward: RewardFunction | None = None,
     ):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
@@ -58,7 +63,7 @@ class InterleavedEnv(gym.Env[Observation, "TextAction | FlowAction"]):
         self.scenario = scenario
         self.split = split
         self.render_mode = render_mode
-        self.episodes = EpisodeBatch(scenario, 1, device)
+        self._engine = EpisodeBatch(scenario, 1, device, reward=reward)
         codec = scenario.text_codec
         self.text_codec = codec
         self.image_codec = scenario.image_codec
@@ -72,47 +77,47 @@ class InterleavedEnv(gym.Env[Observation, "TextAction | FlowAction"]):
 
     @property
     def device(self) -> torch.device:
-        return self.episodes.device
+        return self._engine.device
 
     # -- Gymnasium API --------------------------------------------------------------------------
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Observation, dict[str, Any]]:
         super().reset(seed=seed)
         (task,) = pick_tasks(self.scenario, self.split, 1, self.np_random, options or {})
-        self.episodes.start([task], seeded_generator(self.np_random, self.device), seed=seed)
+        self._engine.start([task], seeded_generator(self.np_random, self.device), seed=seed)
         self._sync_action_space()
         return self._observation(), self._info()
 
     def step(self, action: TextAction | FlowAction) -> tuple[Observation, float, bool, bool, dict[str, Any]]:
         """Validate ``action`` completely, then apply it. An invalid action raises a subclass of
         :class:`~unigrpo_env.errors.InvalidActionError` and leaves the environment unchanged."""
-        episodes = self.episodes
+        engine = self._engine
         if isinstance(action, TextAction):
-            episodes.check_phase("text")
+            engine.check_phase("text")
             if action.batched or action.tokens.numel() == 0:
                 raise ActionShapeError(
                     f"expected a non-empty 1-D segment of token ids [L], got shape {tuple(action.tokens.shape)}"
                 )
             lengths = torch.tensor([action.tokens.shape[0]], device=action.tokens.device)
             log_probs = None if action.log_probs is None else action.log_probs.unsqueeze(0)
-            checked = episodes.check_text(action.tokens.unsqueeze(0), lengths, log_probs)
-            episodes.apply_text(checked)
+            checked = engine.check_text(action.tokens.unsqueeze(0), lengths, log_probs)
+            engine.apply_text(checked)
             terminated = False
         elif isinstance(action, FlowAction):
-            episodes.check_phase("image")
-            if tuple(action.x_next.shape) != episodes.latent_shape:
-                raise ActionShapeError(f"expected x_next of shape {episodes.latent_shape}, got {tuple(action.x_next.shape)}")
+            engine.check_phase("image")
+            if tuple(action.x_next.shape) != engine.latent_shape:
+                raise ActionShapeError(f"expected x_next of shape {engine.latent_shape}, got {tuple(action.x_next.shape)}")
             log_prob = action.log_prob
             if log_prob is not None and log_prob.numel() == 1:
                 log_prob = log_prob.reshape(1)
-            checked = episodes.check_flow(action.x_next.unsqueeze(0), log_prob, action.is_stochastic)
-            terminated = episodes.apply_flow(checked)
+            checked = engine.check_flow(action.x_next.unsqueeze(0), log_prob, action.is_stochastic)
+            terminated = engine.apply_flow(checked)
         else:
             raise InvalidActionError(
                 f"expected a unigrpo_env.TextAction or unigrpo_env.FlowAction, got {type(action).__name__}"
             )
         self._sync_action_space()
-        reward = float(episodes.reward.scores[0]) if terminated else 0.0
+        reward = float(engine.trajectory.rewards[0]) if terminated else 0.0
         return self._observation(), reward, terminated, False, self._info()
 
     def render(self) -> np.ndarray | None:
@@ -121,54 +126,70 @@ class InterleavedEnv(gym.Env[Observation, "TextAction | FlowAction"]):
         if self.render_mode is None:
             gym.logger.warn("render() called without a render_mode; pass render_mode='rgb_array'")
             return None
-        episodes = self.episodes
-        if episodes.phase == "image" and episodes.x_t is not None:
-            return self.image_codec.decode(episodes.x_t)[0].cpu().numpy()
-        finished = [r.images for r in episodes.records if r.images is not None]
-        if finished:
-            return finished[-1][0].cpu().numpy()
+        engine = self._engine
+        if engine.phase == "image" and engine.x_t is not None:
+            return self.image_codec.decode(engine.x_t)[0].cpu().numpy()
+        finished = engine.trajectory.images if engine.started else None
+        if finished is not None:
+            return finished[0].cpu().numpy()
         size = self.image_codec.image_size
         return np.full((size, size, 3), 255, dtype=np.uint8)
 
     # -- helpers ------------------------------------------------------------------------------
 
     @property
-    def trajectory(self):
-        """The current episode's :class:`~unigrpo_env.Trajectory` (also in ``info``)."""
-        return self.episodes.trajectory(0)
+    def task(self) -> Task:
+        """The current episode's task (set by ``reset``)."""
+        if not self._engine.started:
+            raise RuntimeError("the environment has not been reset; call reset() first")
+        return self._engine.tasks[0]
+
+    @property
+    def phase(self) -> str:
+        """``"text"``, ``"image"`` or ``"done"`` (also ``done`` before the first reset)."""
+        return self._engine.phase
+
+    @property
+    def trajectory(self) -> Trajectory:
+        """The current episode's :class:`~unigrpo_env.Trajectory` so far (also ``info["trajectory"]``):
+        a view of the environment's record, built without copying, so it costs the same at every step."""
+        if not self._engine.started:
+            raise RuntimeError("the environment has not been reset; call reset() first")
+        return self._engine.episode_trajectory(0)
 
     def _sync_action_space(self) -> None:
-        episodes = self.episodes
-        self.action_space.phase = episodes.phase
-        self.action_space.text.max_length = int(episodes.tokens_left()[0]) if episodes.phase == "text" else 0
+        engine = self._engine
+        self.action_space.phase = engine.phase
+        self.action_space.text.max_length = int(engine.tokens_left()[0]) if engine.phase == "text" else 0
 
     def _observation(self) -> Observation:
-        episodes = self.episodes
-        record = episodes.record
-        count = int(record.counts[0])
-        image = episodes.phase == "image"
-        task = episodes.tasks[0]
+        engine = self._engine
+        text = engine.current.text
+        count = int(text.lengths[0])
+        image = engine.phase == "image"
+        task = engine.tasks[0]
         return Observation(
-            phase=episodes.phase,
-            turn=episodes.turn,
-            num_turns=episodes.num_turns,
-            prompt=task.prompts[episodes.turn],
-            prompts=tuple(task.prompts[: episodes.turn + 1]),
-            tokens=record.tokens[0, :count].clone(),
-            tokens_left=int(episodes.tokens_left()[0]) if episodes.phase == "text" else 0,
-            x_t=episodes.x_t[0].clone() if image else None,
-            t=episodes.t if image else None,
-            t_next=episodes.t_next if image else None,
-            step=episodes.step_index,
-            num_steps=episodes.num_steps,
-            cond_images=episodes.cond_images()[0, : episodes.turn].clone(),
+            phase=engine.phase,
+            turn=engine.turn,
+            num_turns=engine.num_turns,
+            prompt=task.prompts[engine.turn],
+            prompts=tuple(task.prompts[: engine.turn + 1]),
+            tokens=text.tokens[0, :count].clone(),
+            tokens_left=int(engine.tokens_left()[0]) if engine.phase == "text" else 0,
+            x_t=engine.x_t[0].clone() if image else None,
+            t=engine.t if image else None,
+            t_next=engine.t_next if image else None,
+            step=engine.step_index,
+            num_steps=engine.num_steps,
+            cond_images=engine.cond_images()[0, : engine.turn].clone(),
         )
 
     def _info(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"trajectory": self.episodes.trajectory(0), "category": self.episodes.tasks[0].category}
-        reward = self.episodes.reward
-        if reward is not None:
-            info["reward_components"] = {k: float(v[0]) for k, v in reward.components.items()}
-            if reward.error is not None:
-                info["reward_error"] = reward.error
+        engine = self._engine
+        info: dict[str, Any] = {"trajectory": engine.episode_trajectory(0), "category": engine.tasks[0].category}
+        trajectory = engine.trajectory
+        if trajectory.terminated:
+            info["reward_components"] = {k: float(v[0]) for k, v in trajectory.reward_components.items()}
+            if trajectory.reward_error is not None:
+                info["reward_error"] = trajectory.reward_error
         return info

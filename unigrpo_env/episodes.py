@@ -15,18 +15,20 @@ interleaved MDP (DESIGN.md section 2) live here once:
 * Every action is validated completely before anything changes (:meth:`check_text`,
   :meth:`check_flow`); :meth:`apply_text` / :meth:`apply_flow` then cannot fail.
 
-The engine records the trajectory as batched tensors (one tensor per step for all episodes) and
-builds a per-episode :class:`~unigrpo_env.trajectory.Trajectory` only when asked.
+The engine records the episodes in one :class:`~unigrpo_env.batch_trajectory.BatchTrajectory`
+(batched tensors, written in place as the episodes step); a per-episode
+:class:`~unigrpo_env.trajectory.Trajectory` is a view of one of its rows.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from unigrpo_env.batch_trajectory import BatchTrajectory, BatchTurn, ImageRecord, TextRecord
 from unigrpo_env.errors import (
     TaskSplitError,
     ActionDeviceError,
@@ -40,12 +42,12 @@ from unigrpo_env.errors import (
     WrongPhaseError,
 )
 from unigrpo_env.observation import Phase
-from unigrpo_env.reward import RewardInputs
+from unigrpo_env.reward import RewardFunction, RewardInputs
 from unigrpo_env.scenario import Scenario
 from unigrpo_env.task import Task
-from unigrpo_env.trajectory import ImageSegment, TextSegment, Trajectory, Turn
+from unigrpo_env.trajectory import Trajectory
 
-__all__ = ["EpisodeBatch", "CheckedText", "CheckedFlow", "TerminalReward", "seeded_generator", "pick_tasks"]
+__all__ = ["EpisodeBatch", "CheckedText", "CheckedFlow", "seeded_generator", "pick_tasks"]
 
 
 @dataclass(frozen=True)
@@ -66,63 +68,46 @@ class CheckedFlow:
     stochastic: bool
 
 
-@dataclass(frozen=True)
-class TerminalReward:
-    """The reward of the finished batch: scores ``[N]`` (NaN where unscored) and components."""
-
-    scores: torch.Tensor
-    components: dict[str, torch.Tensor]
-    error: str | None = None
-    seconds: float = 0.0
-
-
-@dataclass
-class _TurnRecord:
-    """Batched record of one turn: text buffers, the latents of every step, the final images."""
-
-    tokens: torch.Tensor  # [N, max_tokens], pad after counts
-    log_probs: torch.Tensor  # [N, max_tokens], NaN where not given
-    counts: torch.Tensor  # [N]
-    latents: list[torch.Tensor] = field(default_factory=list)  # x_1, then x_next of each step
-    step_log_probs: list[torch.Tensor | None] = field(default_factory=list)
-    stochastic: list[bool] = field(default_factory=list)
-    images: torch.Tensor | None = None  # [N, H, W, 3] uint8
-
-
 class EpisodeBatch:
     """N episodes of ``scenario`` in lockstep; see the module docstring."""
 
-    def __init__(self, scenario: Scenario, num_episodes: int, device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        scenario: Scenario,
+        num_episodes: int,
+        device: str | torch.device = "cpu",
+        reward: RewardFunction | None = None,
+    ):
         if num_episodes < 1:
             raise ValueError(f"num_episodes must be >= 1, got {num_episodes}")
         self.scenario = scenario
+        self.reward_function: RewardFunction = scenario.reward if reward is None else reward
         self.n = int(num_episodes)
         self.device = _normalise(torch.device(device))
         self.text_codec = scenario.text_codec
         self.image_codec = scenario.image_codec
         self.latent_shape = tuple(scenario.image_codec.latent_shape)
         grid = scenario.timesteps().to(torch.float32)
+        self.time_grid = grid.cpu()
         self.times: list[float] = [float(v) for v in grid]
         self.num_steps = len(self.times) - 1
         self._rows = torch.arange(self.n, device=self.device)
-        self.tasks: list[Task] = []
-        self.seed: int | None = None
+        self.trajectory: BatchTrajectory | None = None
         self.phase: Phase = "done"
         self.turn = 0
         self.step_index = 0
-        self.records: list[_TurnRecord] = []
         self.text_open = torch.zeros(self.n, dtype=torch.bool, device=self.device)
-        self.x_t: torch.Tensor | None = None
-        self.reward: TerminalReward | None = None
-        self.group_ids: torch.Tensor | None = None
         self.generator: torch.Generator | None = None
-        self.version = 0  # bumped at every change, for caches of derived views
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     @property
     def started(self) -> bool:
-        return bool(self.tasks)
+        return self.trajectory is not None
+
+    @property
+    def tasks(self) -> list[Task]:
+        return [] if self.trajectory is None else self.trajectory.tasks
 
     @property
     def num_turns(self) -> int:
@@ -140,35 +125,31 @@ class EpisodeBatch:
         group_ids: torch.Tensor | None = None,
     ) -> None:
         """Begin N new episodes on ``tasks`` (one per episode), drawing noise from ``generator``.
-        ``group_ids`` says which episodes share a prompt (passed on to group-level scorers)."""
+        ``group_ids`` says which episodes share a prompt (passed on to group-level scorers). The
+        new episodes get a new :class:`BatchTrajectory`; the previous one is left as it was."""
         if len(tasks) != self.n:
             raise ValueError(f"expected {self.n} tasks, got {len(tasks)}")
         turns = {task.num_turns for task in tasks}
         if len(turns) != 1 or 0 in turns:
             raise ValueError(f"all tasks of a batch must have the same, positive number of turns; got {sorted(turns)}")
-        self.tasks = list(tasks)
-        self.seed = seed
-        self.group_ids = group_ids
+        self.trajectory = BatchTrajectory(
+            scenario=self.scenario.name,
+            tasks=list(tasks),
+            image_size=self.image_codec.image_size,
+            group_ids=torch.zeros(self.n, dtype=torch.long) if group_ids is None else group_ids,
+            seed=seed,
+        )
         self.generator = generator
         self.turn = 0
-        self.records = []
-        self.reward = None
         self._begin_text()
 
     def _begin_text(self) -> None:
         self.phase = "text"
         self.step_index = 0
-        self.x_t = None
-        shape = (self.n, self.max_tokens)
-        self.records.append(
-            _TurnRecord(
-                tokens=torch.full(shape, self.text_codec.pad_id, dtype=torch.long, device=self.device),
-                log_probs=torch.full(shape, math.nan, dtype=torch.float32, device=self.device),
-                counts=torch.zeros(self.n, dtype=torch.long, device=self.device),
-            )
-        )
+        prompts = tuple(task.prompts[self.turn] for task in self.tasks)
+        text = TextRecord.empty(self.n, self.max_tokens, self.text_codec.pad_id, self.device)
+        self.trajectory.turns.append(BatchTurn(prompts=prompts, text=text))
         self.text_open = torch.ones(self.n, dtype=torch.bool, device=self.device)
-        self.version += 1
 
     def _begin_image(self) -> None:
         """Close the text phase and draw the initial latent x_1 ~ N(0, I) for every episode."""
@@ -177,12 +158,18 @@ class EpisodeBatch:
         noise = torch.randn(
             (self.n, *self.latent_shape), generator=self.generator, device=self.generator.device, dtype=torch.float32
         )
-        self.x_t = noise.to(self.device)
-        self.records[-1].latents.append(self.x_t)
+        self.current.image = ImageRecord.start(noise.to(self.device), self.time_grid)
 
     @property
-    def record(self) -> _TurnRecord:
-        return self.records[-1]
+    def current(self) -> BatchTurn:
+        """The turn being played."""
+        return self.trajectory.turns[-1]
+
+    @property
+    def x_t(self) -> torch.Tensor | None:
+        """The current latents ``[N, C, H, W]`` during the image phase (a view of the record)."""
+        image = self.current.image if self.trajectory is not None and self.trajectory.turns else None
+        return None if image is None or self.phase != "image" else image.x_t
 
     @property
     def t(self) -> float:
@@ -193,7 +180,7 @@ class EpisodeBatch:
         return self.times[self.step_index + 1]
 
     def tokens_left(self) -> torch.Tensor:
-        return self.max_tokens - self.record.counts
+        return self.max_tokens - self.current.text.lengths
 
     # -- validation: raise before anything changes ----------------------------------------------
 
@@ -308,123 +295,87 @@ class EpisodeBatch:
     def apply_text(self, action: CheckedText) -> None:
         """Append each episode's segment; close episodes that wrote end-of-thinking or hit the limit;
         when all are closed, the image phase begins."""
-        record = self.record
+        text = self.current.text
         tokens, lengths = action.tokens, action.lengths
         width = tokens.shape[1]
         if width:
             real = torch.arange(width, device=self.device).unsqueeze(0) < lengths.unsqueeze(1)
             rows = self._rows.unsqueeze(1).expand(-1, width)[real]
-            cols = (record.counts.unsqueeze(1) + torch.arange(width, device=self.device).unsqueeze(0))[real]
-            record.tokens[rows, cols] = tokens[real]
+            cols = (text.lengths.unsqueeze(1) + torch.arange(width, device=self.device).unsqueeze(0))[real]
+            text.tokens[rows, cols] = tokens[real]
             if action.log_probs is not None:
-                record.log_probs[rows, cols] = action.log_probs[real]
+                text.log_probs[rows, cols] = action.log_probs[real]
             last = (lengths - 1).clamp(min=0)
             wrote_eot = (lengths > 0) & (tokens[self._rows, last] == self.text_codec.eot_id)
-            record.counts += lengths
-            self.text_open &= ~(wrote_eot | (record.counts >= self.max_tokens))
-        self.version += 1
+            text.lengths += lengths
+            self.text_open &= ~(wrote_eot | (text.lengths >= self.max_tokens))
         if not bool(self.text_open.any()):
             self._begin_image()
 
     def apply_flow(self, action: CheckedFlow) -> bool:
         """Record the step and move every latent to ``x_next``. Returns True when the episode ended."""
-        record = self.record
-        x_next = action.x_next.detach().clone()  # the caller keeps its tensor; ours must not change
-        record.latents.append(x_next)
-        record.step_log_probs.append(action.log_prob)
-        record.stochastic.append(action.stochastic)
-        self.x_t = x_next
+        image = self.current.image
+        image.record_step(action.x_next.detach(), action.log_prob, action.stochastic)  # copied into the record
         self.step_index += 1
-        self.version += 1
         if self.step_index < self.num_steps:
             return False
-        record.images = self.image_codec.decode(x_next)
+        image.images = self.image_codec.decode(image.x_t)
         if self.turn + 1 < self.num_turns:
             self.turn += 1
             self._begin_text()
             return False
         self.phase = "done"
-        self.reward = self._score()
+        self._score()
         return True
 
     # -- reward ------------------------------------------------------------------------------
 
-    def reward_inputs(self, group_ids: torch.Tensor | None = None) -> RewardInputs:
-        images = self.records[-1].images
-        earlier = [r.images for r in self.records[:-1] if r.images is not None]
-        if earlier:
-            earlier_images = torch.stack(earlier, dim=1)
-        else:
-            earlier_images = images.new_zeros((self.n, 0, *images.shape[1:]))
+    def reward_inputs(self) -> RewardInputs:
+        trajectory = self.trajectory
+        turn_images = trajectory.turn_images()
+        texts = [
+            [self.text_codec.decode(turn.text.tokens[i, : int(turn.text.lengths[i])]) for turn in trajectory.turns]
+            for i in range(self.n)
+        ]
         return RewardInputs(
-            images=images,
-            tasks=self.tasks,
-            texts=[[self.text_codec.decode(r.tokens[i, : int(r.counts[i])]) for r in self.records] for i in range(self.n)],
-            earlier_images=earlier_images,
-            group_ids=group_ids,
+            images=turn_images[:, -1],
+            tasks=trajectory.tasks,
+            texts=texts,
+            earlier_images=turn_images[:, :-1],
+            group_ids=trajectory.group_ids,
         )
 
-    def _score(self) -> TerminalReward:
-        """Score the finished batch. A scorer that raises gives NaN scores and an error message
-        (reported in ``info``) instead of breaking the environment; NaN scores pass through."""
+    def _score(self) -> None:
+        """Score the finished batch into the trajectory. A scorer that raises gives NaN rewards and
+        an error message (reported in ``info``) instead of breaking the environment; NaN scores
+        pass through."""
+        trajectory = self.trajectory
         started = time.perf_counter()
         try:
-            out = self.scenario.reward(self.reward_inputs(self.group_ids))
+            out = self.reward_function(self.reward_inputs())
             scores = torch.as_tensor(out.scores, dtype=torch.float32).reshape(-1).cpu()
             if scores.shape[0] != self.n:
                 raise ValueError(f"the reward returned {scores.shape[0]} scores for {self.n} episodes")
             components = {k: torch.as_tensor(v, dtype=torch.float32).reshape(-1).cpu() for k, v in out.components.items()}
-            return TerminalReward(scores=scores, components=components, seconds=time.perf_counter() - started)
-        except Exception as exc:  # noqa: BLE001 - a broken scorer must not corrupt the episode
-            nan = torch.full((self.n,), math.nan)
-            return TerminalReward(scores=nan, components={}, error=f"{type(exc).__name__}: {exc}", seconds=time.perf_counter() - started)
+            trajectory.rewards, trajectory.reward_components = scores, components
+        except Exception as exc:  # a broken scorer must not corrupt the episode
+            trajectory.rewards, trajectory.reward_components = torch.full((self.n,), math.nan), {}
+            trajectory.reward_error = f"{type(exc).__name__}: {exc}"
+        trajectory.reward_seconds = time.perf_counter() - started
+        trajectory.terminated = True
 
     # -- views ------------------------------------------------------------------------------
 
-    def trajectory(self, i: int) -> Trajectory:
-        """Episode ``i``'s trajectory so far (copies, safe to keep)."""
-        turns = []
-        for k, record in enumerate(self.records):
-            count = int(record.counts[i])
-            segments: list[TextSegment | ImageSegment] = [
-                TextSegment(tokens=record.tokens[i, :count].cpu().clone(), log_probs=record.log_probs[i, :count].cpu().clone())
-            ]
-            steps = len(record.latents) - 1
-            if record.latents:
-                latents = torch.stack([x[i] for x in record.latents]).cpu()
-                nan = torch.tensor(math.nan)
-                segments.append(
-                    ImageSegment(
-                        x_t=latents[:-1].clone(),
-                        x_next=latents[1:].clone(),
-                        t=torch.tensor(self.times[:steps], dtype=torch.float32),
-                        t_next=torch.tensor(self.times[1 : steps + 1], dtype=torch.float32),
-                        log_prob=torch.stack([nan if lp is None else lp[i].cpu() for lp in record.step_log_probs])
-                        if steps
-                        else torch.zeros(0),
-                        stochastic=torch.tensor(record.stochastic, dtype=torch.bool),
-                        image=None if record.images is None else record.images[i].cpu().clone(),
-                    )
-                )
-            turns.append(Turn(prompt=self.tasks[i].prompts[k], segments=segments))
-        reward = self.reward
-        return Trajectory(
-            scenario=self.scenario.name,
-            task=self.tasks[i],
-            seed=self.seed,
-            turns=turns,
-            reward=None if reward is None else float(reward.scores[i]),
-            reward_components={} if reward is None else {k: float(v[i]) for k, v in reward.components.items()},
-            terminated=self.phase == "done",
-        )
+    def episode_trajectory(self, i: int) -> Trajectory:
+        """Episode ``i``'s trajectory so far (a view of the batch's record; see BatchTrajectory.episode)."""
+        return self.trajectory.episode(i)
 
     def cond_images(self) -> torch.Tensor:
         """Finished images of earlier turns, ``[N, K, H, W, 3]`` uint8."""
-        done = [r.images for r in self.records if r.images is not None]
-        size = self.image_codec.image_size
-        if not done:
+        if self.trajectory is None:
+            size = self.image_codec.image_size
             return torch.zeros((self.n, 0, size, size, 3), dtype=torch.uint8)
-        return torch.stack([img.cpu() for img in done], dim=1)
+        return self.trajectory.turn_images().cpu()
 
 
 # -- helpers shared by the single and the batched environment ----------------------------------

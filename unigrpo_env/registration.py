@@ -1,20 +1,23 @@
 """Registries of scenarios and rewards, and the factories ``make`` / ``make_vec``.
 
 Both registries map a name to a factory (a class or function) or to a ``"module:attr"`` string
-imported on first use, as Gymnasium's ``entry_point`` does. Built-in scenarios and rewards are
-registered as such strings, so the core imports nothing of the layers above it; users register
-their own with the decorators ``@unigrpo_env.scenarios.register_scenario("name")`` and
+imported on first use, as Gymnasium's ``entry_point`` does. Users register their own with the
+decorators ``@unigrpo_env.scenarios.register_scenario("name")`` and
 ``@unigrpo_env.rewards.register_reward("name")``.
 
 Plugins: an installed package that declares entry points in the groups ``unigrpo.scenarios``
 and ``unigrpo.rewards`` adds its scenarios and rewards without being imported by anyone; they
 are discovered on first use and imported only when built (``unigrpo init scenario NAME`` writes
-such a package). Wherever a name is accepted, a ``"module:Name"`` reference works too, e.g.
-``unigrpo_env.make("my_package.scenarios:MyScenario")``. A plugin that fails to import raises
-:class:`RegistryError` with its cause when used, and leaves everything else working.
+such a package). The built-in ones arrive the same way, from this package's own entry points
+(pyproject.toml), so the core names nothing of the layers above it. Wherever a name is accepted,
+a ``"module:Name"`` reference works too, e.g. ``unigrpo_env.make("my_package.scenarios:MyScenario")``.
+A plugin that fails to import raises :class:`RegistryError` with its cause when used, and leaves
+everything else working.
 
-Gymnasium ids (``gymnasium.make("unigrpo/T2IReason-v0")``) are registered when
-``unigrpo_env`` is imported, and point at :func:`make`.
+Gymnasium ids: every registered scenario gets one, ``unigrpo/<Name>-v0``, where ``<Name>`` is its
+factory's name without a trailing ``Scenario`` (``T2IReasonScenario`` -> ``unigrpo/T2IReason-v0``);
+read from the entry point's text, so nothing is imported. They are registered when ``unigrpo_env``
+is imported (and when a scenario is registered in code), and point at :func:`make`.
 """
 
 from __future__ import annotations
@@ -43,11 +46,17 @@ __all__ = [
     "make",
     "make_vec",
     "make_scenario",
-    "GYM_IDS",
+    "gym_id",
+    "gym_ids",
+    "register_gym_ids",
     "SCENARIO_ENTRY_POINTS",
     "REWARD_ENTRY_POINTS",
+    "BUILT_IN_DISTRIBUTION",
     "is_target",
 ]
+
+#: The distribution whose own entry points are the built-ins (listed with origin "built-in").
+BUILT_IN_DISTRIBUTION = "unigrpo-env"
 
 T = TypeVar("T")
 
@@ -74,7 +83,7 @@ class Registry(Generic[T]):
     Entries come from three places:
 
     * ``register(name, "module:attr")`` — a lazy entry, imported on first :meth:`get` (the
-      built-ins are registered this way, so the core imports nothing of the layers above it);
+      entry points of installed packages arrive this way, this package's own built-ins included);
     * ``register(name, factory)`` and the decorators — a ready object;
     * the entry points of installed packages in the group ``entry_point_group`` (for example
       ``[project.entry-points."unigrpo.scenarios"]`` in a plugin's pyproject.toml). They are read
@@ -141,9 +150,12 @@ class Registry(Generic[T]):
             except Exception as exc:  # noqa: BLE001 - broken metadata must not break the registry
                 self._problems.append(f"could not read the entry points {self.entry_point_group!r}: {type(exc).__name__}: {exc}")
                 return
-            for point in sorted(found, key=lambda p: (p.name, p.value)):
+            for point in sorted(found, key=lambda p: (not _built_in(p), p.name, p.value)):  # built-ins win clashes
                 dist = getattr(point, "dist", None)
-                origin = f"plugin {dist.name} {dist.version}" if dist is not None else "plugin"
+                if _built_in(point):
+                    origin = "built-in"
+                else:
+                    origin = f"plugin {dist.name} {dist.version}" if dist is not None else "plugin"
                 current = self._entries.get(point.name)
                 if current is None:
                     if is_target(point.value):
@@ -193,6 +205,14 @@ class Registry(Generic[T]):
         self.discover()
         return sorted(self._entries)
 
+    def entry(self, name: str) -> T | str:
+        """What ``name`` is registered as: the factory, or its ``"module:attr"`` text if not
+        imported yet (nothing is imported)."""
+        self.discover()
+        if name not in self._entries:
+            raise RegistryError(f"unknown {self.kind} {name!r}")
+        return self._entries[name]
+
     def origin(self, name: str) -> str:
         """Where ``name`` comes from: ``"built-in"``, ``"code"`` or ``"plugin <dist> <version>"``."""
         self.discover()
@@ -212,6 +232,12 @@ class Registry(Generic[T]):
 
 def _module_of(target: str) -> str:
     return target.partition(":")[0]
+
+
+def _built_in(point: importlib.metadata.EntryPoint) -> bool:
+    """Whether an entry point is this package's own (a built-in)."""
+    dist = getattr(point, "dist", None)
+    return dist is not None and re.sub(r"[-_.]+", "-", dist.name).lower() == BUILT_IN_DISTRIBUTION
 
 
 def _load_entry_point(target: str, what: str) -> Any:
@@ -236,27 +262,22 @@ REWARDS: Registry[Callable[..., Any]] = Registry("reward", entry_point_group=REW
 
 
 def register_scenario(name: str, *, override: bool = False):
-    """Class decorator: register a :class:`~unigrpo_env.scenario.Scenario` subclass under ``name``."""
-    return SCENARIOS.decorator(name, override=override)
+    """Class decorator: register a :class:`~unigrpo_env.scenario.Scenario` subclass under ``name``
+    (and its Gymnasium id, see :func:`gym_id`)."""
+    register = SCENARIOS.decorator(name, override=override)
+
+    def wrap(factory):
+        register(factory)
+        register_gym_ids()
+        return factory
+
+    return wrap
 
 
 def register_reward(name: str, *, override: bool = False):
     """Decorator: register a reward factory (a class or function returning a reward function)."""
     return REWARDS.decorator(name, override=override)
 
-
-# Built-ins, imported on first use.
-SCENARIOS.register("t2i_reason", "unigrpo_env.scenarios.t2i_reason:T2IReasonScenario", origin="built-in")
-SCENARIOS.register("edit_multiturn", "unigrpo_env.scenarios.edit_multiturn:EditMultiTurnScenario", origin="built-in")
-REWARDS.register("shapes_verifier", "unigrpo_env.rewards.shapes:ShapesVerifierReward", origin="built-in")
-REWARDS.register("shapes_scene", "unigrpo_env.rewards.shapes:SceneMatchReward", origin="built-in")
-REWARDS.register("image_quality", "unigrpo_env.rewards.shapes:ImageQualityReward", origin="built-in")
-REWARDS.register("quality", "unigrpo_env.rewards.shapes:ImageQualityReward", origin="built-in")  # alias
-REWARDS.register("edit_fidelity", "unigrpo_env.rewards.edit:EditFidelityReward", origin="built-in")
-REWARDS.register("jpeg_compressibility", "unigrpo_env.rewards.jpeg:JpegCompressibilityReward", origin="built-in")
-
-#: Gymnasium ids of the built-in scenarios.
-GYM_IDS = {"unigrpo/T2IReason-v0": "t2i_reason", "unigrpo/EditMultiTurn-v0": "edit_multiturn"}
 
 _ENV_OPTIONS = ("split", "device", "render_mode")
 
@@ -306,7 +327,8 @@ def make(scenario: str | Scenario, **options: Any) -> InterleavedEnv:
     """One environment of a scenario: ``unigrpo_env.make("t2i_reason", num_steps=20, split="heldout")``.
 
     ``split``, ``device`` and ``render_mode`` go to the environment; every other option to the
-    scenario.
+    scenario. (To score with another reward than the scenario's, build the environment itself:
+    ``InterleavedEnv(scenario, reward=...)``.)
     """
     env_options = {k: options.pop(k) for k in _ENV_OPTIONS if k in options}
     return InterleavedEnv(make_scenario(scenario, **options), **env_options)
@@ -324,7 +346,22 @@ def _make_gym(scenario: str, **options: Any) -> InterleavedEnv:
     return make(scenario, **options)
 
 
+def gym_id(name: str) -> str:
+    """The Gymnasium id of the registered scenario ``name``: ``unigrpo/<Factory>-v0``, from its
+    factory's name without a trailing ``Scenario`` (read from the entry point; nothing is imported)."""
+    entry = SCENARIOS.entry(name)
+    factory = entry.rpartition(":")[2].rpartition(".")[2] if isinstance(entry, str) else getattr(entry, "__name__", name)
+    stem = factory[: -len("Scenario")] if factory.endswith("Scenario") and factory != "Scenario" else factory
+    return f"unigrpo/{stem}-v0"
+
+
+def gym_ids() -> dict[str, str]:
+    """Gymnasium id -> scenario name, for every registered scenario."""
+    return {gym_id(name): name for name in SCENARIOS.names()}
+
+
 def register_gym_ids() -> None:
-    for env_id, scenario in GYM_IDS.items():
+    """Register a Gymnasium id for every registered scenario that has none yet."""
+    for env_id, scenario in gym_ids().items():
         if env_id not in gym.registry:
             gym.register(id=env_id, entry_point=_make_gym, kwargs={"scenario": scenario})

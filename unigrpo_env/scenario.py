@@ -59,8 +59,8 @@ class Scenario(ABC):
                              meta={"rgb": [255, 0, 0]})]
 
     To train with the shipped ShapesWorld policy, subclass
-    :class:`~unigrpo_env.scenarios.t2i_reason.T2IReasonScenario` instead (same tokenizer, canvas
-    and task metadata) and override ``shapes_tasks``.
+    :class:`~unigrpo_env.scenarios.shapes.t2i_reason.T2IReasonScenario` instead (same tokenizer,
+    canvas and task metadata) and override ``shapes_tasks``.
 
     Attributes:
         name: the registered name (recorded in trajectories).
@@ -71,6 +71,9 @@ class Scenario(ABC):
         num_steps: denoising steps per image.
         shift: timestep shift of the schedule (SD3's ``t' = s·t / (1 + (s − 1)·t)``).
         training_defaults: recommended ``UniGRPOConfig`` values for training on this scenario.
+        default_policy: the registered policy kind that plays this scenario when a run names none
+            (``unigrpo.policies`` entry points; None: a run must name one).
+        default_evaluator: the registered evaluator of its held-out tasks (``unigrpo.evaluators``).
     """
 
     name: ClassVar[str] = ""
@@ -79,6 +82,8 @@ class Scenario(ABC):
     #: ``unigrpo run`` and ``UniGRPOConfig.for_scenario`` under the config file and the flags. A
     #: subclass's dict replaces its parent's (extend it with ``{**Parent.training_defaults, ...}``).
     training_defaults: ClassVar[dict[str, Any]] = {}
+    default_policy: ClassVar[str | None] = None
+    default_evaluator: ClassVar[str] = "default"
 
     text_codec: TextCodec
     image_codec: ImageCodec

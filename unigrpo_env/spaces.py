@@ -50,10 +50,15 @@ class TextActionSpace(spaces.Space[TextAction]):
         next one (Gymnasium's ``check_env`` samples an action before it calls ``reset``)."""
         if mask is not None or probability is not None:
             raise NotImplementedError("TextActionSpace.sample does not take a mask or probability")
-        length = int(self.np_random.integers(1, max(1, self.max_length // 2) + 1))
+        return TextAction(tokens=self.sample_segment(self.max_length))
+
+    def sample_segment(self, max_length: int) -> torch.Tensor:
+        """The token ids of a random segment for a phase that accepts ``max_length`` more tokens
+        (as :meth:`sample` draws them)."""
+        length = int(self.np_random.integers(1, max(1, max_length // 2) + 1))
         ids = self.np_random.integers(0, self.vocab_size - 1, size=length)
         ids = ids + (ids >= self.eot_id)  # uniform over the vocabulary without the end-of-thinking id
-        return TextAction(tokens=torch.from_numpy(ids.astype(np.int64)))
+        return torch.from_numpy(ids.astype(np.int64))
 
     def contains(self, x: Any) -> bool:
         if not isinstance(x, TextAction) or x.tokens.dim() != 1:

@@ -150,7 +150,7 @@ class Trajectory(TensorRecord):
             segs = []
             for j, seg in enumerate(turn.segments):
                 for name, tensor in seg._tensors().items():
-                    tensors[f"turn{i}.seg{j}.{name}"] = tensor.detach().to("cpu").contiguous()
+                    tensors[f"turn{i}.seg{j}.{name}"] = tensor.detach().to("cpu", copy=True).contiguous()  # views share storage
                 segs.append({"kind": seg.kind, "has_image": isinstance(seg, ImageSegment) and seg.image is not None})
             turns_json.append({"prompt": turn.prompt, "segments": segs})
         header = {

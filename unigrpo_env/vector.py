@@ -28,28 +28,31 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium import spaces
 
 from unigrpo_env.actions import FlowAction, TextAction
+from unigrpo_env.batch_trajectory import BatchTrajectory
+from unigrpo_env.codecs import TextCodec
 from unigrpo_env.episodes import EpisodeBatch, pick_tasks, seeded_generator
 from unigrpo_env.errors import ActionShapeError, InvalidActionError, WrongPhaseError
-from unigrpo_env.observation import BatchObservation, Phase
+from unigrpo_env.observation import BatchObservation
+from unigrpo_env.reward import RewardFunction
 from unigrpo_env.scenario import Scenario
 from unigrpo_env.spaces import FlowActionSpace, InterleavedActionSpace, ObservationSpace, TextActionSpace
+from unigrpo_env.task import Task
 from unigrpo_env.trajectory import Trajectory
 
 __all__ = ["InterleavedVectorEnv", "BatchActionSpace", "BatchObservationSpace"]
 
 
 class BatchActionSpace(spaces.Space[Any]):
-    """Batched actions of N episodes in the current phase. ``sample()`` gives a valid batched
-    action: a random segment for each episode still writing (length 0 for the others), or N
-    standard-normal latents. The environment keeps ``phase``, ``text_open`` and ``tokens_left``
-    current."""
+    """Batched actions of N episodes: a ``TextAction`` with ``[N, L]`` tokens or a ``FlowAction``
+    with ``[N, C, H, W]`` latents. A static description, as Gymnasium's spaces are: it does not
+    follow the batch's phase. Which action is valid at a step depends on the state, so — like
+    Gymnasium's action masks — :meth:`sample` takes the current observation as its ``mask``:
+    ``envs.action_space.sample(mask=obs)`` gives a random segment for each episode still writing
+    (length 0 for the others) in a text phase, and N standard-normal latents in an image phase."""
 
     def __init__(self, single: InterleavedActionSpace, num_envs: int, seed: int | None = None):
         self.single = single
         self.num_envs = int(num_envs)
-        self.phase: Phase = "text"
-        self.text_open = np.ones(self.num_envs, dtype=bool)
-        self.tokens_left = np.full(self.num_envs, single.text.max_length, dtype=np.int64)
         super().__init__(shape=None, dtype=None, seed=seed)
 
     @property
@@ -60,29 +63,39 @@ class BatchActionSpace(spaces.Space[Any]):
         own = int(super().seed(seed))
         return (own, *self.single.seed(int(self.np_random.integers(0, 2**31 - 1))))
 
-    def sample(self, mask: Any = None, probability: Any = None) -> TextAction | FlowAction:
-        if mask is not None or probability is not None:
-            raise NotImplementedError("BatchActionSpace.sample does not take a mask or probability")
-        if self.phase == "image":
+    def sample(self, mask: BatchObservation | None = None, probability: Any = None) -> TextAction | FlowAction:
+        if not isinstance(mask, BatchObservation) or probability is not None:
+            raise ValueError(
+                "the valid batched action depends on the phase: pass the current observation as the mask, "
+                "envs.action_space.sample(mask=obs)"
+            )
+        if mask.phase == "image":
             x = self.np_random.standard_normal((self.num_envs, *self.single.image.latent_shape)).astype(np.float32)
             return FlowAction(x_next=torch.from_numpy(x))
+        if mask.phase != "text":
+            raise ValueError("the episodes have ended: reset() before sampling another action")
         text = self.single.text
+        max_tokens = mask.tokens.shape[1]
+        open_ = mask.text_open.cpu().numpy()
+        left = (max_tokens - mask.token_counts).cpu().numpy()
         segments: list[torch.Tensor] = []
         for i in range(self.num_envs):
-            if self.text_open[i] and self.tokens_left[i] > 0:
-                text.max_length = int(self.tokens_left[i])
-                segments.append(text.sample().tokens)
+            if open_[i] and left[i] > 0:
+                segments.append(text.sample_segment(int(left[i])))
             else:
                 segments.append(torch.zeros(0, dtype=torch.long))
         return _stack_segments(segments, None)
 
     def contains(self, x: Any) -> bool:
-        if self.phase == "image":
-            return isinstance(x, FlowAction) and tuple(x.x_next.shape) == (self.num_envs, *self.single.image.latent_shape)
+        if isinstance(x, FlowAction):
+            return tuple(x.x_next.shape) == (self.num_envs, *self.single.image.latent_shape)
         return isinstance(x, TextAction) and x.batched and x.tokens.shape[0] == self.num_envs
 
     def __repr__(self) -> str:
-        return f"BatchActionSpace(num_envs={self.num_envs}, phase={self.phase!r})"
+        return f"BatchActionSpace(num_envs={self.num_envs}, single={self.single!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BatchActionSpace) and other.num_envs == self.num_envs and other.single == self.single
 
 
 class BatchObservationSpace(spaces.Space[BatchObservation]):
@@ -136,6 +149,7 @@ class InterleavedVectorEnv(VectorEnv):
         split: str = "train",
         device: str | torch.device = "cpu",
         render_mode: str | None = None,
+        reward: RewardFunction | None = None,
     ):
         if num_prompts < 1 or group_size < 1:
             raise ValueError(f"num_prompts and group_size must be >= 1, got {num_prompts} and {group_size}")
@@ -146,7 +160,7 @@ class InterleavedVectorEnv(VectorEnv):
         self.group_size = int(group_size)
         self.num_envs = self.num_prompts * self.group_size
         self.render_mode = render_mode
-        self.episodes = EpisodeBatch(scenario, self.num_envs, device)
+        self._engine = EpisodeBatch(scenario, self.num_envs, device, reward=reward)
         self.group_ids = torch.arange(self.num_prompts).repeat_interleave(self.group_size)
         codec = scenario.text_codec
         self.single_action_space = InterleavedActionSpace(
@@ -162,11 +176,29 @@ class InterleavedVectorEnv(VectorEnv):
 
     @property
     def device(self) -> torch.device:
-        return self.episodes.device
+        return self._engine.device
 
     @property
-    def text_codec(self):
+    def text_codec(self) -> TextCodec:
         return self.scenario.text_codec
+
+    @property
+    def tasks(self) -> list[Task]:
+        """Each episode's task (set by ``reset``; episodes ``g·G … g·G + G − 1`` share one)."""
+        return self._engine.tasks
+
+    @property
+    def phase(self) -> str:
+        """``"text"``, ``"image"`` or ``"done"`` (also ``done`` before the first reset)."""
+        return self._engine.phase
+
+    @property
+    def trajectory(self) -> BatchTrajectory:
+        """The batch's record so far (also ``info["trajectory"]``): one object from ``reset`` to the
+        next, written in place as the batch steps; ``reset`` starts a new one."""
+        if not self._engine.started:
+            raise RuntimeError("the environment has not been reset; call reset() first")
+        return self._engine.trajectory
 
     # -- Gymnasium VectorEnv API ----------------------------------------------------------------
 
@@ -179,33 +211,31 @@ class InterleavedVectorEnv(VectorEnv):
             self._np_random, self._np_random_seed = seeding.np_random(seed)
         prompts = pick_tasks(self.scenario, self.split, self.num_prompts, self.np_random, options or {})
         tasks = [task for task in prompts for _ in range(self.group_size)]
-        self.episodes.start(tasks, seeded_generator(self.np_random, self.device), seed=seed, group_ids=self.group_ids)
-        self._sync_action_space()
+        self._engine.start(tasks, seeded_generator(self.np_random, self.device), seed=seed, group_ids=self.group_ids)
         return self._observation(), self._info()
 
     def step(self, actions: Any) -> tuple[BatchObservation, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         """Validate the batch's action completely, then apply it to all episodes at once."""
-        episodes = self.episodes
+        engine = self._engine
         if isinstance(actions, (list, tuple)):
             actions = self._collate(actions)
         if isinstance(actions, TextAction):
-            episodes.check_phase("text")
+            engine.check_phase("text")
             tokens = actions.tokens if actions.batched else actions.tokens.unsqueeze(0)
             if tokens.shape[0] != self.num_envs:
                 raise ActionShapeError(f"expected tokens of shape [N={self.num_envs}, L], got {tuple(actions.tokens.shape)}")
             lengths = actions.row_lengths().to(tokens.device) if actions.batched else torch.tensor([tokens.shape[1]])
-            checked = episodes.check_text(tokens, lengths, actions.log_probs)
-            episodes.apply_text(checked)
+            checked = engine.check_text(tokens, lengths, actions.log_probs)
+            engine.apply_text(checked)
             terminated = False
         elif isinstance(actions, FlowAction):
-            checked = episodes.check_flow(actions.x_next, actions.log_prob, actions.is_stochastic)
-            terminated = episodes.apply_flow(checked)
+            checked = engine.check_flow(actions.x_next, actions.log_prob, actions.is_stochastic)
+            terminated = engine.apply_flow(checked)
         else:
             raise InvalidActionError(
                 f"expected a batched TextAction/FlowAction or a list of {self.num_envs} actions, got {type(actions).__name__}"
             )
-        self._sync_action_space()
-        rewards = episodes.reward.scores.numpy().copy() if terminated else np.zeros(self.num_envs, dtype=np.float32)
+        rewards = engine.trajectory.rewards.numpy().copy() if terminated else np.zeros(self.num_envs, dtype=np.float32)
         dones = np.full(self.num_envs, terminated, dtype=np.bool_)
         return self._observation(), rewards, dones, np.zeros(self.num_envs, dtype=np.bool_), self._info()
 
@@ -213,26 +243,20 @@ class InterleavedVectorEnv(VectorEnv):
         """The latest images of all episodes, ``[N, H, W, 3]`` uint8 (see InterleavedEnv.render)."""
         if self.render_mode is None:
             return None
-        episodes = self.episodes
-        if episodes.phase == "image" and episodes.x_t is not None:
-            return episodes.image_codec.decode(episodes.x_t).cpu().numpy()
-        finished = [r.images for r in episodes.records if r.images is not None]
-        if finished:
-            return finished[-1].cpu().numpy()
-        size = episodes.image_codec.image_size
+        engine = self._engine
+        if engine.phase == "image" and engine.x_t is not None:
+            return engine.image_codec.decode(engine.x_t).cpu().numpy()
+        finished = engine.trajectory.images if engine.started else None
+        if finished is not None:
+            return finished.cpu().numpy()
+        size = engine.image_codec.image_size
         return np.full((self.num_envs, size, size, 3), 255, dtype=np.uint8)
 
     # -- trajectories -----------------------------------------------------------------------------
 
-    def trajectory(self, i: int) -> Trajectory:
-        """Episode ``i``'s trajectory so far."""
-        if not 0 <= i < self.num_envs:
-            raise IndexError(f"episode index {i} outside [0, {self.num_envs})")
-        return self.episodes.trajectory(i)
-
     def trajectories(self) -> list[Trajectory]:
-        """Every episode's trajectory so far (built on request; the batch itself stores tensors)."""
-        return [self.episodes.trajectory(i) for i in range(self.num_envs)]
+        """Every episode's trajectory so far (views of :attr:`trajectory`; see BatchTrajectory.episode)."""
+        return [self.trajectory.episode(i) for i in range(self.num_envs)]
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -240,13 +264,13 @@ class InterleavedVectorEnv(VectorEnv):
         """Turn N per-episode actions into one batched action (validation of values follows)."""
         if len(actions) != self.num_envs:
             raise ActionShapeError(f"expected {self.num_envs} actions, one per episode, got {len(actions)}")
-        expected = self.episodes.phase
+        expected = self._engine.phase
         if expected == "image":
             if not all(isinstance(a, FlowAction) for a in actions):
                 raise WrongPhaseError(f"expected {self.num_envs} FlowActions in the image phase")
             shapes = {tuple(a.x_next.shape) for a in actions}
-            if shapes != {self.episodes.latent_shape}:
-                raise ActionShapeError(f"expected every x_next of shape {self.episodes.latent_shape}, got {sorted(shapes)}")
+            if shapes != {self._engine.latent_shape}:
+                raise ActionShapeError(f"expected every x_next of shape {self._engine.latent_shape}, got {sorted(shapes)}")
             given = [a.log_prob is not None for a in actions]
             if any(given) and not all(given):
                 raise InvalidActionError("give log_prob for every episode's FlowAction or for none")
@@ -271,42 +295,37 @@ class InterleavedVectorEnv(VectorEnv):
             log_probs = [torch.zeros(0) if a is None else a.log_probs for a in actions]
         return _stack_segments(segments, log_probs)
 
-    def _sync_action_space(self) -> None:
-        episodes = self.episodes
-        self.action_space.phase = episodes.phase
-        self.action_space.text_open = episodes.text_open.cpu().numpy().copy()
-        self.action_space.tokens_left = episodes.tokens_left().cpu().numpy().copy()
-
     def _observation(self) -> BatchObservation:
-        episodes = self.episodes
-        record = episodes.record
-        image = episodes.phase == "image"
+        engine = self._engine
+        text = engine.current.text
+        image = engine.phase == "image"
         return BatchObservation(
-            phase=episodes.phase,
-            turn=episodes.turn,
-            num_turns=episodes.num_turns,
-            prompts=tuple(tuple(task.prompts[: episodes.turn + 1]) for task in episodes.tasks),
-            tokens=record.tokens.clone(),
-            token_counts=record.counts.clone(),
-            text_open=episodes.text_open.clone(),
-            x_t=episodes.x_t.clone() if image else None,
-            t=episodes.t if image else None,
-            t_next=episodes.t_next if image else None,
-            step=episodes.step_index,
-            num_steps=episodes.num_steps,
-            cond_images=episodes.cond_images()[:, : episodes.turn].clone(),
+            phase=engine.phase,
+            turn=engine.turn,
+            num_turns=engine.num_turns,
+            prompts=tuple(tuple(task.prompts[: engine.turn + 1]) for task in engine.tasks),
+            tokens=text.tokens.clone(),
+            token_counts=text.lengths.clone(),
+            text_open=engine.text_open.clone(),
+            x_t=engine.x_t.clone() if image else None,
+            t=engine.t if image else None,
+            t_next=engine.t_next if image else None,
+            step=engine.step_index,
+            num_steps=engine.num_steps,
+            cond_images=engine.cond_images()[:, : engine.turn].clone(),
             group_ids=self.group_ids.clone(),
         )
 
     def _info(self) -> dict[str, Any]:
-        episodes = self.episodes
+        engine = self._engine
+        trajectory = engine.trajectory
         info: dict[str, Any] = {
             "group_id": self.group_ids.numpy().copy(),
-            "category": np.array([task.category for task in episodes.tasks], dtype=object),
+            "category": np.array([task.category for task in engine.tasks], dtype=object),
+            "trajectory": trajectory,
         }
-        reward = episodes.reward
-        if reward is not None:
-            info["reward_components"] = {k: v.numpy().copy() for k, v in reward.components.items()}
-            if reward.error is not None:
-                info["reward_error"] = reward.error
+        if trajectory.terminated:
+            info["reward_components"] = {k: v.numpy().copy() for k, v in trajectory.reward_components.items()}
+            if trajectory.reward_error is not None:
+                info["reward_error"] = trajectory.reward_error
         return info

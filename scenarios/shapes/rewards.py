@@ -1,10 +1,11 @@
-"""Built-in ShapesWorld scorers: the exact verifier, the scene match, and the image-quality measure.
+"""ShapesWorld's scorers: the exact verifier, the scene match, and the image-quality measure.
 
 The verifier reads each episode's target from ``task.meta["shapes_task"]`` (a
 :class:`~unigrpo_env.scenarios.shapes.ShapesTask` as a dict) and checks GenEval's constraints;
 the scene match reads a whole target scene from ``task.meta["shapes_scene"]`` (a list of
 ``{"shape", "colour", "cell"}``) and compares every object, as an edit's result must be judged.
-Both score any scenario built on ShapesWorld.
+Both score any scenario built on ShapesWorld. Registered as ``shapes_verifier``, ``shapes_scene`` and
+``image_quality`` (alias ``quality``) through the package's entry points, as a plugin's rewards are.
 """
 
 from __future__ import annotations
@@ -14,15 +15,11 @@ import math
 import torch
 
 from unigrpo_env.reward import RewardInputs, RewardOutput
-from unigrpo_env.scenarios.shapes import (
-    CHECK_KINDS,
-    Scene,
-    SceneObject,
-    ShapesTask,
-    detect_objects,
-    image_quality,
-    verify,
-)
+from unigrpo_env.scenarios.shapes.constraints import CHECK_KINDS
+from unigrpo_env.scenarios.shapes.quality import image_quality
+from unigrpo_env.scenarios.shapes.scene import Scene, SceneObject
+from unigrpo_env.scenarios.shapes.tasks import ShapesTask
+from unigrpo_env.scenarios.shapes.verify import detect_objects, verify
 
 __all__ = ["SCENE_META_KEY", "ShapesVerifierReward", "SceneMatchReward", "ImageQualityReward", "scene_meta", "shapes_task"]
 
@@ -107,10 +104,9 @@ class SceneMatchReward:
             found.append(float(hits))
             extra.append(float(len(detected - target)))
             objects.append(float(len(target)))
-        as_tensor = lambda values: torch.tensor(values, dtype=torch.float32)  # noqa: E731
         return RewardOutput(
-            scores=as_tensor(scores),
-            components={"correct": as_tensor(correct), "found": as_tensor(found), "extra": as_tensor(extra), "objects": as_tensor(objects)},
+            scores=_floats(scores),
+            components={"correct": _floats(correct), "found": _floats(found), "extra": _floats(extra), "objects": _floats(objects)},
         )
 
 
@@ -126,3 +122,7 @@ class ImageQualityReward:
             "noise": torch.tensor([r.noise for r in results], dtype=torch.float32),
         }
         return RewardOutput(scores=torch.tensor([r.score for r in results], dtype=torch.float32), components=components)
+
+
+def _floats(values: list[float]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32)

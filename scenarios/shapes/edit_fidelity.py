@@ -35,7 +35,8 @@ from typing import Any
 import torch
 
 from unigrpo_env.reward import RewardInputs, RewardOutput
-from unigrpo_env.scenarios.shapes import Scene, SceneObject, detect_objects
+from unigrpo_env.scenarios.shapes.scene import Scene, SceneObject
+from unigrpo_env.scenarios.shapes.verify import detect_objects
 
 __all__ = ["EDIT_META_KEY", "EditFidelityReward", "edit_meta", "untouched_objects", "edit_fidelity"]
 

@@ -6,6 +6,9 @@
     checkpoint/
       language_model/   config.json, model.safetensors, tokenizer files   (transformers)
       flow_model/       config.json, diffusion_pytorch_model.safetensors  (diffusers)
+
+Registered as the policy kind ``shapes`` (an entry point in the package's pyproject.toml), which
+the ShapesWorld scenarios name in ``default_policy``.
 """
 
 from __future__ import annotations
@@ -15,9 +18,8 @@ from pathlib import Path
 
 import torch
 
-import unigrpo_env.scenarios.shapes as shapes_world
 from unigrpo_env.agents.hf_policies import CausalLMTextPolicy, ConditionedFlowPolicy
-from unigrpo_env.agents.policy import UnifiedPolicy
+from unigrpo_env.agents.policy import CheckpointError, UnifiedPolicy
 from unigrpo_env.scenarios.shapes.conditioning import ShapesConditioner
 from unigrpo_env.scenarios.shapes.language_model import chat_prompt_ids
 from unigrpo_env.scenarios.shapes.tokenizer import END_OF_THINKING, build_tokenizer
@@ -25,11 +27,7 @@ from unigrpo_env.scenarios.shapes.tokenizer import END_OF_THINKING, build_tokeni
 __all__ = ["DEFAULT_CHECKPOINT", "CheckpointError", "shapes_policy", "load_shapes_policy"]
 
 #: The checkpoint that ships with the package (made by ``unigrpo pretrain shapes``).
-DEFAULT_CHECKPOINT = Path(shapes_world.__file__).resolve().parent / "checkpoint"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder that is missing, incomplete or unreadable."""
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoint"
 
 
 def shapes_policy(language_model, tokenizer, flow_model) -> UnifiedPolicy:

@@ -25,11 +25,11 @@ from __future__ import annotations
 from functools import cached_property
 from typing import Any
 
-from unigrpo_env.rewards.edit import edit_meta
-from unigrpo_env.rewards.shapes import scene_meta
-from unigrpo_env.scenarios.shapes import Scene
+from unigrpo_env.scenarios.shapes.edit_fidelity import edit_meta
 from unigrpo_env.scenarios.shapes.edits import EditDialogue, dialogue_split
-from unigrpo_env.scenarios.t2i_reason import T2IReasonScenario
+from unigrpo_env.scenarios.shapes.rewards import scene_meta
+from unigrpo_env.scenarios.shapes.scene import Scene
+from unigrpo_env.scenarios.shapes.t2i_reason import T2IReasonScenario
 from unigrpo_env.task import Task
 
 __all__ = ["EditMultiTurnScenario", "DIALOGUE_META_KEY"]
@@ -50,11 +50,9 @@ class EditMultiTurnScenario(T2IReasonScenario):
 
     name = "edit_multiturn"
     default_reward = "shapes_scene:0.7,edit_fidelity:0.3"
-    #: t2i_reason's recipe (LN tuning of the language model, the image schedule, MSE weight 3), with
-    #: the warm-up shortened to 15 iterations and 72 iterations in all: three turns make an
-    #: iteration about 3× as long as t2i_reason's, and 72 iterations with both held-out evaluations
-    #: fit 15 minutes on the 2-core CPU (README, "Multi-turn editing").
-    training_defaults = {**T2IReasonScenario.training_defaults, "steps": 72, "warmup_iterations": 15}
+    #: t2i_reason's recipe with fewer iterations and a shorter warm-up, as an iteration plays three
+    #: turns (docs/experiments/edit-multiturn.md).
+    training_defaults = {**T2IReasonScenario.training_defaults, "iterations": 72, "warmup_iterations": 15}
 
     def __init__(self, num_turns: int = 3, **options: Any):
         if isinstance(num_turns, bool) or int(num_turns) != num_turns or num_turns < 1:

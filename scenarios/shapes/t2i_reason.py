@@ -18,7 +18,9 @@ from unigrpo_env.reward import RewardFunction
 from unigrpo_env.rewards import get_reward
 from unigrpo_env.scenario import Scenario
 from unigrpo_env.task import Task
-from unigrpo_env.scenarios.shapes import Scene, ShapesTask, answer_text, render, task_split
+from unigrpo_env.scenarios.shapes.render import render
+from unigrpo_env.scenarios.shapes.scene import Scene
+from unigrpo_env.scenarios.shapes.tasks import ShapesTask, answer_text, task_split
 from unigrpo_env.scenarios.shapes.tokenizer import END_OF_THINKING, build_tokenizer
 
 __all__ = ["T2IReasonScenario"]
@@ -46,12 +48,11 @@ class T2IReasonScenario(Scenario):
     name = "t2i_reason"
     #: The reward used when none is given (a name, ``module:Name`` or weighted-sum spec).
     default_reward: str = "shapes_verifier"
-    #: The best recipe measured (README, "Training with UniGRPO"): only the language model's norm
-    #: layers train (LN tuning at its measured lr, 3e-2), the image model at lr 1e-3 after a
-    #: 25-iteration warm-up with a cosine decay, and a 3× velocity MSE to keep image quality. On the
-    #: shipped checkpoint, 3 seeds: held-out reward +0.152 ± 0.002. On the previous one (clean
-    #: answers): +0.027 ± 0.016, where UniGRPOConfig's plain defaults (full training, 1e-4 / 1e-4)
-    #: gave −0.001 ± 0.020.
+    default_policy = "shapes"
+    default_evaluator = "shapes"
+    #: The recommended recipe: LN tuning of the language model, the image model at lr 1e-3 after a
+    #: warm-up with a cosine decay, and a stronger velocity MSE (docs/experiments/main-job.md says how
+    #: it was chosen and what it gives).
     training_defaults = {
         "text_adapter": "ln_tuning",
         "lr_image": 1e-3,
