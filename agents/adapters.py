@@ -102,7 +102,9 @@ def attach_adapter(
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             part.model = get_peft_model(model, config)
     except ValueError as exc:  # peft: targets not found, or an architecture without a default table
-        raise AdapterError(f"cannot attach a {kind} adapter to the {side} model ({type(model).__name__}): {' '.join(str(exc).split())[:300]}") from exc
+        raise AdapterError(
+            f"cannot attach a {kind} adapter to the {side} model ({type(model).__name__}): {' '.join(str(exc).split())[:300]}"
+        ) from exc
 
 
 def has_adapter(part: Any) -> bool:
@@ -162,5 +164,7 @@ def load_adapter_state(policy: nn.Module, state: dict[str, torch.Tensor]) -> Non
     expected = set(adapter_state(policy))
     if set(state) != expected:
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise AdapterError(f"the saved adapter does not fit this policy (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise AdapterError(
+            f"the saved adapter does not fit this policy (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     policy.load_state_dict(state, strict=False)

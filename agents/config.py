@@ -41,13 +41,19 @@ class UniGRPOConfig(BaseModel):
     scenario: str = "t2i_reason"
     scenario_options: dict[str, Any] = Field(default_factory=dict)
     policy: str | None = Field(
-        default=None, description="the policy kind (a registered name or 'module:Name'); None = the scenario's default_policy"
+        default=None,
+        description="the policy kind (a registered name or 'module:Name'); None = the scenario's default_policy",
     )
-    checkpoint: str | None = Field(default=None, description="the policy's checkpoint folder or hub id; None = the policy kind's default")
+    checkpoint: str | None = Field(
+        default=None, description="the policy's checkpoint folder or hub id; None = the policy kind's default"
+    )
     evaluator: str | None = Field(
-        default=None, description="the held-out evaluator (a registered name or 'module:Name'); None = the scenario's default_evaluator"
+        default=None,
+        description="the held-out evaluator (a registered name or 'module:Name'); None = the scenario's default_evaluator",
     )
-    train: Literal["both", "text", "image"] = Field(default="both", description="both = UniGRPO; text = TextGRPO only; image = FlowGRPO only")
+    train: Literal["both", "text", "image"] = Field(
+        default="both", description="both = UniGRPO; text = TextGRPO only; image = FlowGRPO only"
+    )
     seed: int = 0
     text_adapter: Literal["full", "lora", "ln_tuning"] = Field(
         default="full",
@@ -55,66 +61,102 @@ class UniGRPOConfig(BaseModel):
         "ln_tuning = only the normalisation layers",
     )
     image_adapter: Literal["full", "lora", "ln_tuning"] = Field(
-        default="full", description="how the image side trains (peft): full, lora (the attention projections) or ln_tuning (the adaLN modulations)"
+        default="full",
+        description="how the image side trains (peft): full, lora (the attention projections) or ln_tuning (the adaLN modulations)",
     )
     lora_rank: int = Field(default=8, ge=1, description="rank r of the LoRA adapters")
     lora_alpha: float = Field(default=16.0, gt=0.0, description="LoRA scale α (the update is (α/r)·B·A)")
-    text_adapter_targets: list[str] | None = Field(default=None, description="module-name suffixes for the text adapter (None: agents.adapters.DEFAULT_TARGETS)")
-    image_adapter_targets: list[str] | None = Field(default=None, description="module-name suffixes for the image adapter (None: agents.adapters.DEFAULT_TARGETS)")
+    text_adapter_targets: list[str] | None = Field(
+        default=None, description="module-name suffixes for the text adapter (None: agents.adapters.DEFAULT_TARGETS)"
+    )
+    image_adapter_targets: list[str] | None = Field(
+        default=None, description="module-name suffixes for the image adapter (None: agents.adapters.DEFAULT_TARGETS)"
+    )
 
     # -- rollouts ------------------------------------------------------------------------------
-    iterations: int = Field(default=150, ge=1, description="training iterations (one rollout of a batch and its update each)")
+    iterations: int = Field(
+        default=150, ge=1, description="training iterations (one rollout of a batch and its update each)"
+    )
     num_prompts: int = Field(default=16, ge=1, description="prompts per iteration")
     group_size: int = Field(default=4, ge=2, description="rollouts per prompt (paper: 24)")
     temperature: float = Field(default=1.0, gt=0.0, description="text sampling temperature (paper: 1)")
     noise_level: float = Field(default=0.7, gt=0.0, description="SDE noise level a (paper: 0.8; Flow-GRPO: 0.7)")
-    sde_window_size: int | None = Field(default=3, ge=1, description="SDE steps per image, a window of consecutive steps (paper: 3); None = all")
-    sde_window_max_start: int = Field(default=4, ge=0, description="the window starts at a random step in [0, this] (paper: window in [0, 5])")
-    rollout_cfg: float = Field(default=1.0, ge=1.0, description="CFG scale during rollouts and training (1 = CFG-free, the paper's default)")
+    sde_window_size: int | None = Field(
+        default=3, ge=1, description="SDE steps per image, a window of consecutive steps (paper: 3); None = all"
+    )
+    sde_window_max_start: int = Field(
+        default=4, ge=0, description="the window starts at a random step in [0, this] (paper: window in [0, 5])"
+    )
+    rollout_cfg: float = Field(
+        default=1.0, ge=1.0, description="CFG scale during rollouts and training (1 = CFG-free, the paper's default)"
+    )
 
     # -- the update ------------------------------------------------------------------------------
     ppo_epochs: int = Field(default=1, ge=1, description="passes over each batch (paper: 2)")
     minibatches: int = Field(default=1, ge=1, description="minibatches per PPO epoch")
     clip_range_text: float = Field(default=0.2, gt=0.0, description="GRPO clip ε for tokens")
-    clip_range_image: float = Field(default=1e-3, gt=0.0, description="Flow-GRPO clip ε for steps (paper: 1e-6 Bagel; Flow-GRPO: 1e-4)")
+    clip_range_image: float = Field(
+        default=1e-3, gt=0.0, description="Flow-GRPO clip ε for steps (paper: 1e-6 Bagel; Flow-GRPO: 1e-4)"
+    )
     image_loss_weight: float = Field(default=1.0, ge=0.0, description="λ in J = J_text + λ·J_flow (paper: 1)")
     ratio_norm: bool = Field(default=False, description="GRPO-Guard's RatioNorm on the image ratios")
     global_std: bool = Field(default=False, description="flow_grpo's global-std advantages instead of per-group std")
     advantage_eps: float = Field(default=1e-4, gt=0.0)
-    regularizer: Literal["mse", "kl", "none"] = Field(default="mse", description="velocity MSE (UniGRPO), latent KL (Flow-GRPO) or none")
+    regularizer: Literal["mse", "kl", "none"] = Field(
+        default="mse", description="velocity MSE (UniGRPO), latent KL (Flow-GRPO) or none"
+    )
     mse_weight: float = Field(
         default=1.0, ge=0.0, description="β of the velocity MSE when regularizer is mse (UniGRPO: 1)"
     )
-    kl_weight: float = Field(default=0.04, ge=0.0, description="β of the latent KL when regularizer is kl (Flow-GRPO: 0.04)")
+    kl_weight: float = Field(
+        default=0.04, ge=0.0, description="β of the latent KL when regularizer is kl (Flow-GRPO: 0.04)"
+    )
     text_loss_type: Literal["grpo", "bnpo", "dr_grpo"] = Field(
         default="grpo",
         description="how the text loss averages tokens (TRL's loss_type): grpo = per sequence, then over sequences; "
         "bnpo = over all tokens of the batch; dr_grpo = each sequence's sum over the token budget",
     )
-    kl_text: float = Field(default=0.0, ge=0.0, description="β of GRPO's per-token KL (k3) to the starting language model (paper: 0; DeepSeekMath: 0.04)")
+    kl_text: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="β of GRPO's per-token KL (k3) to the starting language model (paper: 0; DeepSeekMath: 0.04)",
+    )
     lr_text: float | None = Field(
         default=None,
         gt=0.0,
         description="learning rate of the text parameters (paper: 1e-6 at 7B); None = TEXT_LEARNING_RATES[text_adapter]",
     )
-    lr_image: float = Field(default=1e-4, gt=0.0, description="learning rate of the image parameters (paper: 3e-5 at 7B)")
-    warmup_iterations: int = Field(default=0, ge=0, description="learning rates rise linearly from lr/warmup to lr over the first iterations")
+    lr_image: float = Field(
+        default=1e-4, gt=0.0, description="learning rate of the image parameters (paper: 3e-5 at 7B)"
+    )
+    warmup_iterations: int = Field(
+        default=0, ge=0, description="learning rates rise linearly from lr/warmup to lr over the first iterations"
+    )
     lr_schedule: Literal["constant", "linear", "cosine"] = Field(
-        default="constant", description="learning rates after the warm-up: constant, or decaying to 0 at the last iteration (linear, cosine)"
+        default="constant",
+        description="learning rates after the warm-up: constant, or decaying to 0 at the last iteration (linear, cosine)",
     )
     weight_decay: float = Field(default=0.0, ge=0.0)
     max_grad_norm: float = Field(default=1.0, gt=0.0)
 
     # -- reward failures -------------------------------------------------------------------------
-    max_failed_fraction: float = Field(default=0.5, ge=0.0, le=1.0, description="stop when more of a batch than this has no reward")
+    max_failed_fraction: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="stop when more of a batch than this has no reward"
+    )
 
     # -- running -------------------------------------------------------------------------------
     eval_split: str = "heldout"
-    eval_cfg: float = Field(default=1.0, ge=1.0, description="CFG scale of the held-out evaluations before and after (1 = none; the CFG ablation evaluates both arms with CFG)")
+    eval_cfg: float = Field(
+        default=1.0,
+        ge=1.0,
+        description="CFG scale of the held-out evaluations before and after (1 = none; the CFG ablation evaluates both arms with CFG)",
+    )
     eval_limit: int | None = Field(default=None, ge=1, description="evaluate on the first N held-out tasks only")
     checkpoint_every: int = Field(default=10, ge=1, description="iterations between checkpoints")
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    gradient_accumulation_steps: int = Field(default=1, ge=1, description="Accelerate's: optimizer steps accumulated into one")
+    gradient_accumulation_steps: int = Field(
+        default=1, ge=1, description="Accelerate's: optimizer steps accumulated into one"
+    )
     cpu: bool = Field(default=False, description="run on the CPU even where a GPU is present")
 
     @model_validator(mode="before")
@@ -123,13 +165,17 @@ class UniGRPOConfig(BaseModel):
         if not isinstance(data, dict):
             return data
         if "regularizer_weight" in data:
-            raise ValueError("regularizer_weight was replaced by mse_weight (velocity MSE) and kl_weight (latent KL), one per regulariser")
+            raise ValueError(
+                "regularizer_weight was replaced by mse_weight (velocity MSE) and kl_weight (latent KL), one per regulariser"
+            )
         if "steps" in data:
-            raise ValueError("steps was renamed iterations (training iterations; num_steps in scenario_options are denoising steps)")
+            raise ValueError(
+                "steps was renamed iterations (training iterations; num_steps in scenario_options are denoising steps)"
+            )
         return data
 
     @model_validator(mode="after")
-    def _text_rate(self) -> "UniGRPOConfig":
+    def _text_rate(self) -> UniGRPOConfig:
         # lr_text not given: the rate measured for the text adapter, resolved again whenever the
         # adapter changes (also by assignment), so it never keeps the rate of an adapter no longer used.
         if self.lr_text is None or "lr_text" not in self.model_fields_set:
@@ -137,9 +183,11 @@ class UniGRPOConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _consistent(self) -> "UniGRPOConfig":
+    def _consistent(self) -> UniGRPOConfig:
         if self.minibatches > self.num_prompts * self.group_size:
-            raise ValueError(f"minibatches ({self.minibatches}) exceeds the batch ({self.num_prompts}×{self.group_size})")
+            raise ValueError(
+                f"minibatches ({self.minibatches}) exceeds the batch ({self.num_prompts}×{self.group_size})"
+            )
         return self
 
     @property
@@ -148,7 +196,7 @@ class UniGRPOConfig(BaseModel):
         return {"mse": self.mse_weight, "kl": self.kl_weight, "none": 0.0}[self.regularizer]
 
     @classmethod
-    def for_scenario(cls, scenario: str, path: str | Path | None = None, **overrides: Any) -> "UniGRPOConfig":
+    def for_scenario(cls, scenario: str, path: str | Path | None = None, **overrides: Any) -> UniGRPOConfig:
         """The config of a run on ``scenario``: the defaults, then the scenario's recommended
         ``training_defaults``, then the file at ``path`` (if any), then ``overrides``."""
         from unigrpo_env.registration import SCENARIOS
@@ -158,7 +206,7 @@ class UniGRPOConfig(BaseModel):
         return cls.model_validate({**recommended, **data, "scenario": scenario, **overrides})
 
     @classmethod
-    def from_file(cls, path: str | Path, **overrides: Any) -> "UniGRPOConfig":
+    def from_file(cls, path: str | Path, **overrides: Any) -> UniGRPOConfig:
         """Read a YAML or JSON file; ``overrides`` (e.g. from CLI flags) win."""
         return cls.model_validate({**cls._read(path), **overrides})
 

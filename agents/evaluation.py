@@ -165,9 +165,13 @@ class Evaluator:
             temperature=temperature,
             num_steps=scenario.num_steps,
             pipeline=_by_category(categories, [r for r, _ in pipeline], [c for _, c in pipeline]),
-            probes={name: _by_category(categories, [r for r, _ in rows[name]], [c for _, c in rows[name]]) for name in probes},
+            probes={
+                name: _by_category(categories, [r for r, _ in rows[name]], [c for _, c in rows[name]])
+                for name in probes
+            },
             metrics={
-                name: {c: s.correct for c, s in _by_category(categories, rows[name], rows[name]).items()} for name in self.metrics
+                name: {c: s.correct for c, s in _by_category(categories, rows[name], rows[name]).items()}
+                for name in self.metrics
             },
             labels={name: self.labels[name] for name in (*self.metrics, *probes)},
             seconds=time.perf_counter() - start,
@@ -190,7 +194,9 @@ class Evaluator:
             _turn_strips(tasks, categories, rows, _grid_indices(categories, per_category=2), out / "turns.png")
 
 
-def _by_category(categories: Sequence[str], rewards: Sequence[float], correct: Sequence[float]) -> dict[str, CategoryScores]:
+def _by_category(
+    categories: Sequence[str], rewards: Sequence[float], correct: Sequence[float]
+) -> dict[str, CategoryScores]:
     groups: dict[str, list[int]] = defaultdict(list)
     for i, c in enumerate(categories):
         groups[c].append(i)
@@ -250,7 +256,9 @@ def _scores(result: Rollout) -> list[tuple[float, float]]:
     rewards = result.rewards.tolist()
     components = result.trajectory.reward_components
     # GenEval's verdict: the verifier's own component, or the verifier term's inside a weighted sum
-    key = "correct" if "correct" in components else next((k for k in sorted(components) if k.endswith("/correct")), None)
+    key = (
+        "correct" if "correct" in components else next((k for k in sorted(components) if k.endswith("/correct")), None)
+    )
     correct = (components[key] if key else torch.full((len(rewards),), math.nan)).tolist()
     return list(zip(rewards, correct))
 

@@ -102,7 +102,9 @@ class CausalLMTextPolicy(nn.Module):
                 nxt = torch.multinomial(logp.exp().cpu(), 1, generator=generator).squeeze(1).to(device)
             nxt = torch.where(finished, torch.full_like(nxt, self.pad_id), nxt)
             tokens[:, k] = nxt
-            log_probs[:, k] = torch.where(finished, torch.zeros_like(logits[:, 0]), logp.gather(1, nxt[:, None]).squeeze(1))
+            log_probs[:, k] = torch.where(
+                finished, torch.zeros_like(logits[:, 0]), logp.gather(1, nxt[:, None]).squeeze(1)
+            )
             lengths += (~finished).long()
             finished |= nxt == self.eot_id
             if bool(finished.all()) or k + 1 == max_new_tokens:
@@ -110,11 +112,15 @@ class CausalLMTextPolicy(nn.Module):
             mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
             position = position + 1
             cache = {self._cache_name: getattr(out, self._cache_name)}
-            out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=position, use_cache=True, **cache)
+            out = self.model(
+                input_ids=nxt[:, None], attention_mask=mask, position_ids=position, use_cache=True, **cache
+            )
         width_out = int(lengths.max()) if n else 0
         return TextSample(tokens=tokens[:, :width_out], lengths=lengths, log_probs=log_probs[:, :width_out])
 
-    def log_probs(self, context: TurnContext, tokens: torch.Tensor, lengths: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+    def log_probs(
+        self, context: TurnContext, tokens: torch.Tensor, lengths: torch.Tensor, *, temperature: float = 1.0
+    ) -> torch.Tensor:
         """``log π_θ(tokens | context)`` ``[N, L]`` in one forward pass, with gradients.
 
         Rows are left-padded exactly as in :meth:`sample` (same positions), so on-policy the
@@ -169,7 +175,9 @@ class ConditionedFlowPolicy(nn.Module):
         device = next(self.model.parameters()).device
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.conditioner(context).items()}
 
-    def velocity(self, x_t: torch.Tensor, t: torch.Tensor | float, condition: dict[str, Any], *, cfg_scale: float = 1.0) -> torch.Tensor:
+    def velocity(
+        self, x_t: torch.Tensor, t: torch.Tensor | float, condition: dict[str, Any], *, cfg_scale: float = 1.0
+    ) -> torch.Tensor:
         n = x_t.shape[0]
         t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).reshape(-1).expand(n)
         if cfg_scale == 1.0:

@@ -60,7 +60,9 @@ def group_advantages(
     return torch.where(valid, centred / (scale + eps), torch.zeros_like(rewards))
 
 
-def clipped_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor, clip_range: float) -> tuple[torch.Tensor, torch.Tensor]:
+def clipped_surrogate(
+    log_ratio: torch.Tensor, advantages: torch.Tensor, clip_range: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate ``min(r·Â, clip(r, 1 − ε, 1 + ε)·Â)`` with ``r = exp(log_ratio)``,
     elementwise; also returns where the clip was active."""
     ratio = torch.exp(log_ratio)

@@ -9,6 +9,10 @@ through small registries:
   ShapesWorld's shipped checkpoint is the built-in ``shapes``.
 * ``evaluators`` — name -> a factory ``factory(**options) -> Evaluator``. Entry-point group
   ``unigrpo.evaluators``; built-in: ``default`` (the generic evaluator) and ``shapes``.
+* ``pretrainers`` — name -> a class whose instances make a base checkpoint from scratch,
+  ``pretrainer(out_dir, *, seed, num_threads, progress) -> summary``, with the class attributes
+  ``policy`` (the policy kind that loads it) and ``evaluate_on`` (a scenario to evaluate it on).
+  Entry-point group ``unigrpo.pretrainers``; built-in: ``shapes`` (``unigrpo pretrain shapes``).
 
 Scenarios and rewards have their registries in the core (:mod:`unigrpo_env.registration`). A
 config that names no policy or evaluator takes the scenario's ``default_policy`` and
@@ -32,8 +36,10 @@ from unigrpo_env.scenario import Scenario
 __all__ = [
     "POLICIES",
     "EVALUATORS",
+    "PRETRAINERS",
     "POLICY_ENTRY_POINTS",
     "EVALUATOR_ENTRY_POINTS",
+    "PRETRAINER_ENTRY_POINTS",
     "register_policy",
     "register_evaluator",
     "load_policy",
@@ -45,9 +51,11 @@ __all__ = [
 #: Entry-point groups that installed packages use to add policies and evaluators.
 POLICY_ENTRY_POINTS = "unigrpo.policies"
 EVALUATOR_ENTRY_POINTS = "unigrpo.evaluators"
+PRETRAINER_ENTRY_POINTS = "unigrpo.pretrainers"
 
 POLICIES: Registry[Callable[..., UnifiedPolicy]] = Registry("policy", entry_point_group=POLICY_ENTRY_POINTS)
 EVALUATORS: Registry[Callable[..., Evaluator]] = Registry("evaluator", entry_point_group=EVALUATOR_ENTRY_POINTS)
+PRETRAINERS: Registry[Callable[..., Any]] = Registry("pretrainer", entry_point_group=PRETRAINER_ENTRY_POINTS)
 
 
 def register_policy(name: str, *, override: bool = False):

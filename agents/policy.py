@@ -62,11 +62,11 @@ class TurnContext(BaseModel):
         """Episode ``i``'s reasoning tokens of the current turn (unpadded)."""
         return self.reasoning[i, : int(self.reasoning_lengths[i])]
 
-    def with_reasoning(self, tokens: torch.Tensor, lengths: torch.Tensor) -> "TurnContext":
+    def with_reasoning(self, tokens: torch.Tensor, lengths: torch.Tensor) -> TurnContext:
         """The same context once the current turn's reasoning is written."""
         return self.model_copy(update={"reasoning": tokens, "reasoning_lengths": lengths})
 
-    def select(self, index: torch.Tensor | list[int]) -> "TurnContext":
+    def select(self, index: torch.Tensor | list[int]) -> TurnContext:
         """The sub-batch of episodes ``index`` (for minibatches)."""
         idx = torch.as_tensor(index, dtype=torch.long)
         rows = idx.tolist()
@@ -105,7 +105,9 @@ class TextPolicy(Protocol):
         """Sample each episode's segment until its end-of-thinking token or ``max_new_tokens``."""
         ...
 
-    def log_probs(self, context: TurnContext, tokens: torch.Tensor, lengths: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+    def log_probs(
+        self, context: TurnContext, tokens: torch.Tensor, lengths: torch.Tensor, *, temperature: float = 1.0
+    ) -> torch.Tensor:
         """``log π_θ(tokens | context)`` per token ``[N, L]`` with gradients (0 beyond ``lengths``)."""
         ...
 
@@ -124,7 +126,9 @@ class FlowPolicy(Protocol):
         """Prepare the condition of the current turn's image (once per image, not per step)."""
         ...
 
-    def velocity(self, x_t: torch.Tensor, t: torch.Tensor | float, condition: Any, *, cfg_scale: float = 1.0) -> torch.Tensor:
+    def velocity(
+        self, x_t: torch.Tensor, t: torch.Tensor | float, condition: Any, *, cfg_scale: float = 1.0
+    ) -> torch.Tensor:
         """``v_θ`` ``[N, C, H, W]`` with gradients. ``cfg_scale == 1``: one network call, no
         unconditional branch; otherwise ``v_u + s·(v_c − v_u)`` from one batched call."""
         ...
@@ -151,9 +155,13 @@ class UnifiedPolicy(nn.Module):
             if not isinstance(part, nn.Module):
                 raise TypeError(f"the {name} policy must be a torch.nn.Module, got {type(part).__name__}")
         if not isinstance(text, TextPolicy):
-            raise TypeError(f"{type(text).__name__} does not implement the TextPolicy protocol (sample, log_probs, save_pretrained)")
+            raise TypeError(
+                f"{type(text).__name__} does not implement the TextPolicy protocol (sample, log_probs, save_pretrained)"
+            )
         if not isinstance(image, FlowPolicy):
-            raise TypeError(f"{type(image).__name__} does not implement the FlowPolicy protocol (condition, velocity, save_pretrained)")
+            raise TypeError(
+                f"{type(image).__name__} does not implement the FlowPolicy protocol (condition, velocity, save_pretrained)"
+            )
         self.text = text
         self.image = image
 

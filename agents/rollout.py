@@ -42,7 +42,7 @@ class RolloutSettings(BaseModel):
     cfg_scale: float = Field(default=1.0, ge=1.0)
 
     @model_validator(mode="after")
-    def _window(self) -> "RolloutSettings":
+    def _window(self) -> RolloutSettings:
         if self.sde_window is not None and (self.sde_window[0] < 0 or self.sde_window[1] < 1):
             raise ValueError(f"sde_window must be (start >= 0, size >= 1), got {self.sde_window}")
         return self
@@ -94,7 +94,8 @@ def turn_context(trajectory: BatchTrajectory, turn: int) -> TurnContext:
     the turns before it, and its own reasoning so far (empty before its text phase has run)."""
     turns = trajectory.turns
     history = [
-        [turns[j].text.tokens[i, : int(turns[j].text.lengths[i])].cpu() for j in range(turn)] for i in range(len(trajectory))
+        [turns[j].text.tokens[i, : int(turns[j].text.lengths[i])].cpu() for j in range(turn)]
+        for i in range(len(trajectory))
     ]
     tokens, _ = turns[turn].text.padded()
     return TurnContext(
@@ -134,7 +135,9 @@ def rollout(
             sample = write_text(context, envs)
         else:
             budget = int((obs.tokens.shape[1] - obs.token_counts).max())
-            sample = policy.text.sample(context, max_new_tokens=budget, temperature=settings.temperature, generator=generator)
+            sample = policy.text.sample(
+                context, max_new_tokens=budget, temperature=settings.temperature, generator=generator
+            )
         obs, *_ = envs.step(TextAction(tokens=sample.tokens, lengths=sample.lengths, log_probs=sample.log_probs))
         # -- image phase: one network call per denoising step -----------------------------
         condition = policy.image.condition(context.with_reasoning(sample.tokens, sample.lengths))
@@ -145,7 +148,9 @@ def rollout(
             velocity = policy.image.velocity(obs.x_t, obs.t, condition, cfg_scale=settings.cfg_scale)
             result.network_calls += 1 if settings.cfg_scale == 1.0 else 2
             if settings.is_sde_step(step):
-                x_next, log_prob, mean, _ = flow.sde_step(velocity, obs.x_t, obs.t, obs.t_next, settings.noise_level, generator=generator)
+                x_next, log_prob, mean, _ = flow.sde_step(
+                    velocity, obs.x_t, obs.t, obs.t_next, settings.noise_level, generator=generator
+                )
                 result.sde_means[-1][step] = mean
                 action = FlowAction(x_next=x_next, log_prob=log_prob, stochastic=True)
             else:

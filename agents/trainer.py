@@ -115,9 +115,13 @@ class Trainer:
             saved = load_run_config(self.out, iterations=config.iterations)
             if saved != config:
                 fields = sorted(k for k in UniGRPOConfig.model_fields if getattr(saved, k) != getattr(config, k))
-                raise RunFolderError(f"the run in {str(self.out)!r} was started with other settings ({', '.join(fields)})")
+                raise RunFolderError(
+                    f"the run in {str(self.out)!r} was started with other settings ({', '.join(fields)})"
+                )
         elif (self.out / "metrics.jsonl").exists():
-            raise RunFolderError(f"{str(self.out)!r} already holds a run; pass --resume to continue it or choose another --out")
+            raise RunFolderError(
+                f"{str(self.out)!r} already holds a run; pass --resume to continue it or choose another --out"
+            )
         self.config = config
         self.reward = reward
         self.evaluator = evaluator if evaluator is not None else Evaluator()
@@ -171,7 +175,9 @@ class Trainer:
         expected = set(trained_state(policy, self.trained_sides))
         if set(saved) != expected:
             missing, unexpected = sorted(expected - set(saved)), sorted(set(saved) - expected)
-            raise RunFolderError(f"the checkpoint in {str(folder)!r} does not fit this policy (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise RunFolderError(
+                f"the checkpoint in {str(folder)!r} does not fit this policy (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
         policy.load_state_dict(saved, strict=False)
         state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
         self.agent.optimizer.load_state_dict(state["optimizer"])
@@ -205,10 +211,16 @@ class Trainer:
         if self.resume:
             start = self._restore()
             before = EvalReport.model_validate_json((self.out / "eval_before" / "eval.json").read_text())
-            kept = [line for line in metrics_path.read_text().splitlines() if line and json.loads(line)["iteration"] < start]
+            kept = [
+                line for line in metrics_path.read_text().splitlines() if line and json.loads(line)["iteration"] < start
+            ]
             if self.is_main:
                 metrics_path.write_text("".join(line + "\n" for line in kept))
-            previous_seconds = json.loads((self.out / "progress.json").read_text())["seconds"] if (self.out / "progress.json").exists() else 0.0
+            previous_seconds = (
+                json.loads((self.out / "progress.json").read_text())["seconds"]
+                if (self.out / "progress.json").exists()
+                else 0.0
+            )
         else:
             if self.is_main:
                 (self.out / "config.json").write_text(c.model_dump_json(indent=2))
@@ -244,7 +256,11 @@ class Trainer:
             "heldout_reward_after": after.overall("pipeline", "reward"),
             "heldout_correct_before": before.overall("pipeline", "correct"),
             "heldout_correct_after": after.overall("pipeline", "correct"),
-            **{f"{name}_{when}": report.metrics[name]["overall"] for name in before.metrics for when, report in (("before", before), ("after", after))},
+            **{
+                f"{name}_{when}": report.metrics[name]["overall"]
+                for name in before.metrics
+                for when, report in (("before", before), ("after", after))
+            },
             "eval_cfg": c.eval_cfg,
             "per_category": {
                 category: {
@@ -278,8 +294,13 @@ def _plot_rewards(metrics_path: Path, summary: dict[str, Any], path: Path) -> No
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(iterations, [r.get("reward_mean") for r in rows], label="train reward (batch mean)", alpha=0.8)
     if iterations:
-        ax.scatter([0, iterations[-1] + 1], [summary["heldout_reward_before"], summary["heldout_reward_after"]],
-                   color="red", zorder=3, label="held-out reward (before / after)")
+        ax.scatter(
+            [0, iterations[-1] + 1],
+            [summary["heldout_reward_before"], summary["heldout_reward_after"]],
+            color="red",
+            zorder=3,
+            label="held-out reward (before / after)",
+        )
     ax.set_xlabel("iteration")
     ax.set_ylabel("reward")
     ax.set_title(f"UniGRPO on {summary['scenario']} (train={summary['train']}, seed {summary['seed']})")

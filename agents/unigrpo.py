@@ -25,6 +25,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -96,7 +97,12 @@ class Batch:
 
 
 def distributed_advantages(
-    accelerator: Accelerator, rewards: torch.Tensor, group_ids: torch.Tensor, *, eps: float = 1e-4, global_std: bool = False
+    accelerator: Accelerator,
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    *,
+    eps: float = 1e-4,
+    global_std: bool = False,
 ) -> tuple[torch.Tensor, float]:
     """Group advantages over the rewards of *all* processes, so that a group split across processes
     gets exactly the advantages it would get in one; returns this process's share and the fraction
@@ -174,7 +180,9 @@ class UniGRPOAgent:
         self.train_tasks = self.scenario.check_split("train")
         processes = self.accelerator.num_processes
         if config.group_size % processes:
-            raise ValueError(f"group_size ({config.group_size}) must be divisible by the number of processes ({processes})")
+            raise ValueError(
+                f"group_size ({config.group_size}) must be divisible by the number of processes ({processes})"
+            )
         self.local_group_size = config.group_size // processes
         self.envs = InterleavedVectorEnv(
             self.scenario, config.num_prompts, self.local_group_size, device=self.accelerator.device, reward=reward
@@ -193,7 +201,9 @@ class UniGRPOAgent:
         if c.sde_window_size is not None:
             last_start = max(0, min(c.sde_window_max_start, self.scenario.num_steps - c.sde_window_size))
             window = (int(rng.integers(0, last_start + 1)), c.sde_window_size)
-        return RolloutSettings(temperature=c.temperature, noise_level=c.noise_level, sde_window=window, cfg_scale=c.rollout_cfg)
+        return RolloutSettings(
+            temperature=c.temperature, noise_level=c.noise_level, sde_window=window, cfg_scale=c.rollout_cfg
+        )
 
     def collect(self, iteration: int) -> Batch:
         c = self.config
@@ -205,7 +215,11 @@ class UniGRPOAgent:
         started = time.perf_counter()
         self.policy.eval()
         result = rollout(
-            self.policy, self.envs, settings, seed=seed, options={"task_index": [int(i) for i in prompts]},
+            self.policy,
+            self.envs,
+            settings,
+            seed=seed,
+            options={"task_index": [int(i) for i in prompts]},
             generator=torch.Generator().manual_seed(seed),
         )
         rollout_seconds = time.perf_counter() - started
@@ -230,7 +244,9 @@ class UniGRPOAgent:
             "time_reward": trajectory.reward_seconds,
         }
         for name, values in trajectory.reward_components.items():
-            batch.stats[f"reward/{name}"] = float(np.nanmean(values.numpy())) if bool((~torch.isnan(values)).any()) else math.nan
+            batch.stats[f"reward/{name}"] = (
+                float(np.nanmean(values.numpy())) if bool((~torch.isnan(values)).any()) else math.nan
+            )
         if trajectory.reward_error is not None:
             batch.stats["reward_error"] = trajectory.reward_error  # type: ignore[assignment]
         if failed_fraction > c.max_failed_fraction:
@@ -243,7 +259,9 @@ class UniGRPOAgent:
 
     def _advantages(self, result: Rollout, prompts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, float]:
         acc = self.accelerator
-        group_ids = torch.as_tensor(prompts)[result.trajectory.group_ids]  # the prompt's index: the same group in every process
+        group_ids = torch.as_tensor(prompts)[
+            result.trajectory.group_ids
+        ]  # the prompt's index: the same group in every process
         advantages, failed_fraction = distributed_advantages(
             acc, result.rewards, group_ids, eps=self.config.advantage_eps, global_std=self.config.global_std
         )
@@ -251,7 +269,9 @@ class UniGRPOAgent:
 
     # -- 3. update ---------------------------------------------------------------------------------
 
-    def _log_probs(self, batch: Batch, index: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[str, list]]:
+    def _log_probs(
+        self, batch: Batch, index: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[str, list]]:
         """Log-probabilities of the recorded actions of episodes ``index`` under the current policy,
         with gradients: per turn the tokens ``[n, L]`` and the SDE steps ``[n, S]``, plus what the
         regularisers and RatioNorm need (``extras["text_reference"]``: the reference language
@@ -266,8 +286,13 @@ class UniGRPOAgent:
                 args = (batch.contexts[k].select(index), tokens[index], turn.text.lengths[index])
                 text_lp.append(policy.text.log_probs(*args, temperature=settings.temperature))
                 if self.reference_text is not None:
-                    extras["text_reference"].append(batch.reference(
-                        ("text", k), index, lambda: self.reference_text.log_probs(*args, temperature=settings.temperature)))
+                    extras["text_reference"].append(
+                        batch.reference(
+                            ("text", k),
+                            index,
+                            partial(self.reference_text.log_probs, *args, temperature=settings.temperature),
+                        )
+                    )
             image = turn.image
             if self.train_image and image.sde_steps:
                 condition = _select(batch.rollout.conditions[k], index)
@@ -281,14 +306,19 @@ class UniGRPOAgent:
                     norm_terms.append((mean, batch.rollout.sde_means[k][s][index], std))
                     if self.reference is not None:
                         v_ref = batch.reference(
-                            ("velocity", k, s), index, lambda: self.reference.velocity(x_t, t, condition, cfg_scale=settings.cfg_scale))
+                            ("velocity", k, s),
+                            index,
+                            partial(self.reference.velocity, x_t, t, condition, cfg_scale=settings.cfg_scale),
+                        )
                         if self.config.regularizer == "mse":
                             reg_terms.append(flow.velocity_mse(v, v_ref))
                         else:
                             _, mean_ref, _ = flow.sde_step_log_prob(v_ref, x_t, t, t_next, settings.noise_level, x_next)
                             reg_terms.append(flow.latent_kl(mean, mean_ref, std))
                 image_lp.append(torch.stack(step_lp, dim=1))
-                extras["image"].append({"reg": torch.stack(reg_terms, dim=1) if reg_terms else None, "ratio_norm": norm_terms})
+                extras["image"].append(
+                    {"reg": torch.stack(reg_terms, dim=1) if reg_terms else None, "ratio_norm": norm_terms}
+                )
         return text_lp, image_lp, extras
 
     def _loss(
@@ -307,7 +337,9 @@ class UniGRPOAgent:
             lengths = text.lengths[index].to(log_probs.device)
             mask = torch.arange(log_probs.shape[1], device=log_probs.device)[None] < lengths[:, None]
             reduction = {"loss_type": c.text_loss_type, "max_tokens": text.max_tokens}
-            text_loss, s = text_grpo_loss(log_probs, old["text"][k][index], mask, advantages, c.clip_range_text, valid, **reduction)
+            text_loss, s = text_grpo_loss(
+                log_probs, old["text"][k][index], mask, advantages, c.clip_range_text, valid, **reduction
+            )
             loss = loss + text_loss / len(text_lp)
             if extras["text_reference"]:  # GRPO's β·KL to the starting language model
                 kl = text_kl(log_probs, extras["text_reference"][k], mask, valid, **reduction)
@@ -331,7 +363,9 @@ class UniGRPOAgent:
             if reg is not None:
                 reg_value = reg.mean(dim=1)[valid].mean() if bool(valid.any()) else reg.sum() * 0.0
                 loss = loss + c.regularizer_coef * reg_value / len(image_lp)
-                stats[f"regularizer_{c.regularizer}"] = stats.get(f"regularizer_{c.regularizer}", 0.0) + float(reg_value.detach()) / len(image_lp)
+                stats[f"regularizer_{c.regularizer}"] = stats.get(f"regularizer_{c.regularizer}", 0.0) + float(
+                    reg_value.detach()
+                ) / len(image_lp)
         stats["loss"] = float(loss.detach())
         return loss, stats
 
@@ -348,14 +382,21 @@ class UniGRPOAgent:
             if self.train_text:
                 old["text"].append(torch.full(turn.text.padded()[0].shape, math.nan, device=self.accelerator.device))
             if self.train_image and turn.image.sde_steps:
-                old["image"].append(torch.full((n, len(turn.image.sde_steps)), math.nan, device=self.accelerator.device))
+                old["image"].append(
+                    torch.full((n, len(turn.image.sde_steps)), math.nan, device=self.accelerator.device)
+                )
         for index in parts:
             text_lp, image_lp, _ = self._log_probs(batch, index)
             self._store_old(old, index, text_lp, image_lp)
         return old
 
     @staticmethod
-    def _store_old(old: dict[str, list[torch.Tensor]], index: torch.Tensor, text_lp: list[torch.Tensor], image_lp: list[torch.Tensor]) -> None:
+    def _store_old(
+        old: dict[str, list[torch.Tensor]],
+        index: torch.Tensor,
+        text_lp: list[torch.Tensor],
+        image_lp: list[torch.Tensor],
+    ) -> None:
         for k, lp in enumerate(text_lp):
             old["text"][k][index] = lp.detach().float()
         for k, lp in enumerate(image_lp):
@@ -375,7 +416,9 @@ class UniGRPOAgent:
         for group in self.optimizer.param_groups:
             group["lr"] = {"text": c.lr_text, "image": c.lr_image}[group["name"]] * scale
         generator = torch.Generator().manual_seed(c.seed * 1_000_003 + self.iteration)
-        partitions = [list(torch.randperm(len(batch), generator=generator).chunk(c.minibatches)) for _ in range(c.ppo_epochs)]
+        partitions = [
+            list(torch.randperm(len(batch), generator=generator).chunk(c.minibatches)) for _ in range(c.ppo_epochs)
+        ]
         started = time.perf_counter()
         self.policy.train()
         old = self._old_log_probs(batch, partitions[0][1:])
@@ -431,11 +474,15 @@ class UniGRPOAgent:
             text = turns[k].text
             mask = torch.arange(lp.shape[1], device=lp.device)[None] < text.lengths.to(lp.device)[:, None]
             diff = (lp - text.padded()[1].to(lp.device)).abs()[mask]
-            drift["text_log_prob_drift"] = max(drift.get("text_log_prob_drift", 0.0), float(diff.max()) if diff.numel() else 0.0)
+            drift["text_log_prob_drift"] = max(
+                drift.get("text_log_prob_drift", 0.0), float(diff.max()) if diff.numel() else 0.0
+            )
         for k, lp in enumerate(old["image"]):
             image = [turn.image for turn in turns if turn.image.sde_steps][k]
             diff = (lp - image.log_probs[:, image.sde_steps].to(lp.device)).abs()
-            drift["image_log_prob_drift"] = max(drift.get("image_log_prob_drift", 0.0), float(diff.max()) if diff.numel() else 0.0)
+            drift["image_log_prob_drift"] = max(
+                drift.get("image_log_prob_drift", 0.0), float(diff.max()) if diff.numel() else 0.0
+            )
         return drift
 
     # -- one iteration -----------------------------------------------------------------------------

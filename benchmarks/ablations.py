@@ -41,34 +41,76 @@ ARMS: dict[str, list[str]] = {
     "cfg": ["--rollout-cfg", "2"],
     "reg_none": ["--reg", "none"],
     "reg_kl": ["--reg", "kl"],
-    "reg_kl36": ["--config", str(Path(__file__).resolve().parents[1] / "examples" / "configs" / "t2i_reason_kl_matched.yaml")],
+    "reg_kl36": [
+        "--config",
+        str(Path(__file__).resolve().parents[1] / "examples" / "configs" / "t2i_reason_kl_matched.yaml"),
+    ],
 }
 EVAL_CFG = 2.0
 
 
 def _unigrpo(*args: str, threads: int) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    subprocess.run([sys.executable, "-m", "unigrpo_env.cli.main", *args], check=True, env=env, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "unigrpo_env.cli.main", *args], check=True, env=env, stdout=subprocess.DEVNULL
+    )
 
 
 def _run_one(root: Path, arm: str, seed: int, iterations: int | None, config: str | None, threads: int) -> str:
     out = root / f"{arm}-seed{seed}"
     if not (out / "summary.json").exists():
         own_config = "--config" in ARMS[arm]  # such an arm's file replaces the shared one
-        extra = (["--iterations", str(iterations)] if iterations else []) + (["--config", config] if config and not own_config else [])
+        extra = (["--iterations", str(iterations)] if iterations else []) + (
+            ["--config", config] if config and not own_config else []
+        )
         resume = ["--resume"] if (out / "checkpoints").exists() else []
-        _unigrpo("run", "scenario", "t2i_reason", "--seed", str(seed), "--out", str(out), *ARMS[arm], *extra, *resume, threads=threads)
+        _unigrpo(
+            "run",
+            "scenario",
+            "t2i_reason",
+            "--seed",
+            str(seed),
+            "--out",
+            str(out),
+            *ARMS[arm],
+            *extra,
+            *resume,
+            threads=threads,
+        )
     final = out / "checkpoints" / (out / "checkpoints" / "LATEST").read_text().strip()  # the trainer's pointer
     if not (out / "eval_after_cfg2" / "eval.json").exists():
-        _unigrpo("eval", "scenario", "t2i_reason", "--checkpoint", str(final), "--cfg", str(EVAL_CFG), "--seed", str(seed),
-                 "--out", str(out / "eval_after_cfg2"), threads=threads)
+        _unigrpo(
+            "eval",
+            "scenario",
+            "t2i_reason",
+            "--checkpoint",
+            str(final),
+            "--cfg",
+            str(EVAL_CFG),
+            "--seed",
+            str(seed),
+            "--out",
+            str(out / "eval_after_cfg2"),
+            threads=threads,
+        )
     return f"{arm} seed {seed} done"
 
 
 def _base_one(root: Path, seed: int, threads: int) -> str:
     out = root / f"base-seed{seed}-cfg2"
     if not (out / "eval.json").exists():
-        _unigrpo("eval", "scenario", "t2i_reason", "--cfg", str(EVAL_CFG), "--seed", str(seed), "--out", str(out), threads=threads)
+        _unigrpo(
+            "eval",
+            "scenario",
+            "t2i_reason",
+            "--cfg",
+            str(EVAL_CFG),
+            "--seed",
+            str(seed),
+            "--out",
+            str(out),
+            threads=threads,
+        )
     return f"base seed {seed} evaluated with CFG {EVAL_CFG}"
 
 
@@ -78,7 +120,11 @@ def run(args: argparse.Namespace) -> None:
     threads = 1 if args.jobs > 1 else 2
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = [pool.submit(_base_one, root, seed, threads) for seed in args.seeds]
-        futures += [pool.submit(_run_one, root, arm, seed, args.iterations, args.config, threads) for seed in args.seeds for arm in args.arms]
+        futures += [
+            pool.submit(_run_one, root, arm, seed, args.iterations, args.config, threads)
+            for seed in args.seeds
+            for arm in args.arms
+        ]
         for future in futures:
             print(future.result(), flush=True)
 
@@ -103,9 +149,11 @@ def _ms(values: list[float]) -> str:
 
 def table(args: argparse.Namespace) -> None:
     root = Path(args.root)
-    print("| arm | seeds | held-out reward before → after | reward gain | GenEval correct before → after | correct gain "
-          "| correct, evaluated with CFG 2, before → after | description accuracy before → after | image quality before → after "
-          "| train reward first → last 25 iterations | rollout s / iteration | network calls / image | minutes per run |")
+    print(
+        "| arm | seeds | held-out reward before → after | reward gain | GenEval correct before → after | correct gain "
+        "| correct, evaluated with CFG 2, before → after | description accuracy before → after | image quality before → after "
+        "| train reward first → last 25 iterations | rollout s / iteration | network calls / image | minutes per run |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for arm in args.arms:
         rows = []
@@ -114,15 +162,19 @@ def table(args: argparse.Namespace) -> None:
             if not (out / "summary.json").exists() or not (out / "eval_after_cfg2" / "eval.json").exists():
                 continue
             summary = json.loads((out / "summary.json").read_text())
-            summary["cfg2_after"] = json.loads((out / "eval_after_cfg2" / "eval.json").read_text())["pipeline"]["overall"]["correct"]
-            summary["cfg2_before"] = json.loads((root / f"base-seed{seed}-cfg2" / "eval.json").read_text())["pipeline"]["overall"]["correct"]
+            summary["cfg2_after"] = json.loads((out / "eval_after_cfg2" / "eval.json").read_text())["pipeline"][
+                "overall"
+            ]["correct"]
+            summary["cfg2_before"] = json.loads((root / f"base-seed{seed}-cfg2" / "eval.json").read_text())["pipeline"][
+                "overall"
+            ]["correct"]
             summary.update(_metrics(out / "metrics.jsonl"))
             summary["seed"] = seed
             rows.append(summary)
         if not rows:
             continue
 
-        def ms(key: str) -> str:
+        def ms(key: str, rows: list[dict] = rows) -> str:
             return _ms([r[key] for r in rows])
 
         reward_gain = _ms([r["heldout_reward_after"] - r["heldout_reward_before"] for r in rows])
@@ -148,7 +200,11 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--iterations", type=int, default=None, help="iterations per run (default: the config's)")
-    parser.add_argument("--config", default=None, help="a config file for every run (e.g. examples/configs/t2i_reason_full_training.yaml)")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="a config file for every run (e.g. examples/configs/t2i_reason_full_training.yaml)",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each with one thread when > 1)")
     args = parser.parse_args()
     run(args) if args.command == "run" else table(args)

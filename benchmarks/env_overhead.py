@@ -122,7 +122,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    envs = unigrpo_env.make_vec("t2i_reason", num_prompts=args.prompts, group_size=args.group_size, num_steps=args.steps)
+    envs = unigrpo_env.make_vec(
+        "t2i_reason", num_prompts=args.prompts, group_size=args.group_size, num_steps=args.steps
+    )
     scenario = envs.scenario
     n = envs.num_envs
     envs.reset(seed=0)
@@ -139,8 +141,10 @@ def main() -> None:
                 bare_times.append(bare_episode(scenario, tasks, net, n, seed=k))
         return statistics.median(env_times), statistics.median(bare_times)
 
-    print(f"machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}, python {platform.python_version()}")
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}, python {platform.python_version()}"
+    )
     print(f"batch: {args.prompts}x{args.group_size} = {n} episodes, {args.steps} SDE steps, 3x32x32 latents")
     env_med, bare_med = measure(SmallVelocityNet().eval())
     print("small velocity network (3 convs of 64 channels):")
@@ -151,12 +155,16 @@ def main() -> None:
     per_step = (env_zero - bare_zero) / (args.steps + 1)
     print("zero-cost velocity (v = -x_t), i.e. the environment's own cost:")
     print(f"  bare loop : {bare_zero * 1e3:8.1f} ms per batch;  make_vec: {env_zero * 1e3:8.1f} ms per batch")
-    print(f"  the environment adds {(env_zero - bare_zero) * 1e3:.2f} ms per batch = {per_step * 1e6:.0f} us per step "
-          f"({per_step / ((bare_med - bare_zero) / args.steps) * 100:.1f}% of one network call)")
+    print(
+        f"  the environment adds {(env_zero - bare_zero) * 1e3:.2f} ms per batch = {per_step * 1e6:.0f} us per step "
+        f"({per_step / ((bare_med - bare_zero) / args.steps) * 100:.1f}% of one network call)"
+    )
 
     early, late = step_cost_along_an_episode(args.long_steps, repeats=3)
     print(f"single env, one image step with info['trajectory'], {args.long_steps}-step image phase:")
-    print(f"  first tenth: {early * 1e6:.0f} us per step;  last tenth: {late * 1e6:.0f} us per step  (ratio {late / early:.2f})")
+    print(
+        f"  first tenth: {early * 1e6:.0f} us per step;  last tenth: {late * 1e6:.0f} us per step  (ratio {late / early:.2f})"
+    )
 
 
 if __name__ == "__main__":

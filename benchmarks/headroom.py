@@ -55,8 +55,14 @@ def passk(args: argparse.Namespace) -> None:
     for start in range(0, len(tasks), 32):
         chunk = tasks[start : start + 32]
         envs = make_vec(world, num_prompts=len(chunk), group_size=args.k, split=args.split)
-        result = rollout(policy, envs, RolloutSettings(temperature=1.0, noise_level=0.0), seed=args.seed + start,
-                         options={"task_index": [t.index for t in chunk]}, generator=generator)
+        result = rollout(
+            policy,
+            envs,
+            RolloutSettings(temperature=1.0, noise_level=0.0),
+            seed=args.seed + start,
+            options={"task_index": [t.index for t in chunk]},
+            generator=generator,
+        )
         described = np.array(description_hits(result, world)).reshape(len(chunk), args.k)
         correct = np.array([c for _, c in _scores(result)]).reshape(len(chunk), args.k)
         for i, task in enumerate(chunk):
@@ -97,8 +103,12 @@ def sft(args: argparse.Namespace) -> None:
             answer = oracle_text_writer(context, envs)
         else:
             with torch.no_grad():
-                answer = policy.text.sample(context, max_new_tokens=envs.text_codec.max_tokens, temperature=1.0,
-                                            generator=torch.Generator().manual_seed(step))
+                answer = policy.text.sample(
+                    context,
+                    max_new_tokens=envs.text_codec.max_tokens,
+                    temperature=1.0,
+                    generator=torch.Generator().manual_seed(step),
+                )
         policy.train()
         log_probs = policy.text.log_probs(context, answer.tokens, answer.lengths)
         mask = torch.arange(answer.tokens.shape[1])[None] < answer.lengths[:, None]
@@ -110,7 +120,10 @@ def sft(args: argparse.Namespace) -> None:
         optimizer.step()
         policy.eval()
         if step % args.every == 0:
-            print(f"step {step}: loss {float(loss.detach()):.4f}, held-out description accuracy {description_accuracy():.3f}", flush=True)
+            print(
+                f"step {step}: loss {float(loss.detach()):.4f}, held-out description accuracy {description_accuracy():.3f}",
+                flush=True,
+            )
 
 
 def gradsnr(args: argparse.Namespace) -> None:
@@ -130,12 +143,17 @@ def gradsnr(args: argparse.Namespace) -> None:
         agent.optimizer.zero_grad(set_to_none=False)
         loss.backward()
         for name, params in groups.items():
-            gradients[name].append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params]).clone())
+            gradients[name].append(
+                torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params]).clone()
+            )
     print(f"{args.batches} batches of {config.num_prompts} × {config.group_size}, config {args.config}")
     print("| group | parameters | ρ = mean pairwise cosine | min | max |")
     print("|---|---|---|---|---|")
     for name, grads in gradients.items():
-        cos = [float(torch.nn.functional.cosine_similarity(grads[a], grads[b], dim=0)) for a, b in itertools.combinations(range(len(grads)), 2)]
+        cos = [
+            float(torch.nn.functional.cosine_similarity(grads[a], grads[b], dim=0))
+            for a, b in itertools.combinations(range(len(grads)), 2)
+        ]
         print(f"| {name} | {grads[0].numel()} | {np.mean(cos):.4f} | {min(cos):.4f} | {max(cos):.4f} |")
 
 
@@ -149,15 +167,21 @@ def main() -> None:
     s = sub.add_parser("sft", help="how fast the language model moves on true answers or on its own samples")
     s.add_argument("--data", choices=["oracle", "self"], default="oracle")
     s.add_argument("--lr", type=float, default=3e-4)
-    s.add_argument("--norm", choices=["sequence", "token"], default="sequence",
-                   help="sequence: mean per sequence, then over sequences; token: mean over the batch's tokens")
+    s.add_argument(
+        "--norm",
+        choices=["sequence", "token"],
+        default="sequence",
+        help="sequence: mean per sequence, then over sequences; token: mean over the batch's tokens",
+    )
     s.add_argument("--steps", type=int, default=50)
     s.add_argument("--batch", type=int, default=64)
     s.add_argument("--every", type=int, default=25)
     s.add_argument("--eval-limit", type=int, default=140)
     g = sub.add_parser("gradsnr", help="how much of one batch's policy gradient is signal shared with other batches")
     g.add_argument("--batches", type=int, default=8)
-    g.add_argument("--config", default="{}", help='UniGRPOConfig overrides as JSON, e.g. \'{"text_adapter": "ln_tuning"}\'')
+    g.add_argument(
+        "--config", default="{}", help='UniGRPOConfig overrides as JSON, e.g. \'{"text_adapter": "ln_tuning"}\''
+    )
     for q in (p, s, g):
         q.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the shipped one)")
         q.add_argument("--seed", type=int, default=0)

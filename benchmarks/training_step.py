@@ -22,8 +22,8 @@ import torch
 
 from unigrpo_env.agents.config import UniGRPOConfig
 from unigrpo_env.agents.rollout import RolloutSettings, rollout
-from unigrpo_env.scenarios.shapes.policy import load_shapes_policy
 from unigrpo_env.agents.unigrpo import UniGRPOAgent
+from unigrpo_env.scenarios.shapes.policy import load_shapes_policy
 
 PHASES = [
     ("rollout", "time_rollout"),
@@ -67,10 +67,14 @@ def main() -> None:
     parser.add_argument("--cfg", type=float, default=2.0, help="the CFG scale to compare with CFG-free")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    config = UniGRPOConfig.for_scenario("t2i_reason", train=args.train)  # what `unigrpo run scenario t2i_reason` trains with
+    config = UniGRPOConfig.for_scenario(
+        "t2i_reason", train=args.train
+    )  # what `unigrpo run scenario t2i_reason` trains with
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"batch: {config.num_prompts} prompts × {config.group_size} rollouts, {config.ppo_epochs} PPO epoch(s) × "
-          f"{config.minibatches} minibatch(es), train={config.train}")
+    print(
+        f"batch: {config.num_prompts} prompts × {config.group_size} rollouts, {config.ppo_epochs} PPO epoch(s) × "
+        f"{config.minibatches} minibatch(es), train={config.train}"
+    )
 
     split = training_split(config, args.iterations)
     total = sum(split.values())
@@ -83,8 +87,10 @@ def main() -> None:
     print(f"\nrollout of {config.num_prompts * config.group_size} episodes, median of {args.rollouts}:")
     print(f"  CFG-free      {free['seconds']:.3f} s, {free['network_calls']} network calls")
     print(f"  CFG {args.cfg:<9} {guided['seconds']:.3f} s, {guided['network_calls']} network calls")
-    print(f"  CFG / CFG-free: time ×{guided['seconds'] / free['seconds']:.2f}, "
-          f"network calls ×{guided['network_calls'] / free['network_calls']:.2f}")
+    print(
+        f"  CFG / CFG-free: time ×{guided['seconds'] / free['seconds']:.2f}, "
+        f"network calls ×{guided['network_calls'] / free['network_calls']:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
                                     [--train both|text|image] [--reg mse|kl|none] [--rollout-cfg SCALE] [--eval-cfg SCALE]
                                     [--text-adapter full|lora|ln_tuning] [--image-adapter full|lora|ln_tuning]
                                     [--reward "shapes_verifier:1.0,quality:0.2"]
-    unigrpo list scenarios|rewards|policies|evaluators
+    unigrpo list scenarios|rewards|policies|evaluators|pretrainers
     unigrpo init scenario NAME [--dir DIR]
     unigrpo pretrain shapes --out DIR [--seed S]
     unigrpo eval scenario t2i_reason [--checkpoint DIR] [--cfg SCALE] [--seed S] [--out DIR]
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -47,17 +46,28 @@ class Listable(str, Enum):
     rewards = "rewards"
     policies = "policies"
     evaluators = "evaluators"
+    pretrainers = "pretrainers"
 
 
 @app.command("list")
-def list_(what: Listable = typer.Argument(..., help="What to list: scenarios, rewards, policies or evaluators.")) -> None:
-    """List the registered scenarios, rewards, policies or evaluators: built-in, registered in
-    code, and installed plugins (entry points), each loaded to show whether it works; a broken one
-    shows its error."""
-    from unigrpo_env.agents.parts import EVALUATORS, POLICIES
-    from unigrpo_env.registration import REWARDS, SCENARIOS, gym_ids as registered_gym_ids
+def list_(
+    what: Listable = typer.Argument(..., help="What to list: scenarios, rewards, policies, evaluators or pretrainers."),
+) -> None:
+    """List the registered scenarios, rewards, policies, evaluators or pretrainers: built-in,
+    registered in code, and installed plugins (entry points), each loaded to show whether it works;
+    a broken one shows its error."""
+    from unigrpo_env.agents.parts import EVALUATORS, POLICIES, PRETRAINERS
+    from unigrpo_env.registration import REWARDS, SCENARIOS
+    from unigrpo_env.registration import gym_ids as registered_gym_ids
 
-    registry = {"scenarios": SCENARIOS, "rewards": REWARDS, "policies": POLICIES, "evaluators": EVALUATORS}[what.value]
+    registries = {
+        "scenarios": SCENARIOS,
+        "rewards": REWARDS,
+        "policies": POLICIES,
+        "evaluators": EVALUATORS,
+        "pretrainers": PRETRAINERS,
+    }
+    registry = registries[what.value]
     gym_ids = {name: env_id for env_id, name in registered_gym_ids().items()} if what is Listable.scenarios else {}
     table = Table(title=f"registered {what.value}")
     table.add_column("name")
@@ -108,39 +118,75 @@ class Regularizer(str, Enum):
 def run(
     kind: Runnable = typer.Argument(..., help="What to run: 'scenario'."),
     name: str = typer.Argument(..., help="The scenario to train on, e.g. t2i_reason."),
-    config: Optional[Path] = typer.Option(None, "--config", help="A YAML or JSON file of UniGRPOConfig options; flags override it."),
-    iterations: Optional[int] = typer.Option(None, "--iterations", min=1, help="Training iterations (one rollout of a batch and its update each)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of prompts, sampling and updates."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: runs/<scenario>-<time>)."),
+    config: Path | None = typer.Option(
+        None, "--config", help="A YAML or JSON file of UniGRPOConfig options; flags override it."
+    ),
+    iterations: int | None = typer.Option(
+        None, "--iterations", min=1, help="Training iterations (one rollout of a batch and its update each)."
+    ),
+    seed: int | None = typer.Option(None, "--seed", help="Seed of prompts, sampling and updates."),
+    out: Path | None = typer.Option(None, "--out", help="Run folder (default: runs/<scenario>-<time>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
-    train: Optional[TrainWhat] = typer.Option(None, "--train", help="both (UniGRPO), text (TextGRPO only) or image (FlowGRPO only)."),
-    reg: Optional[Regularizer] = typer.Option(None, "--reg", help="Regulariser: mse (velocity MSE), kl (latent KL) or none."),
-    rollout_cfg: Optional[float] = typer.Option(None, "--rollout-cfg", min=1.0, help="CFG scale in rollouts (1 = CFG-free)."),
-    eval_cfg: Optional[float] = typer.Option(None, "--eval-cfg", min=1.0, help="CFG scale of the held-out evaluations before and after (1 = none)."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Starting checkpoint (default: the policy's own, e.g. ShapesWorld's shipped one)."),
-    policy: Optional[str] = typer.Option(None, "--policy", help="The policy kind to train (default: the scenario's; see `unigrpo list policies`)."),
-    text_adapter: Optional[Adapter] = typer.Option(
-        None, "--text-adapter", help="Train the language model's every weight (full), LoRA adapters (lora) or its norm layers (ln_tuning), with peft."),
-    image_adapter: Optional[Adapter] = typer.Option(
-        None, "--image-adapter", help="Train the image model's every weight (full), LoRA adapters (lora) or its adaLN modulations (ln_tuning), with peft."),
-    reward: Optional[str] = typer.Option(
-        None, "--reward",
+    train: TrainWhat | None = typer.Option(
+        None, "--train", help="both (UniGRPO), text (TextGRPO only) or image (FlowGRPO only)."
+    ),
+    reg: Regularizer | None = typer.Option(
+        None, "--reg", help="Regulariser: mse (velocity MSE), kl (latent KL) or none."
+    ),
+    rollout_cfg: float | None = typer.Option(
+        None, "--rollout-cfg", min=1.0, help="CFG scale in rollouts (1 = CFG-free)."
+    ),
+    eval_cfg: float | None = typer.Option(
+        None, "--eval-cfg", min=1.0, help="CFG scale of the held-out evaluations before and after (1 = none)."
+    ),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", help="Starting checkpoint (default: the policy's own, e.g. ShapesWorld's shipped one)."
+    ),
+    policy: str | None = typer.Option(
+        None, "--policy", help="The policy kind to train (default: the scenario's; see `unigrpo list policies`)."
+    ),
+    text_adapter: Adapter | None = typer.Option(
+        None,
+        "--text-adapter",
+        help="Train the language model's every weight (full), LoRA adapters (lora) or its norm layers (ln_tuning), with peft.",
+    ),
+    image_adapter: Adapter | None = typer.Option(
+        None,
+        "--image-adapter",
+        help="Train the image model's every weight (full), LoRA adapters (lora) or its adaLN modulations (ln_tuning), with peft.",
+    ),
+    reward: str | None = typer.Option(
+        None,
+        "--reward",
         help="The training reward: a reward name or a weighted sum such as 'shapes_verifier:1.0,quality:0.2' "
-             "(sets the scenario option 'reward'; each term is logged separately).",
+        "(sets the scenario option 'reward'; each term is logged separately).",
     ),
 ) -> None:
     """Train a policy with UniGRPO on a scenario; writes a run folder and prints a before/after table."""
     import time as _time
 
     from pydantic import ValidationError
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from unigrpo_env.agents.config import UniGRPOConfig
     from unigrpo_env.agents.parts import build_parts
     from unigrpo_env.agents.trainer import Trainer, load_run_config
 
     overrides: dict = {}
-    for key, value in {"iterations": iterations, "seed": seed, "rollout_cfg": rollout_cfg, "eval_cfg": eval_cfg, "policy": policy}.items():
+    for key, value in {
+        "iterations": iterations,
+        "seed": seed,
+        "rollout_cfg": rollout_cfg,
+        "eval_cfg": eval_cfg,
+        "policy": policy,
+    }.items():
         if value is not None:
             overrides[key] = value
     if train is not None:
@@ -174,26 +220,51 @@ def run(
     out = out or Path("runs") / f"{name}-{_time.strftime('%Y%m%d-%H%M%S')}"
     parts = build_parts(settings)
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("reward {task.fields[reward]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("reward {task.fields[reward]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
     ) as bar:
-        task = bar.add_task("UniGRPO" if settings.train == "both" else f"{settings.train}-only GRPO", total=settings.iterations, reward="  -  ")
+        task = bar.add_task(
+            "UniGRPO" if settings.train == "both" else f"{settings.train}-only GRPO",
+            total=settings.iterations,
+            reward="  -  ",
+        )
 
         def on_iteration(metrics: dict) -> None:
-            bar.update(task, completed=int(metrics["iteration"]) + 1, reward=f"{metrics.get('reward_mean', float('nan')):.3f}")
+            bar.update(
+                task, completed=int(metrics["iteration"]) + 1, reward=f"{metrics.get('reward_mean', float('nan')):.3f}"
+            )
 
         trainer = Trainer(
-            settings, out, policy=parts.policy, scenario=parts.scenario, evaluator=parts.evaluator, resume=resume,
-            on_iteration=on_iteration, on_status=lambda m: bar.console.print(f"[dim]{m}[/dim]"),
+            settings,
+            out,
+            policy=parts.policy,
+            scenario=parts.scenario,
+            evaluator=parts.evaluator,
+            resume=resume,
+            on_iteration=on_iteration,
+            on_status=lambda m: bar.console.print(f"[dim]{m}[/dim]"),
         )
         bar.update(task, completed=trainer.agent.iteration)
         summary = trainer.run()
-    table = Table(title=f"held-out reward, before → after ({settings.iterations} iterations, train={settings.train}, seed {settings.seed})")
+    table = Table(
+        title=f"held-out reward, before → after ({settings.iterations} iterations, train={settings.train}, seed {settings.seed})"
+    )
     for column in ("category", "reward before", "reward after", "correct before", "correct after"):
         table.add_column(column, justify="left" if column == "category" else "right")
     for category, row in summary["per_category"].items():
-        table.add_row(category, f"{row['reward_before']:.3f}", f"{row['reward_after']:.3f}", f"{row['correct_before']:.3f}",
-                      f"{row['correct_after']:.3f}", style="bold" if category == "overall" else None)
+        table.add_row(
+            category,
+            f"{row['reward_before']:.3f}",
+            f"{row['reward_after']:.3f}",
+            f"{row['correct_before']:.3f}",
+            f"{row['correct_after']:.3f}",
+            style="bold" if category == "overall" else None,
+        )
     console.print(table)
     console.print(f"run folder: {out} ({summary['wall_seconds'] / 60:.1f} min)")
 
@@ -219,7 +290,9 @@ class Initable(str, Enum):
 def init(
     kind: Initable = typer.Argument(..., help="What to create: 'scenario' (a plugin package)."),
     name: str = typer.Argument(..., help="The new scenario's name, e.g. my_edit (lower-case letters, digits, _)."),
-    directory: Optional[Path] = typer.Option(None, "--dir", help="Folder to write the package to (default: ./unigrpo-<name>); must be new or empty."),
+    directory: Path | None = typer.Option(
+        None, "--dir", help="Folder to write the package to (default: ./unigrpo-<name>); must be new or empty."
+    ),
 ) -> None:
     """Write an installable scenario plugin package: pyproject.toml with the entry points, a
     scenario and a reward, a test and a README. Install it with pip and it shows in
@@ -231,7 +304,9 @@ def init(
         check_scenario_name(name)
         for registry, taken in ((SCENARIOS, name), (REWARDS, f"{name}_reward")):
             if taken in registry:
-                raise ScaffoldError(f"a {registry.kind} named {taken!r} is already registered ({registry.origin(taken)}); choose another name")
+                raise ScaffoldError(
+                    f"a {registry.kind} named {taken!r} is already registered ({registry.origin(taken)}); choose another name"
+                )
         root, files = write_scenario_package(name, directory)
     except ScaffoldError as exc:
         raise UserError(str(exc)) from exc
@@ -239,12 +314,13 @@ def init(
     for path in files:
         console.print(f"  {path.relative_to(root)}")
     console.print("next:")
-    for step in (f"pip install -e {root}", "unigrpo list scenarios", f"pytest {root}", f"unigrpo run scenario {name} --iterations 2"):
+    for step in (
+        f"pip install -e {root}",
+        "unigrpo list scenarios",
+        f"pytest {root}",
+        f"unigrpo run scenario {name} --iterations 2",
+    ):
         console.print(f"  {step}")
-
-
-class Pretrainable(str, Enum):
-    shapes = "shapes"
 
 
 class Evaluable(str, Enum):
@@ -253,21 +329,35 @@ class Evaluable(str, Enum):
 
 @app.command()
 def pretrain(
-    world: Pretrainable = typer.Argument(..., help="What to pretrain: 'shapes' (ShapesWorld's language and image models)."),
-    out: Path = typer.Option(..., "--out", help="Folder to write the checkpoint to (language_model/, flow_model/, pretrain.json)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of data, initialisation and batches (the shipped checkpoint uses 0)."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Torch CPU threads (default: torch's choice)."),
-    evaluate_after: bool = typer.Option(True, "--eval/--no-eval", help="Evaluate the new checkpoint on the held-out tasks afterwards."),
+    world: str = typer.Argument(
+        ..., help="What to pretrain, a registered pretrainer: 'shapes' (ShapesWorld's language and image models)."
+    ),
+    out: Path = typer.Option(
+        ...,
+        "--out",
+        help="Folder to write the checkpoint to (for shapes: language_model/, flow_model/, pretrain.json).",
+    ),
+    seed: int = typer.Option(
+        0, "--seed", help="Seed of data, initialisation and batches (the shipped checkpoint uses 0)."
+    ),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="Torch CPU threads (default: torch's choice)."),
+    evaluate_after: bool = typer.Option(
+        True, "--eval/--no-eval", help="Evaluate the new checkpoint on the held-out tasks afterwards."
+    ),
 ) -> None:
-    """Train ShapesWorld's base models from scratch, deterministically, on the CPU."""
+    """Train a world's base models from scratch, deterministically, on the CPU."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from unigrpo_env.scenarios.shapes.pretrain import PretrainConfig, pretrain_shapes
+    from unigrpo_env.agents.parts import PRETRAINERS
 
-    config = PretrainConfig(seed=seed, num_threads=threads)
+    pretrainer = PRETRAINERS.get(world)
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
-        TimeElapsedColumn(), console=console,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeElapsedColumn(),
+        console=console,
     ) as bar:
         tasks: dict[str, int] = {}
 
@@ -276,30 +366,58 @@ def pretrain(
                 tasks[part] = bar.add_task(part, total=total, loss=float("nan"))
             bar.update(tasks[part], completed=step, loss=loss)
 
-        summary = pretrain_shapes(out, config, progress)
+        summary = pretrainer()(out, seed=seed, num_threads=threads, progress=progress)
     console.print(f"checkpoint written to {out} in {summary['wall_seconds'] / 60:.1f} min")
     if evaluate_after:
-        _evaluate_and_print("t2i_reason", checkpoint=out, policy=None, cfg=1.0, seed=0, out=out / "eval", split="heldout", temperature=1.0, limit=None)
+        _evaluate_and_print(
+            pretrainer.evaluate_on,
+            checkpoint=out,
+            policy=pretrainer.policy,
+            cfg=1.0,
+            seed=0,
+            out=out / "eval",
+            split="heldout",
+            temperature=1.0,
+            limit=None,
+        )
 
 
 @app.command("eval")
 def eval_(
     kind: Evaluable = typer.Argument(..., help="What to evaluate: 'scenario'."),
     name: str = typer.Argument(..., help="The scenario, e.g. t2i_reason."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint folder (default: the policy's own, e.g. ShapesWorld's shipped one)."),
-    policy: Optional[str] = typer.Option(None, "--policy", help="The policy kind (default: the scenario's; see `unigrpo list policies`)."),
-    cfg: float = typer.Option(1.0, "--cfg", min=1.0, help="Classifier-free guidance scale of the image model (1 = none)."),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", help="Checkpoint folder (default: the policy's own, e.g. ShapesWorld's shipped one)."
+    ),
+    policy: str | None = typer.Option(
+        None, "--policy", help="The policy kind (default: the scenario's; see `unigrpo list policies`)."
+    ),
+    cfg: float = typer.Option(
+        1.0, "--cfg", min=1.0, help="Classifier-free guidance scale of the image model (1 = none)."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the text sampling and the initial noise."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder for eval.json and grid.png."),
+    out: Path | None = typer.Option(None, "--out", help="Folder for eval.json and grid.png."),
     split: str = typer.Option("heldout", "--split", help="Task split to evaluate."),
     temperature: float = typer.Option(1.0, "--temperature", min=0.0, help="Text sampling temperature (0 = greedy)."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only the first N tasks."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Evaluate only the first N tasks."),
 ) -> None:
     """Score a policy on a scenario's held-out tasks: a GenEval-style table per category."""
-    _evaluate_and_print(name, checkpoint=checkpoint, policy=policy, cfg=cfg, seed=seed, out=out, split=split, temperature=temperature, limit=limit)
+    _evaluate_and_print(
+        name,
+        checkpoint=checkpoint,
+        policy=policy,
+        cfg=cfg,
+        seed=seed,
+        out=out,
+        split=split,
+        temperature=temperature,
+        limit=limit,
+    )
 
 
-def _evaluate_and_print(name: str, *, checkpoint, policy, cfg: float, seed: int, out, split: str, temperature: float, limit) -> None:
+def _evaluate_and_print(
+    name: str, *, checkpoint, policy, cfg: float, seed: int, out, split: str, temperature: float, limit
+) -> None:
     from unigrpo_env.agents.parts import build_evaluator, load_policy
     from unigrpo_env.registration import make_scenario
 
@@ -307,8 +425,17 @@ def _evaluate_and_print(name: str, *, checkpoint, policy, cfg: float, seed: int,
     scenario = make_scenario(name)
     evaluator = build_evaluator(None, scenario=name)
     loaded = load_policy(policy, None if checkpoint is None else str(checkpoint), scenario=name)
-    report = evaluator.evaluate(loaded, scenario, split=split, cfg_scale=cfg, seed=seed, temperature=temperature, limit=limit,
-                                checkpoint=None if checkpoint is None else str(checkpoint), out_dir=out)
+    report = evaluator.evaluate(
+        loaded,
+        scenario,
+        split=split,
+        cfg_scale=cfg,
+        seed=seed,
+        temperature=temperature,
+        limit=limit,
+        checkpoint=None if checkpoint is None else str(checkpoint),
+        out_dir=out,
+    )
     table = Table(title=f"{name} · {split} · cfg {cfg} · temperature {temperature} · seed {seed}")
     columns = ["category", "tasks", "pipeline correct", "pipeline reward"]
     columns += [f"{report.labels.get(probe, probe)} correct" for probe in report.probes]
@@ -337,13 +464,13 @@ def main(argv: list[str] | None = None) -> None:
         code = app(args=argv, standalone_mode=False)
     except (UserError, CheckpointError, RegistryError, ConfigError, RunFolderError, RewardFailureError) as exc:
         typer.echo(f"unigrpo: error: {' '.join(str(exc).split())}", err=True)
-        raise SystemExit(2)
+        raise SystemExit(2) from None
     except _ABORT_TYPES:
-        raise SystemExit(130)
+        raise SystemExit(130) from None
     except _USAGE_ERROR_TYPES as exc:  # bad command, option or value
         message = " ".join(exc.format_message().split())
         typer.echo(f"unigrpo: error: {message}", err=True)
-        raise SystemExit(2)
+        raise SystemExit(2) from None
     raise SystemExit(code if isinstance(code, int) else 0)
 
 

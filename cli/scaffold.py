@@ -83,7 +83,7 @@ def write_scenario_package(name: str, directory: str | Path | None = None) -> tu
     return root, written
 
 
-_PYPROJECT = '''\
+_PYPROJECT = """\
 [build-system]
 requires = ["setuptools>=64"]
 build-backend = "setuptools.build_meta"
@@ -112,9 +112,9 @@ where = ["src"]
 
 [tool.pytest.ini_options]
 testpaths = ["tests"]
-'''
+"""
 
-_README = '''\
+_README = """\
 # ${dist}
 
 The `${name}` scenario for unigrpo-env, written by `unigrpo init scenario ${name}`.
@@ -136,7 +136,7 @@ Everything is in `src/${package}/__init__.py`:
 
 The entry points in `pyproject.toml` (groups `unigrpo.scenarios` and `unigrpo.rewards`) are how
 unigrpo-env finds both after installation; after renaming a class, update them and reinstall.
-'''
+"""
 
 _MODULE = '''\
 """The '${name}' scenario and its reward: a unigrpo-env plugin.

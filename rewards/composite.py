@@ -73,7 +73,9 @@ class RewardTerm(BaseModel):
 def parse_reward_spec(spec: str) -> list[RewardTerm]:
     """Read a spec string (grammar in the module docstring) into its terms, in order."""
     if not isinstance(spec, str) or not spec.strip():
-        raise RewardSpecError(f"a reward spec must be a non-empty string like 'shapes_verifier:1.0,quality:0.2', got {spec!r}")
+        raise RewardSpecError(
+            f"a reward spec must be a non-empty string like 'shapes_verifier:1.0,quality:0.2', got {spec!r}"
+        )
     terms: list[RewardTerm] = []
     for raw in spec.split(","):
         item = raw.strip()
@@ -84,7 +86,9 @@ def parse_reward_spec(spec: str) -> list[RewardTerm]:
         if weight is not None:
             name = head.strip()
             if not math.isfinite(weight):
-                raise RewardSpecError(f"the weight of {name!r} in reward spec {spec!r} must be finite, got {tail.strip()!r}")
+                raise RewardSpecError(
+                    f"the weight of {name!r} in reward spec {spec!r} must be finite, got {tail.strip()!r}"
+                )
         else:
             name = item
         if not (_NAME.match(name) or is_target(name)):
@@ -124,7 +128,9 @@ def build_reward(spec: str, **options: Any) -> RewardFunction:
         )
     for name, value in options.items():
         if not isinstance(value, Mapping):
-            raise RewardSpecError(f"the options of reward term {name!r} must be a mapping of keyword arguments, got {value!r}")
+            raise RewardSpecError(
+                f"the options of reward term {name!r} must be a mapping of keyword arguments, got {value!r}"
+            )
     return WeightedSum([(t.name, _instantiate(t.name, dict(options.get(t.name, {}))), t.weight) for t in terms])
 
 
@@ -162,7 +168,7 @@ class WeightedSum:
         self.pool = ScorerPool(max_workers, name="unigrpo-weighted-sum")
 
     @classmethod
-    def from_spec(cls, spec: str, **options: Any) -> "WeightedSum":
+    def from_spec(cls, spec: str, **options: Any) -> WeightedSum:
         """A weighted sum from a spec string, even of one term (options as in :func:`build_reward`)."""
         reward = build_reward(spec, **options)
         if isinstance(reward, WeightedSum):

@@ -92,7 +92,7 @@ class ScorerPool:
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
-    def __deepcopy__(self, memo: dict) -> "ScorerPool":
+    def __deepcopy__(self, memo: dict) -> ScorerPool:
         return ScorerPool(self.max_workers, name=self.name)
 
 

@@ -43,5 +43,7 @@ class JpegCompressibilityReward:
 
     def __call__(self, inputs: RewardInputs) -> RewardOutput:
         images = inputs.images.cpu().numpy()
-        kilobytes = torch.tensor([jpeg_kilobytes(images[i], self.quality) for i in range(images.shape[0])], dtype=torch.float32)
+        kilobytes = torch.tensor(
+            [jpeg_kilobytes(images[i], self.quality) for i in range(images.shape[0])], dtype=torch.float32
+        )
         return RewardOutput(scores=-kilobytes, components={"kilobytes": kilobytes})

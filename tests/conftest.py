@@ -42,7 +42,13 @@ class ToyScenario(Scenario):
         colours = {"red": [255, 0, 0], "green": [0, 255, 0], "blue": [0, 0, 255]}
         self._tasks = {
             split: [
-                Task(prompts=(f"draw a {c} dot",) + ("draw it again",) * (num_turns - 1), category=c, split=split, index=i, meta={"rgb": rgb})
+                Task(
+                    prompts=(f"draw a {c} dot",) + ("draw it again",) * (num_turns - 1),
+                    category=c,
+                    split=split,
+                    index=i,
+                    meta={"rgb": rgb},
+                )
                 for i, (c, rgb) in enumerate(colours.items())
             ]
             for split in ("train", "heldout")
@@ -70,8 +76,13 @@ def write_tiny_checkpoint(root) -> None:
     tokenizer.save_pretrained(root / "language_model")
     torch.manual_seed(0)
     flow = ShapesFlowTransformer(
-        vocab_size=len(tokenizer), num_layers=1, num_attention_heads=2, attention_head_dim=8, patch_size=8,
-        pad_token_id=tokenizer.pad_token_id, zero_init=False,
+        vocab_size=len(tokenizer),
+        num_layers=1,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        patch_size=8,
+        pad_token_id=tokenizer.pad_token_id,
+        zero_init=False,
     )
     flow.save_pretrained(root / "flow_model")
 

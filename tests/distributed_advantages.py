@@ -13,8 +13,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import write_tiny_checkpoint  # noqa: E402
 
 from unigrpo_env.agents.config import UniGRPOConfig  # noqa: E402
-from unigrpo_env.scenarios.shapes.policy import load_shapes_policy  # noqa: E402
 from unigrpo_env.agents.unigrpo import UniGRPOAgent, distributed_advantages  # noqa: E402
+from unigrpo_env.scenarios.shapes.policy import load_shapes_policy  # noqa: E402
 
 out = Path(sys.argv[1])
 accelerator = Accelerator(cpu=True)
@@ -29,13 +29,22 @@ ckpt = out / "checkpoint"
 if rank == 0:
     write_tiny_checkpoint(ckpt)
 accelerator.wait_for_everyone()
-config = UniGRPOConfig(num_prompts=1, group_size=4, minibatches=1, checkpoint=str(ckpt), scenario_options={"num_steps": 2}, cpu=True)
+config = UniGRPOConfig(
+    num_prompts=1, group_size=4, minibatches=1, checkpoint=str(ckpt), scenario_options={"num_steps": 2}, cpu=True
+)
 agent = UniGRPOAgent(load_shapes_policy(ckpt), config, accelerator=accelerator)
 stats = agent.train_iteration()
 accelerator.wait_for_everyone()
 
-(out / f"rank{rank}.json").write_text(json.dumps({
-    "rank": rank, "world_size": world, "advantages": advantages.tolist(),
-    "all_rewards": all_rewards.tolist(), "all_groups": all_groups.tolist(),
-    "agent_ran": bool(stats["iteration"] == 0.0 and agent.local_group_size == 2),
-}))
+(out / f"rank{rank}.json").write_text(
+    json.dumps(
+        {
+            "rank": rank,
+            "world_size": world,
+            "advantages": advantages.tolist(),
+            "all_rewards": all_rewards.tolist(),
+            "all_groups": all_groups.tolist(),
+            "agent_ran": bool(stats["iteration"] == 0.0 and agent.local_group_size == 2),
+        }
+    )
+)

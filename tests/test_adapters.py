@@ -8,19 +8,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import trainer_for
 
 from unigrpo_env import flow
 from unigrpo_env.agents.adapters import AdapterError, WithoutAdapter, attach_adapter, has_adapter, merged_model
 from unigrpo_env.agents.config import UniGRPOConfig
 from unigrpo_env.agents.hf_policies import ConditionedFlowPolicy
-from unigrpo_env.scenarios.shapes.policy import load_shapes_policy
 from unigrpo_env.agents.trainer import TRAINED_STATE_FILE
-
-from conftest import trainer_for
 from unigrpo_env.agents.unigrpo import UniGRPOAgent
+from unigrpo_env.scenarios.shapes.policy import load_shapes_policy
 from unigrpo_env.scenarios.shapes.t2i_reason import T2IReasonScenario
 
-TINY = dict(num_prompts=2, group_size=4, minibatches=1, eval_limit=6, scenario_options={"num_steps": 4}, checkpoint_every=2)
+TINY = dict(
+    num_prompts=2, group_size=4, minibatches=1, eval_limit=6, scenario_options={"num_steps": 4}, checkpoint_every=2
+)
 
 
 def tiny_config(tiny_checkpoint, **overrides) -> UniGRPOConfig:
@@ -32,11 +33,15 @@ def _names(params, model):
     return [n for n, p in model.named_parameters() if id(p) in ids]
 
 
-@pytest.mark.parametrize("text_adapter,image_adapter", [("lora", "lora"), ("ln_tuning", "ln_tuning"), ("ln_tuning", "full")])
+@pytest.mark.parametrize(
+    "text_adapter,image_adapter", [("lora", "lora"), ("ln_tuning", "ln_tuning"), ("ln_tuning", "full")]
+)
 def test_only_adapter_parameters_train_and_the_first_epoch_is_on_policy(tiny_checkpoint, text_adapter, image_adapter):
     policy = load_shapes_policy(tiny_checkpoint)
     before = {k: v.clone() for k, v in policy.state_dict().items()}
-    config = tiny_config(tiny_checkpoint, text_adapter=text_adapter, image_adapter=image_adapter, lr_text=1e-2, lr_image=1e-2)
+    config = tiny_config(
+        tiny_checkpoint, text_adapter=text_adapter, image_adapter=image_adapter, lr_text=1e-2, lr_image=1e-2
+    )
     agent = UniGRPOAgent(policy, config)
     text_names = _names(policy.text_parameters(), policy.text)
     marker = {"lora": "lora_", "ln_tuning": "ln_tuning_layers"}
@@ -46,7 +51,11 @@ def test_only_adapter_parameters_train_and_the_first_epoch_is_on_policy(tiny_che
         assert not has_adapter(policy.image) and len(image_names) == len(list(policy.image.parameters()))
     else:
         assert image_names and all(marker[image_adapter] in n for n in image_names)
-    assert isinstance(agent.reference, WithoutAdapter) if image_adapter != "full" else not isinstance(agent.reference, WithoutAdapter)
+    assert (
+        isinstance(agent.reference, WithoutAdapter)
+        if image_adapter != "full"
+        else not isinstance(agent.reference, WithoutAdapter)
+    )
     # an adapter starts as the identity: the first update is exactly on-policy
     batch = agent.collect(0)
     batch.advantages = torch.linspace(-1, 1, len(batch))
@@ -77,7 +86,9 @@ def test_the_reference_is_the_starting_model_with_the_adapter_switched_off(tiny_
     assert torch.allclose(v_reference, v_start, atol=1e-6) and not v_reference.requires_grad
     assert not torch.allclose(policy.image.velocity(x, t, condition), v_start, atol=1e-3)
     # merged into a plain copy, the adapter gives the adapted network's velocities
-    merged = ConditionedFlowPolicy(merged_model(policy.image.model), policy.image.conditioner, policy.image.unconditional)
+    merged = ConditionedFlowPolicy(
+        merged_model(policy.image.model), policy.image.conditioner, policy.image.unconditional
+    )
     assert not has_adapter(merged) and has_adapter(policy.image)
     assert torch.allclose(merged.velocity(x, t, condition), policy.image.velocity(x, t, condition), atol=1e-5)
     # and save_pretrained of the adapted policy writes that merged network as an ordinary checkpoint
@@ -86,7 +97,10 @@ def test_the_reference_is_the_starting_model_with_the_adapter_switched_off(tiny_
     assert torch.allclose(reloaded.image.velocity(x, t, condition), policy.image.velocity(x, t, condition), atol=1e-5)
     assert has_adapter(policy.image)  # saving did not touch the live adapter
     # and the text KL's reference, with a text adapter, is the starting language model
-    text_agent = UniGRPOAgent(load_shapes_policy(tiny_checkpoint), tiny_config(tiny_checkpoint, train="text", text_adapter="lora", kl_text=0.1))
+    text_agent = UniGRPOAgent(
+        load_shapes_policy(tiny_checkpoint),
+        tiny_config(tiny_checkpoint, train="text", text_adapter="lora", kl_text=0.1),
+    )
     assert isinstance(text_agent.reference_text, WithoutAdapter) and text_agent.reference is None
 
 
@@ -108,13 +122,24 @@ def test_bad_adapters_give_clear_errors(tiny_checkpoint):
 
 
 def _rows(path: Path):
-    return [{k: v for k, v in json.loads(line).items() if not k.startswith("time")} for line in path.read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(line).items() if not k.startswith("time")}
+        for line in path.read_text().splitlines()
+    ]
 
 
 @pytest.mark.parametrize("image_adapter", ["lora", "full"])  # "full": one side adapted, the other trained in full
-def test_a_killed_run_with_adapters_resumes_exactly_and_its_checkpoint_loads_as_a_plain_one(tiny_checkpoint, tmp_path, image_adapter):
-    config = tiny_config(tiny_checkpoint, scenario_options={"num_steps": 3}, text_adapter="ln_tuning", image_adapter=image_adapter,
-                         lr_text=1e-2, lr_image=1e-2)
+def test_a_killed_run_with_adapters_resumes_exactly_and_its_checkpoint_loads_as_a_plain_one(
+    tiny_checkpoint, tmp_path, image_adapter
+):
+    config = tiny_config(
+        tiny_checkpoint,
+        scenario_options={"num_steps": 3},
+        text_adapter="ln_tuning",
+        image_adapter=image_adapter,
+        lr_text=1e-2,
+        lr_image=1e-2,
+    )
     trainer_for(config.model_copy(update={"iterations": 3}), tmp_path / "straight").run()
     trainer_for(config.model_copy(update={"iterations": 2}), tmp_path / "killed").run()
     trainer_for(config.model_copy(update={"iterations": 3}), tmp_path / "killed", resume=True).run()
@@ -127,7 +152,9 @@ def test_a_killed_run_with_adapters_resumes_exactly_and_its_checkpoint_loads_as_
     assert any(k.startswith("text.") for k in moved) and any(k.startswith("image.") for k in moved)
 
 
-def test_cli_adapter_flags_reach_the_run_and_bad_ones_exit_with_code_2(tiny_checkpoint, small_run_config, tmp_path, capsys):
+def test_cli_adapter_flags_reach_the_run_and_bad_ones_exit_with_code_2(
+    tiny_checkpoint, small_run_config, tmp_path, capsys
+):
     import subprocess
     import sys
 
@@ -136,23 +163,58 @@ def test_cli_adapter_flags_reach_the_run_and_bad_ones_exit_with_code_2(tiny_chec
     config = small_run_config
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
-        main(["run", "scenario", "t2i_reason", "--iterations", "1", "--config", str(config), "--checkpoint", str(tiny_checkpoint),
-              "--text-adapter", "ln_tuning", "--image-adapter", "lora", "--out", str(out)])
+        main(
+            [
+                "run",
+                "scenario",
+                "t2i_reason",
+                "--iterations",
+                "1",
+                "--config",
+                str(config),
+                "--checkpoint",
+                str(tiny_checkpoint),
+                "--text-adapter",
+                "ln_tuning",
+                "--image-adapter",
+                "lora",
+                "--out",
+                str(out),
+            ]
+        )
     assert exit_info.value.code == 0, capsys.readouterr().err
     saved = json.loads((out / "config.json").read_text())
     assert (saved["text_adapter"], saved["image_adapter"]) == ("ln_tuning", "lora")
     done = subprocess.run(
-        [sys.executable, "-m", "unigrpo_env.cli.main", "run", "scenario", "t2i_reason", "--iterations", "1", "--text-adapter", "prefix"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "unigrpo_env.cli.main",
+            "run",
+            "scenario",
+            "t2i_reason",
+            "--iterations",
+            "1",
+            "--text-adapter",
+            "prefix",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 2 and "prefix" in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
 def test_the_example_configs_are_valid():
     folder = Path(__file__).parent.parent / "examples" / "configs"
-    scenario_of = {"t2i_reason_full_training.yaml": "t2i_reason", "edit_multiturn_full_training.yaml": "edit_multiturn",
-                   "t2i_reason_kl_matched.yaml": "t2i_reason"}
-    assert sorted(scenario_of) == sorted(path.name for path in folder.glob("*.yaml"))  # a new example config gets its scenario here
+    scenario_of = {
+        "t2i_reason_full_training.yaml": "t2i_reason",
+        "edit_multiturn_full_training.yaml": "edit_multiturn",
+        "t2i_reason_kl_matched.yaml": "t2i_reason",
+    }
+    assert sorted(scenario_of) == sorted(
+        path.name for path in folder.glob("*.yaml")
+    )  # a new example config gets its scenario here
     configs = {name: UniGRPOConfig.for_scenario(scenario, folder / name) for name, scenario in scenario_of.items()}
     edit = configs["edit_multiturn_full_training.yaml"]
     # edit_multiturn's earlier defaults: the plain config for 80 iterations
@@ -166,8 +228,15 @@ def test_the_example_configs_are_valid():
     times = T2IReasonScenario().timesteps()  # the scenario's own denoising schedule
     visits = torch.zeros(len(times) - 1)
     for start in range(kl.sde_window_max_start + 1):
-        visits[start:start + kl.sde_window_size] += 1
-    c = torch.stack([flow.latent_kl(flow.sde_step(torch.ones(1, 4), torch.zeros(1, 4), times[i], times[i + 1], kl.noise_level)[2],
-                                    flow.sde_step(torch.zeros(1, 4), torch.zeros(1, 4), times[i], times[i + 1], kl.noise_level)[2],
-                                    flow.sde_step_std(times[i], times[i + 1], kl.noise_level))[0] for i in range(len(times) - 1)])
+        visits[start : start + kl.sde_window_size] += 1
+    c = torch.stack(
+        [
+            flow.latent_kl(
+                flow.sde_step(torch.ones(1, 4), torch.zeros(1, 4), times[i], times[i + 1], kl.noise_level)[2],
+                flow.sde_step(torch.zeros(1, 4), torch.zeros(1, 4), times[i], times[i + 1], kl.noise_level)[2],
+                flow.sde_step_std(times[i], times[i + 1], kl.noise_level),
+            )[0]
+            for i in range(len(times) - 1)
+        ]
+    )
     assert abs(3.0 / float((c * visits).sum() / visits.sum()) - kl.kl_weight) < 1.0

@@ -11,16 +11,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import trainer_for
 
 from unigrpo_env.agents.config import ConfigError, UniGRPOConfig
-from unigrpo_env.agents.losses import TEXT_LOSS_TYPES, clipped_surrogate, flow_grpo_loss, group_advantages, text_grpo_loss, text_kl
-from unigrpo_env.scenarios.shapes.policy import load_shapes_policy
+from unigrpo_env.agents.losses import (
+    TEXT_LOSS_TYPES,
+    clipped_surrogate,
+    flow_grpo_loss,
+    group_advantages,
+    text_grpo_loss,
+    text_kl,
+)
 from unigrpo_env.agents.trainer import RunFolderError
-
-from conftest import trainer_for
 from unigrpo_env.agents.unigrpo import RewardFailureError, UniGRPOAgent
 from unigrpo_env.reward import RewardOutput
 from unigrpo_env.rewards import register_reward
+from unigrpo_env.scenarios.shapes.policy import load_shapes_policy
 
 HERE = Path(__file__).parent
 
@@ -88,7 +94,9 @@ def test_grpo_mean_favours_short_sequences_and_token_means_do_not():
     mask = torch.tensor([[True, False, False, False], [True, True, True, True]])
     weights = {}
     for loss_type in TEXT_LOSS_TYPES:
-        loss, _ = text_grpo_loss(log_probs, log_probs.detach(), mask, torch.ones(2), 0.2, loss_type=loss_type, max_tokens=8)
+        loss, _ = text_grpo_loss(
+            log_probs, log_probs.detach(), mask, torch.ones(2), 0.2, loss_type=loss_type, max_tokens=8
+        )
         (grad,) = torch.autograd.grad(-loss, log_probs)
         weights[loss_type] = grad[mask].tolist()
     assert weights["grpo"] == pytest.approx([1 / 2, 1 / 8, 1 / 8, 1 / 8, 1 / 8])  # 1 / (N·|y_i|)
@@ -122,7 +130,9 @@ def test_flow_loss_by_hand_and_sample_mask():
 
 # -- the agent on a tiny policy ----------------------------------------------------------------------
 
-TINY = dict(num_prompts=2, group_size=4, minibatches=1, eval_limit=6, scenario_options={"num_steps": 4}, checkpoint_every=2)
+TINY = dict(
+    num_prompts=2, group_size=4, minibatches=1, eval_limit=6, scenario_options={"num_steps": 4}, checkpoint_every=2
+)
 
 
 def tiny_config(tiny_checkpoint, **overrides) -> UniGRPOConfig:
@@ -138,9 +148,13 @@ def test_first_epoch_is_exactly_on_policy(tiny_checkpoint):
 
 @pytest.mark.parametrize("loss_type", ["bnpo", "dr_grpo"])
 def test_token_level_text_losses_train_on_policy(tiny_checkpoint, loss_type):
-    agent = UniGRPOAgent(load_shapes_policy(tiny_checkpoint), tiny_config(tiny_checkpoint, train="text", text_loss_type=loss_type))
+    agent = UniGRPOAgent(
+        load_shapes_policy(tiny_checkpoint), tiny_config(tiny_checkpoint, train="text", text_loss_type=loss_type)
+    )
     batch = agent.collect(0)
-    assert [turn.text.max_tokens for turn in batch.trajectory.turns] == [agent.scenario.text_codec.max_tokens]  # Dr. GRPO's normaliser
+    assert [turn.text.max_tokens for turn in batch.trajectory.turns] == [
+        agent.scenario.text_codec.max_tokens
+    ]  # Dr. GRPO's normaliser
     stats = agent.update(batch)
     assert stats["first_ratio_text_max_dev"] == 0.0 and math.isfinite(stats["loss_text"])
 
@@ -183,6 +197,7 @@ def test_reference_outputs_are_computed_once_per_batch_across_ppo_epochs(tiny_ch
         def counted(*args, **kwargs):
             calls[name] += 1
             return function(*args, **kwargs)
+
         return counted
 
     agent.reference.velocity = count("velocity", velocity)
@@ -196,7 +211,10 @@ def test_reference_outputs_are_computed_once_per_batch_across_ppo_epochs(tiny_ch
 
 
 def test_learning_rates_warm_up_linearly(tiny_checkpoint):
-    agent = UniGRPOAgent(load_shapes_policy(tiny_checkpoint), tiny_config(tiny_checkpoint, warmup_iterations=4, lr_text=1e-3, lr_image=2e-3))
+    agent = UniGRPOAgent(
+        load_shapes_policy(tiny_checkpoint),
+        tiny_config(tiny_checkpoint, warmup_iterations=4, lr_text=1e-3, lr_image=2e-3),
+    )
     assert [agent.learning_rate_scale(i) for i in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     stats = agent.train_iteration()
     assert stats["lr_scale"] == 0.25
@@ -216,8 +234,20 @@ def test_learning_rate_schedules_decay_to_zero_after_the_warm_up(tiny_checkpoint
 def test_two_processes_give_the_same_advantages_as_one(tmp_path):
     script = HERE / "distributed_advantages.py"
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", str(script), str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29533",
+            str(script),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -232,21 +262,37 @@ def test_two_processes_give_the_same_advantages_as_one(tmp_path):
 
 
 def _rows(path: Path):
-    return [{k: v for k, v in json.loads(line).items() if not k.startswith("time")} for line in path.read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(line).items() if not k.startswith("time")}
+        for line in path.read_text().splitlines()
+    ]
 
 
 def test_killed_and_resumed_run_matches_an_uninterrupted_one(tiny_checkpoint, tmp_path):
     # warm-up and evaluation with CFG ride along: the learning-rate schedule resumes too
     config = tiny_config(tiny_checkpoint, scenario_options={"num_steps": 3}, warmup_iterations=3, eval_cfg=2.0)
     trainer_for(config.model_copy(update={"iterations": 3}), tmp_path / "straight").run()
-    trainer_for(config.model_copy(update={"iterations": 2}), tmp_path / "killed").run()  # stops after its checkpoint at 2
+    trainer_for(
+        config.model_copy(update={"iterations": 2}), tmp_path / "killed"
+    ).run()  # stops after its checkpoint at 2
     summary = trainer_for(config.model_copy(update={"iterations": 3}), tmp_path / "killed", resume=True).run()
     assert _rows(tmp_path / "straight" / "metrics.jsonl") == _rows(tmp_path / "killed" / "metrics.jsonl")
     for name in ("config.json", "summary.json", "reward_curve.png", "eval_before/grid.png", "eval_after/eval.json"):
         assert (tmp_path / "killed" / name).exists()
-    assert {"heldout_reward_before", "heldout_reward_after", "per_category", "wall_seconds", "image_quality_after"} <= set(summary)
-    assert summary["eval_cfg"] == 2.0 and json.loads((tmp_path / "killed" / "eval_after" / "eval.json").read_text())["cfg_scale"] == 2.0
-    assert [row["lr_scale"] for row in _rows(tmp_path / "killed" / "metrics.jsonl")] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert {
+        "heldout_reward_before",
+        "heldout_reward_after",
+        "per_category",
+        "wall_seconds",
+        "image_quality_after",
+    } <= set(summary)
+    assert (
+        summary["eval_cfg"] == 2.0
+        and json.loads((tmp_path / "killed" / "eval_after" / "eval.json").read_text())["cfg_scale"] == 2.0
+    )
+    assert [row["lr_scale"] for row in _rows(tmp_path / "killed" / "metrics.jsonl")] == pytest.approx(
+        [1 / 3, 2 / 3, 1.0]
+    )
     with pytest.raises(RunFolderError, match="already holds a run"):
         trainer_for(config, tmp_path / "straight")
 
@@ -272,7 +318,10 @@ class Broken:
 
 
 def test_failed_samples_are_left_out_and_counted(tiny_checkpoint):
-    agent = UniGRPOAgent(load_shapes_policy(tiny_checkpoint), tiny_config(tiny_checkpoint, scenario_options={"num_steps": 3, "reward": "test_partly_nan"}))
+    agent = UniGRPOAgent(
+        load_shapes_policy(tiny_checkpoint),
+        tiny_config(tiny_checkpoint, scenario_options={"num_steps": 3, "reward": "test_partly_nan"}),
+    )
     stats = agent.train_iteration()
     assert stats["reward_failed"] == 2.0 and math.isfinite(stats["loss"])
     batch = agent.collect(1)
@@ -308,7 +357,9 @@ def test_each_regulariser_has_its_own_weight_and_the_text_rate_follows_the_adapt
     config = UniGRPOConfig(mse_weight=3.0, kl_weight=0.1)
     assert config.regularizer_coef == 3.0  # mse, the default regulariser
     assert config.model_copy(update={"regularizer": "kl"}).regularizer_coef == 0.1
-    assert UniGRPOConfig(regularizer="kl", mse_weight=3.0).regularizer_coef == 0.04  # a recommended MSE weight does not leak into --reg kl
+    assert (
+        UniGRPOConfig(regularizer="kl", mse_weight=3.0).regularizer_coef == 0.04
+    )  # a recommended MSE weight does not leak into --reg kl
     assert UniGRPOConfig(regularizer="none", mse_weight=3.0).regularizer_coef == 0.0
     with pytest.raises(ValueError, match="mse_weight.*kl_weight"):
         UniGRPOConfig(regularizer_weight=3.0)  # the old, shared field says what replaced it
@@ -335,15 +386,28 @@ def test_each_regulariser_has_its_own_weight_and_the_text_rate_follows_the_adapt
 
 def test_t2i_reason_recommends_the_measured_recipe_and_flags_can_undo_it(tmp_path):
     recipe = UniGRPOConfig.for_scenario("t2i_reason")
-    assert (recipe.text_adapter, recipe.lr_text, recipe.image_adapter, recipe.lr_image) == ("ln_tuning", 3e-2, "full", 1e-3)
+    assert (recipe.text_adapter, recipe.lr_text, recipe.image_adapter, recipe.lr_image) == (
+        "ln_tuning",
+        3e-2,
+        "full",
+        1e-3,
+    )
     assert (recipe.warmup_iterations, recipe.lr_schedule, recipe.regularizer_coef) == (25, "cosine", 3.0)
     # --text-adapter full from the command line gets full training's own rate, not LN tuning's 3e-2
     assert UniGRPOConfig.for_scenario("t2i_reason", text_adapter="full").lr_text == 1e-4
     assert UniGRPOConfig.for_scenario("t2i_reason", regularizer="kl").regularizer_coef == 0.04
     # the plain defaults the earlier tables were measured with, one file away
-    full = UniGRPOConfig.for_scenario("t2i_reason", Path(__file__).parent.parent / "examples" / "configs" / "t2i_reason_full_training.yaml")
+    full = UniGRPOConfig.for_scenario(
+        "t2i_reason", Path(__file__).parent.parent / "examples" / "configs" / "t2i_reason_full_training.yaml"
+    )
     plain = UniGRPOConfig(scenario="t2i_reason")
-    assert full == plain and (plain.text_adapter, plain.lr_text, plain.lr_image, plain.lr_schedule, plain.regularizer_coef) == ("full", 1e-4, 1e-4, "constant", 1.0)
+    assert full == plain and (
+        plain.text_adapter,
+        plain.lr_text,
+        plain.lr_image,
+        plain.lr_schedule,
+        plain.regularizer_coef,
+    ) == ("full", 1e-4, 1e-4, "constant", 1.0)
     # edit_multiturn takes the recipe with its own length and warm-up
     edit = UniGRPOConfig.for_scenario("edit_multiturn")
     assert (edit.text_adapter, edit.lr_image, edit.iterations, edit.warmup_iterations) == ("ln_tuning", 1e-3, 72, 15)
@@ -361,7 +425,9 @@ def test_scenario_training_defaults_sit_under_the_file_and_the_overrides(tmp_pat
     (tmp_path / "c.yaml").write_text("iterations: 7\n")
     config = UniGRPOConfig.for_scenario("edit_multiturn", tmp_path / "c.yaml", seed=4)
     assert (config.iterations, config.seed) == (7, 4)
-    assert UniGRPOConfig.for_scenario("t2i_reason") == UniGRPOConfig(scenario="t2i_reason", **T2IReasonScenario.training_defaults)
+    assert UniGRPOConfig.for_scenario("t2i_reason") == UniGRPOConfig(
+        scenario="t2i_reason", **T2IReasonScenario.training_defaults
+    )
 
 
 def test_the_agent_trains_on_edit_dialogues_unchanged(tiny_checkpoint):

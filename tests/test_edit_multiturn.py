@@ -14,12 +14,11 @@ import unigrpo_env
 from unigrpo_env import FlowAction, TextAction, Trajectory, flow
 from unigrpo_env.errors import InvalidActionError
 from unigrpo_env.reward import RewardInputs
-from unigrpo_env.scenarios.shapes.rewards import SceneMatchReward, scene_meta
 from unigrpo_env.scenarios.shapes import Scene, SceneObject, describe, parse_description, render
 from unigrpo_env.scenarios.shapes.edits import EDIT_KINDS, EditDialogue, apply_random_edit, dialogue_split, reference
+from unigrpo_env.scenarios.shapes.rewards import SceneMatchReward, scene_meta
 from unigrpo_env.scenarios.shapes.tasks import extract_description
 from unigrpo_env.task import Task
-
 
 # ------------------------------------------------------------------------------- dialogues
 
@@ -48,7 +47,11 @@ def test_each_edit_changes_what_its_kind_says_and_its_answer_describes_the_resul
                 assert after < before and len(after) == 1
             elif kind in ("recolour", "reshape", "move"):
                 (old,), (new,) = before - after, after - before
-                changed = {"recolour": old.colour != new.colour, "reshape": old.shape != new.shape, "move": old.cell != new.cell}
+                changed = {
+                    "recolour": old.colour != new.colour,
+                    "reshape": old.shape != new.shape,
+                    "move": old.cell != new.cell,
+                }
                 assert [k for k, v in changed.items() if v] == [kind]
             else:  # swap
                 assert {o.cell for o in after} == {o.cell for o in before} and after != before
@@ -58,10 +61,14 @@ def test_each_edit_changes_what_its_kind_says_and_its_answer_describes_the_resul
 
 
 def test_references_name_one_object():
-    scene = Scene((
-        SceneObject("circle", "red", (0, 0)), SceneObject("circle", "blue", (0, 1)),
-        SceneObject("square", "blue", (1, 1)), SceneObject("circle", "blue", (2, 2)),
-    ))
+    scene = Scene(
+        (
+            SceneObject("circle", "red", (0, 0)),
+            SceneObject("circle", "blue", (0, 1)),
+            SceneObject("square", "blue", (1, 1)),
+            SceneObject("circle", "blue", (2, 2)),
+        )
+    )
     names = [reference(scene, o) for o in scene.objects]
     assert names == ["the red circle", "the circle at top", "the square", "the circle at bottom-right"]
 
@@ -72,8 +79,12 @@ def test_references_name_one_object():
 def _scene_inputs(images, scenes):
     tasks = [Task(prompts=("x",), index=i, meta={"shapes_scene": scene_meta(s)}) for i, s in enumerate(scenes)]
     n = len(tasks)
-    return RewardInputs(images=torch.from_numpy(np.stack(images)), tasks=tasks, texts=[[""]] * n,
-                        earlier_images=torch.zeros((n, 0, 32, 32, 3), dtype=torch.uint8))
+    return RewardInputs(
+        images=torch.from_numpy(np.stack(images)),
+        tasks=tasks,
+        texts=[[""]] * n,
+        earlier_images=torch.zeros((n, 0, 32, 32, 3), dtype=torch.uint8),
+    )
 
 
 def test_scene_match_is_one_only_for_the_exact_scene():
@@ -85,8 +96,14 @@ def test_scene_match_is_one_only_for_the_exact_scene():
     assert out.components["correct"].tolist() == [1.0, 0.0, 0.0]
     assert out.components["extra"].tolist() == [0.0, 1.0, 1.0]
     with pytest.raises(ValueError, match="shapes_scene"):
-        SceneMatchReward()(RewardInputs(images=torch.zeros((1, 32, 32, 3), dtype=torch.uint8), tasks=[Task(prompts=("x",))],
-                                        texts=[[""]], earlier_images=torch.zeros((1, 0, 32, 32, 3), dtype=torch.uint8)))
+        SceneMatchReward()(
+            RewardInputs(
+                images=torch.zeros((1, 32, 32, 3), dtype=torch.uint8),
+                tasks=[Task(prompts=("x",))],
+                texts=[[""]],
+                earlier_images=torch.zeros((1, 0, 32, 32, 3), dtype=torch.uint8),
+            )
+        )
 
 
 # ---------------------------------------------------------------------------- environment
@@ -100,7 +117,9 @@ def _oracle_turns(envs, scenario):
         targets = torch.stack([scenario.target_latent(t, turn) for t in tasks])
         while obs.phase == "image":
             v = flow.straight_line_velocity(obs.x_t, targets, obs.t)
-            obs, rewards, terminated, _, info = envs.step(FlowAction(x_next=flow.ode_step(v, obs.x_t, obs.t, obs.t_next)))
+            obs, rewards, terminated, _, info = envs.step(
+                FlowAction(x_next=flow.ode_step(v, obs.x_t, obs.t, obs.t_next))
+            )
     assert terminated.all()
     return rewards, info
 
@@ -129,11 +148,23 @@ def test_edit_reward_drops_when_an_untouched_object_is_lost():
     task = next(t for t in scenario.tasks("heldout") if t.meta["shapes_edit"]["untouched"])
     final = scenario.target_scene(task, 2)
     kept = task.meta["shapes_edit"]["untouched"][0]
-    lost = SceneObject(**{**task.meta["shapes_edit"]["before"][kept], "cell": tuple(task.meta["shapes_edit"]["before"][kept]["cell"])})
-    damaged = Scene(tuple(o for o in final.objects if o != lost)) if len(final.objects) > 1 else final.replace_object(0, colour="green" if lost.colour != "green" else "red")
+    lost = SceneObject(
+        **{**task.meta["shapes_edit"]["before"][kept], "cell": tuple(task.meta["shapes_edit"]["before"][kept]["cell"])}
+    )
+    damaged = (
+        Scene(tuple(o for o in final.objects if o != lost))
+        if len(final.objects) > 1
+        else final.replace_object(0, colour="green" if lost.colour != "green" else "red")
+    )
     image = torch.from_numpy(np.stack([render(final), render(damaged)]))
-    out = scenario.reward(RewardInputs(images=image, tasks=[task, task], texts=[["", "", ""]] * 2,
-                                       earlier_images=torch.zeros((2, 2, 32, 32, 3), dtype=torch.uint8)))
+    out = scenario.reward(
+        RewardInputs(
+            images=image,
+            tasks=[task, task],
+            texts=[["", "", ""]] * 2,
+            earlier_images=torch.zeros((2, 2, 32, 32, 3), dtype=torch.uint8),
+        )
+    )
     assert out.scores[0] == pytest.approx(1.0) and out.scores[1] < 0.8
     assert out.components["edit_fidelity"][1] < 1.0
 
@@ -173,9 +204,9 @@ def test_invalid_action_in_turn_two_leaves_turns_one_and_two_intact():
     before = copy.deepcopy(info["trajectory"])  # a view of the env's record: copy it so a change would show
     x_t, drawn = obs.x_t.clone(), env.render()  # render() decodes the env's own current latent
     bad = [
-        TextAction(tokens=[3]),                                               # text in the image phase
-        FlowAction(x_next=torch.full_like(x_t, float("nan"))),                # NaN latent
-        FlowAction(x_next=torch.zeros(3, 8, 8)),                              # wrong shape
+        TextAction(tokens=[3]),  # text in the image phase
+        FlowAction(x_next=torch.full_like(x_t, float("nan"))),  # NaN latent
+        FlowAction(x_next=torch.zeros(3, 8, 8)),  # wrong shape
     ]
     for action in bad:
         with pytest.raises(InvalidActionError):
@@ -192,7 +223,9 @@ def test_invalid_action_in_turn_two_leaves_turns_one_and_two_intact():
     target = scenario.target_latent(task, 2)
     while obs.phase == "image":
         v = flow.straight_line_velocity(obs.x_t[None], target[None], obs.t)
-        obs, reward, terminated, _, info = env.step(FlowAction(x_next=flow.ode_step(v, obs.x_t[None], obs.t, obs.t_next)[0]))
+        obs, reward, terminated, _, info = env.step(
+            FlowAction(x_next=flow.ode_step(v, obs.x_t[None], obs.t, obs.t_next)[0])
+        )
     assert terminated and reward == pytest.approx(1.0)
 
 
@@ -204,7 +237,9 @@ def test_options_and_categories():
         unigrpo_env.make_scenario("edit_multiturn", num_turns=0)
     with pytest.raises(ValueError, match="unknown option"):
         unigrpo_env.make_scenario("edit_multiturn", num_turn=2)
-    assert describe(scenario.target_scene(scenario.tasks("heldout")[0], 1)) in scenario.oracle_answer(scenario.tasks("heldout")[0], 1)
+    assert describe(scenario.target_scene(scenario.tasks("heldout")[0], 1)) in scenario.oracle_answer(
+        scenario.tasks("heldout")[0], 1
+    )
 
 
 def test_the_shipped_image_model_reads_edit_only_words_as_unknown():
@@ -219,8 +254,11 @@ def test_the_shipped_image_model_reads_edit_only_words_as_unknown():
     words = "answer : red circle at left , swap".split()
     reasoning = torch.tensor([[vocab[w] for w in words]])
     context = TurnContext(
-        prompts=[("x",)], history=[[]], images=torch.zeros((1, 0, 32, 32, 3), dtype=torch.uint8),
-        reasoning=reasoning, reasoning_lengths=torch.tensor([len(words)]),
+        prompts=[("x",)],
+        history=[[]],
+        images=torch.zeros((1, 0, 32, 32, 3), dtype=torch.uint8),
+        reasoning=reasoning,
+        reasoning_lengths=torch.tensor([len(words)]),
     )
     ids = policy.image.condition(context)["text_ids"][0].tolist()
     assert ids[:6] == [vocab[w] for w in words[2:7]] + [vocab["<unk>"]]

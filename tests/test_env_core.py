@@ -9,13 +9,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import ToyScenario
 
 import unigrpo_env
 from unigrpo_env import FlowAction, InterleavedEnv, TextAction
 from unigrpo_env import errors as E
-from unigrpo_env.flow import straight_line_velocity, ode_step
-
-from conftest import ToyScenario
+from unigrpo_env.flow import ode_step, straight_line_velocity
 
 
 def finish_text(env, ids=(3, 2)):
@@ -272,7 +271,11 @@ def test_vector_env_matches_single_env_episode_by_episode(toy_scenario):
     envs.reset(seed=11)
     env.reset(seed=11)
     for action in [TextAction(tokens=[3, 2])] + [FlowAction(x_next=torch.full((3, 4, 4), 0.1 * k)) for k in range(3)]:
-        batched = TextAction(tokens=action.tokens.unsqueeze(0)) if isinstance(action, TextAction) else FlowAction(x_next=action.x_next.unsqueeze(0))
+        batched = (
+            TextAction(tokens=action.tokens.unsqueeze(0))
+            if isinstance(action, TextAction)
+            else FlowAction(x_next=action.x_next.unsqueeze(0))
+        )
         envs.step(batched)
         env.step(action)
     assert envs.trajectory.episode(0) == env.trajectory
@@ -322,3 +325,26 @@ def test_invalid_batched_action_leaves_vector_env_unchanged(toy_scenario):
         with pytest.raises(error):
             envs.step(bad)
         assert envs.trajectories() == before
+
+
+def test_info_trajectory_is_a_view_and_costs_the_same_at_every_step():
+    """``info["trajectory"]`` is built at every step: as a view of the env's record it copies no
+    latent, so a step costs the same at the end of a long image phase as at its start."""
+    import statistics
+    import time
+
+    env = InterleavedEnv(ToyScenario(num_turns=1, num_steps=300, image_size=16))
+    obs, _ = env.reset(seed=0)
+    obs, *_ = env.step(TextAction(tokens=[3, 2]))
+    seconds = []
+    for _ in range(300):
+        action = FlowAction(x_next=ode_step(-obs.x_t[None], obs.x_t[None], obs.t, obs.t_next)[0])
+        start = time.perf_counter()
+        obs, _, terminated, _, info = env.step(action)
+        seconds.append(time.perf_counter() - start)
+    image = info["trajectory"].turns[0].image
+    assert terminated and image.num_steps == 300
+    # one buffer behind every step's x_t and x_next: nothing was copied into the trajectory
+    assert image.x_t.untyped_storage().data_ptr() == image.x_next.untyped_storage().data_ptr()
+    early, late = statistics.median(seconds[10:60]), statistics.median(seconds[240:290])
+    assert late < 2.0 * early, (early, late)

@@ -111,7 +111,7 @@ def test_t_equal_one_clamp_matches_flow_grpo_rule():
     x_next, lp, mean, std = sde_step(v, x, 1.0, tn, a, noise=eps)
     dt = tn - 1.0
     # mean = x + [v + σ²/(2t)(x + (1-t)v)]Δt with t = 1
-    mean_hand = x + (v + sigma_hand ** 2 / 2.0 * x) * dt
+    mean_hand = x + (v + sigma_hand**2 / 2.0 * x) * dt
     std_hand = sigma_hand * math.sqrt(-dt)  # = a here
     assert std_hand == pytest.approx(a)
     assert torch.isfinite(std).all() and torch.isfinite(lp).all() and torch.isfinite(mean).all()
@@ -229,8 +229,8 @@ def _exact_velocity(x, t, mu0, s0):
     so v(x, t) = E[ε - x_0 | x_t = x] = -mu0 + (t - (1-t)·s0²) / s_t² · (x - m_t).
     """
     m_t = (1 - t) * mu0
-    s2 = (1 - t) ** 2 * s0 ** 2 + t ** 2
-    return -mu0 + (t - (1 - t) * s0 ** 2) / s2 * (x - m_t)
+    s2 = (1 - t) ** 2 * s0**2 + t**2
+    return -mu0 + (t - (1 - t) * s0**2) / s2 * (x - m_t)
 
 
 @pytest.mark.parametrize("mode", ["sde", "ode"])
@@ -249,7 +249,7 @@ def test_marginal_preservation_gaussian(mode):
             x = ode_step(v, x, t, tn)
     mean, var = x.mean().item(), x.var().item()
     assert mean == pytest.approx(mu0, rel=0.03)
-    assert var == pytest.approx(s0 ** 2, rel=0.05)
+    assert var == pytest.approx(s0**2, rel=0.05)
 
 
 def test_marginal_intermediate_time_sde():
@@ -263,7 +263,7 @@ def test_marginal_intermediate_time_sde():
         x = sde_step(_exact_velocity(x, t, mu0, s0), x, t, tn, 0.7, generator=g)[0]
     t = sched[100].item()
     assert x.mean().item() == pytest.approx((1 - t) * mu0, rel=0.05)
-    assert x.var().item() == pytest.approx((1 - t) ** 2 * s0 ** 2 + t ** 2, rel=0.05)
+    assert x.var().item() == pytest.approx((1 - t) ** 2 * s0**2 + t**2, rel=0.05)
 
 
 # ----------------------------------------------------------------------------- losses / regularisers
@@ -320,9 +320,7 @@ def test_ratio_norm_hand():
     sigma, dt = 2.0, 0.04  # σ_t and |Δt|
     std = torch.full((2, 1), sigma * math.sqrt(dt))
     sq = [(0.25 + 0) / 2, (1 + 1) / 2]
-    expected = torch.tensor(
-        [sigma * math.sqrt(dt) * (lr + s / (2 * sigma ** 2 * dt)) for lr, s in zip([0.1, -0.2], sq)]
-    )
+    expected = torch.tensor([sigma * math.sqrt(dt) * (lr + s / (2 * sigma**2 * dt)) for lr, s in zip([0.1, -0.2], sq)])
     torch.testing.assert_close(ratio_norm(log_ratio, mean, mean_old, std), expected, atol=1e-6, rtol=0)
     # scalar std and [B] std give the same
     torch.testing.assert_close(ratio_norm(log_ratio, mean, mean_old, 0.4), expected, atol=1e-6, rtol=0)

@@ -27,7 +27,12 @@ from unigrpo_env.scenarios.shapes.flow_training import (
 from unigrpo_env.scenarios.shapes.tokenizer import PAD, build_tokenizer
 
 TINY = dict(
-    image_size=16, patch_size=4, num_layers=1, num_attention_heads=2, attention_head_dim=16, batch_size=8,
+    image_size=16,
+    patch_size=4,
+    num_layers=1,
+    num_attention_heads=2,
+    attention_head_dim=16,
+    batch_size=8,
     max_text_tokens=24,
 )
 
@@ -41,8 +46,15 @@ def tiny_model(zero_init: bool = False, seed: int = 0) -> ShapesFlowTransformer:
     tok = build_tokenizer()
     torch.manual_seed(seed)
     return ShapesFlowTransformer(
-        vocab_size=tok.get_vocab_size(), max_text_tokens=24, image_size=16, patch_size=4, num_layers=1,
-        num_attention_heads=2, attention_head_dim=16, pad_token_id=tok.token_to_id(PAD), zero_init=zero_init,
+        vocab_size=tok.get_vocab_size(),
+        max_text_tokens=24,
+        image_size=16,
+        patch_size=4,
+        num_layers=1,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        pad_token_id=tok.token_to_id(PAD),
+        zero_init=zero_init,
     ).eval()
 
 
@@ -87,8 +99,13 @@ def test_gradients_reach_parameters():
     x, t, ids, cond = inputs()
     model(x, t, ids, cond).square().mean().backward()
     named = dict(model.named_parameters())
-    for name in ("token_embedding.weight", "text_position", "transformer.pos_embed.proj.weight",
-                 "transformer.proj_out.weight", "transformer.time_text_embed.timestep_embedder.linear_1.weight"):
+    for name in (
+        "token_embedding.weight",
+        "text_position",
+        "transformer.pos_embed.proj.weight",
+        "transformer.proj_out.weight",
+        "transformer.time_text_embed.timestep_embedder.linear_1.weight",
+    ):
         assert named[name].grad is not None and named[name].grad.abs().sum() > 0, name
     with_grad = [n for n, p in named.items() if p.grad is not None and p.grad.abs().sum() > 0]
     assert len(with_grad) >= 0.8 * len(named)
@@ -122,8 +139,15 @@ def test_zero_init_and_parameterisation(prediction):
     """Zero init: the network output starts at 0, i.e. v = 0 (velocity) or x̂_0 = 0, v = x_t / t (sample)."""
     tok = build_tokenizer()
     model = ShapesFlowTransformer(
-        vocab_size=tok.get_vocab_size(), image_size=16, patch_size=4, num_layers=1, num_attention_heads=2,
-        attention_head_dim=16, pad_token_id=tok.token_to_id(PAD), zero_init=True, prediction=prediction,
+        vocab_size=tok.get_vocab_size(),
+        image_size=16,
+        patch_size=4,
+        num_layers=1,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        pad_token_id=tok.token_to_id(PAD),
+        zero_init=True,
+        prediction=prediction,
     ).eval()
     x, t, ids, cond = inputs()
     t = torch.tensor([1.0, 0.5, 0.01])
@@ -212,7 +236,9 @@ def test_training_reduces_loss_and_is_deterministic(tmp_path):
     torch.manual_seed(cfg.seed)
     untrained = build_model(cfg)
     losses = []
-    trained = train_flow_model(cfg, out_dir=tmp_path, progress=lambda step, total, loss: losses.append((step, total, loss)))
+    trained = train_flow_model(
+        cfg, out_dir=tmp_path, progress=lambda step, total, loss: losses.append((step, total, loss))
+    )
     assert [s for s, _, _ in losses] == list(range(1, 31)) and all(total == 30 for _, total, _ in losses)
     with torch.no_grad():
         before = flow_matching_loss(untrained, batch, t, noise).item()
@@ -229,7 +255,14 @@ def test_training_reduces_loss_and_is_deterministic(tmp_path):
 def test_evaluation_reports_categories():
     model = tiny_model()
     result = evaluate_true_descriptions(model, num_steps=1)
-    assert set(result["per_category"]) == {"single_object", "two_objects", "counting", "colors", "position", "color_attr"}
+    assert set(result["per_category"]) == {
+        "single_object",
+        "two_objects",
+        "counting",
+        "colors",
+        "position",
+        "color_attr",
+    }
     assert 0.0 <= result["correct"] <= 1.0 and 0.0 <= result["score"] <= 1.0
     edits = evaluate_edits(model, num_steps=1)
     assert edits["num_edits"] > 0 and 0.0 <= edits["correct"] <= 1.0

@@ -15,15 +15,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import MeanColourReward, ToyScenario
 
 import unigrpo_env
 from unigrpo_env.registration import REWARDS, SCENARIOS, Registry, RegistryError
 from unigrpo_env.rewards import WeightedSum, get_reward
 from unigrpo_env.scenarios.shapes.t2i_reason import T2IReasonScenario
 
-from conftest import MeanColourReward, ToyScenario
-
-FAKE_OK = '''
+FAKE_OK = """
 from unigrpo_env.scenarios.shapes.rewards import ImageQualityReward
 from unigrpo_env.scenarios import register_scenario
 from unigrpo_env.scenarios.shapes.t2i_reason import T2IReasonScenario
@@ -36,7 +35,7 @@ class FakeScenario(T2IReasonScenario):
 
 class FakeReward(ImageQualityReward):
     pass
-'''
+"""
 
 FAKE_BROKEN = 'raise RuntimeError("boom, this plugin cannot be imported")\n'
 FAKE_EXITING = 'import sys\nsys.exit("this plugin exits on import")\n'
@@ -67,7 +66,10 @@ def write_fake_dists(root: Path) -> Path:
         info.mkdir()
         (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
         (info / "entry_points.txt").write_text(
-            "".join(f"[{group}]\n" + "".join(f"{name} = {value}\n" for name, value in points.items()) + "\n" for group, points in groups.items())
+            "".join(
+                f"[{group}]\n" + "".join(f"{name} = {value}\n" for name, value in points.items()) + "\n"
+                for group, points in groups.items()
+            )
         )
     return root
 
@@ -77,7 +79,12 @@ def _state(registry: Registry) -> tuple:
 
 
 def _restore(registry: Registry, state: tuple) -> None:
-    registry._entries, registry._origins, registry._problems, registry._discovered = dict(state[0]), dict(state[1]), list(state[2]), state[3]
+    registry._entries, registry._origins, registry._problems, registry._discovered = (
+        dict(state[0]),
+        dict(state[1]),
+        list(state[2]),
+        state[3],
+    )
 
 
 @pytest.fixture
@@ -159,7 +166,14 @@ def run_cli(*args, cwd=None, extra_path=None, python=sys.executable, timeout=300
     env = {**os.environ, "COLUMNS": "300", "OMP_NUM_THREADS": "1"}
     if extra_path is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(extra_path), *filter(None, [env.get("PYTHONPATH")])])
-    return subprocess.run([str(python), "-m", "unigrpo_env.cli.main", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+    return subprocess.run(
+        [str(python), "-m", "unigrpo_env.cli.main", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=timeout,
+    )
 
 
 def row(stdout: str, name: str) -> str:
@@ -172,14 +186,20 @@ def test_unigrpo_list_shows_a_broken_plugin_with_its_error(tmp_path):
     root = write_fake_dists(tmp_path / "site")
     done = run_cli("list", "scenarios", extra_path=root)
     assert done.returncode == 0, done.stderr
-    assert "error" in row(done.stdout, "fake_broken") and "RuntimeError: boom, this plugin cannot be imported" in row(done.stdout, "fake_broken")
-    assert row(done.stdout, "fake_ok").rstrip(" │").endswith("ok") and "plugin fake-ok-plugin 0.1" in row(done.stdout, "fake_ok")
+    assert "error" in row(done.stdout, "fake_broken") and "RuntimeError: boom, this plugin cannot be imported" in row(
+        done.stdout, "fake_broken"
+    )
+    assert row(done.stdout, "fake_ok").rstrip(" │").endswith("ok") and "plugin fake-ok-plugin 0.1" in row(
+        done.stdout, "fake_ok"
+    )
     assert row(done.stdout, "t2i_reason").rstrip(" │").endswith("ok") and "built-in" in row(done.stdout, "t2i_reason")
     assert "warning:" in done.stdout and "fake-clash-plugin" in done.stdout
     rewards = run_cli("list", "rewards", extra_path=root)
     assert rewards.returncode == 0 and "boom" in row(rewards.stdout, "fake_broken_reward")
     assert "SystemExit" in row(rewards.stdout, "fake_exiting_reward")
-    assert row(rewards.stdout, "fake_quality").rstrip(" │").endswith("ok") and row(rewards.stdout, "shapes_verifier").rstrip(" │").endswith("ok")
+    assert row(rewards.stdout, "fake_quality").rstrip(" │").endswith("ok") and row(
+        rewards.stdout, "shapes_verifier"
+    ).rstrip(" │").endswith("ok")
     used = run_cli("run", "scenario", "fake_broken", "--iterations", "1", extra_path=root)
     lines = used.stderr.strip().splitlines()
     assert used.returncode == 2 and len(lines) == 1 and lines[0].startswith("unigrpo: error:") and "boom" in lines[0]
@@ -230,7 +250,11 @@ def test_a_generated_plugin_installs_into_a_fresh_venv_lists_passes_its_tests_an
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
     python = venv / ("Scripts" if os.name == "nt" else "bin") / ("python.exe" if os.name == "nt" else "python")
-    purelib = Path(subprocess.check_output([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip())
+    purelib = Path(
+        subprocess.check_output(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
+        ).strip()
+    )
     parents = [p for p in [*site.getsitepackages(), site.getusersitepackages()] if Path(p).is_dir()]
     (purelib / "_parent_site_packages.pth").write_text(f"import site; list(map(site.addsitedir, {parents!r}))\n")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
@@ -246,7 +270,9 @@ def test_a_generated_plugin_installs_into_a_fresh_venv_lists_passes_its_tests_an
 
     listed = run("-m", "unigrpo_env.cli.main", "list", "scenarios")
     assert listed.returncode == 0, listed.stderr
-    assert "plugin unigrpo-my-edit 0.1.0" in row(listed.stdout, "my_edit") and row(listed.stdout, "my_edit").rstrip(" │").endswith("ok")
+    assert "plugin unigrpo-my-edit 0.1.0" in row(listed.stdout, "my_edit") and row(listed.stdout, "my_edit").rstrip(
+        " │"
+    ).endswith("ok")
 
     tested = run("-m", "pytest", "-q", "-p", "no:cacheprovider", cwd=plugin)
     assert tested.returncode == 0 and "4 passed" in tested.stdout, tested.stdout + tested.stderr

@@ -6,17 +6,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import unigrpo_env
-from unigrpo_env.scenarios.shapes.evaluation import shapes_evaluator
 from unigrpo_env.agents.policy import FlowPolicy, TextPolicy, TurnContext, UnifiedPolicy
 from unigrpo_env.agents.rollout import RolloutSettings, rollout
-from unigrpo_env.scenarios.shapes.policy import CheckpointError, load_shapes_policy, shapes_policy
 from unigrpo_env.scenarios.shapes import task_split
+from unigrpo_env.scenarios.shapes.evaluation import shapes_evaluator
+from unigrpo_env.scenarios.shapes.policy import CheckpointError, load_shapes_policy
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +116,11 @@ def test_rollout_records_on_policy_log_probs(policy):
     text = envs.trajectories()[0].turns[0].text
     turn = result.trajectory.turns[0]
     assert text.has_log_probs and torch.equal(text.tokens, turn.text.tokens[0, : turn.text.lengths[0]])
-    assert turn.image.stochastic.tolist() == [False, True, True, False] == envs.trajectories()[0].turns[0].image.stochastic.tolist()
+    assert (
+        turn.image.stochastic.tolist()
+        == [False, True, True, False]
+        == envs.trajectories()[0].turns[0].image.stochastic.tolist()
+    )
     tokens, recorded = turn.text.padded()
     recomputed = policy.text.log_probs(result.context(0), tokens, turn.text.lengths)
     mask = torch.arange(tokens.shape[1])[None] < turn.text.lengths[:, None]
@@ -142,7 +145,11 @@ def test_evaluation_uses_the_runs_reward_and_finds_genevals_verdict_inside_a_sum
     assert not plain.probes and not summed.probes
     # a reward given to the evaluator scores instead of the scenario's own
     also_summed = evaluator.evaluate(
-        policy, unigrpo_env.make_scenario("t2i_reason", num_steps=3), limit=6, run_probes=False, reward=summed_scenario.reward
+        policy,
+        unigrpo_env.make_scenario("t2i_reason", num_steps=3),
+        limit=6,
+        run_probes=False,
+        reward=summed_scenario.reward,
     )
     assert also_summed.pipeline == summed.pipeline
     assert summed.overall("pipeline", "correct") == plain.overall("pipeline", "correct")  # same images, same verdicts
@@ -169,7 +176,9 @@ def test_bad_checkpoints_raise_checkpoint_error(tmp_path, tiny_checkpoint):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "unigrpo_env.cli.main", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "unigrpo_env.cli.main", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.mark.parametrize(
@@ -191,6 +200,8 @@ def test_cli_bad_input_is_one_line_and_exit_code_2(args, message):
 
 
 def test_cli_eval_on_a_checkpoint_folder(tiny_checkpoint, tmp_path):
-    done = run_cli("eval", "scenario", "t2i_reason", "--checkpoint", str(tiny_checkpoint), "--limit", "6", "--out", str(tmp_path))
+    done = run_cli(
+        "eval", "scenario", "t2i_reason", "--checkpoint", str(tiny_checkpoint), "--limit", "6", "--out", str(tmp_path)
+    )
     assert done.returncode == 0, done.stderr
     assert "overall" in done.stdout and (tmp_path / "eval.json").exists() and (tmp_path / "grid.png").exists()

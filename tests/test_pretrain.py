@@ -7,21 +7,33 @@ import json
 
 import torch
 
-from unigrpo_env.scenarios.shapes.policy import load_shapes_policy
 from unigrpo_env.scenarios.shapes.flow_training import FlowTrainingConfig
 from unigrpo_env.scenarios.shapes.language_model import LanguageModelConfig
+from unigrpo_env.scenarios.shapes.policy import load_shapes_policy
 from unigrpo_env.scenarios.shapes.pretrain import PretrainConfig, pretrain_shapes
 
 TINY = PretrainConfig(
     seed=3,
-    language_model=LanguageModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, steps=3, batch_size=4, warmup_steps=1),
-    flow_model=FlowTrainingConfig(steps=3, batch_size=4, warmup=1, num_layers=1, num_attention_heads=2, attention_head_dim=8, patch_size=8),
+    language_model=LanguageModelConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        steps=3,
+        batch_size=4,
+        warmup_steps=1,
+    ),
+    flow_model=FlowTrainingConfig(
+        steps=3, batch_size=4, warmup=1, num_layers=1, num_attention_heads=2, attention_head_dim=8, patch_size=8
+    ),
 )
 
 
 def test_pretrain_writes_a_loadable_deterministic_checkpoint(tmp_path):
     seen = []
-    summary = pretrain_shapes(tmp_path / "a", TINY, progress=lambda part, step, total, loss: seen.append((part, step, total)))
+    summary = pretrain_shapes(
+        tmp_path / "a", TINY, progress=lambda part, step, total, loss: seen.append((part, step, total))
+    )
     assert ("language model", 3, 3) in seen and ("flow model", 3, 3) in seen
     saved = json.loads((tmp_path / "a" / "pretrain.json").read_text())
     assert saved["seed"] == 3 and saved["config"]["flow_model"]["seed"] == 3 and summary["wall_seconds"] > 0

@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import MeanColourReward, ToyScenario
 
 import unigrpo_env
 from unigrpo_env import FlowAction, RewardInputs, RewardOutput, Task, TextAction, flow
@@ -29,12 +30,10 @@ from unigrpo_env.rewards import (
     parse_reward_spec,
 )
 from unigrpo_env.rewards.concurrency import ScorerPool, merge_outputs
-from unigrpo_env.scenarios.shapes.edit_fidelity import EditFidelityReward, edit_meta
 from unigrpo_env.rewards.jpeg import JpegCompressibilityReward
-from unigrpo_env.scenarios.shapes.rewards import ImageQualityReward, ShapesVerifierReward
 from unigrpo_env.scenarios.shapes import Scene, SceneObject, render
-
-from conftest import MeanColourReward, ToyScenario
+from unigrpo_env.scenarios.shapes.edit_fidelity import EditFidelityReward, edit_meta
+from unigrpo_env.scenarios.shapes.rewards import ImageQualityReward, ShapesVerifierReward
 
 
 def inputs_of(images, tasks=None, group_ids=None) -> RewardInputs:
@@ -42,8 +41,11 @@ def inputs_of(images, tasks=None, group_ids=None) -> RewardInputs:
     n = images.shape[0]
     tasks = tasks or [Task(prompts=("p",), index=i) for i in range(n)]
     return RewardInputs(
-        images=images, tasks=list(tasks), texts=[[f"text {i}"] for i in range(n)],
-        earlier_images=images[:, None][:, :0], group_ids=group_ids,
+        images=images,
+        tasks=list(tasks),
+        texts=[[f"text {i}"] for i in range(n)],
+        earlier_images=images[:, None][:, :0],
+        group_ids=group_ids,
     )
 
 
@@ -71,11 +73,15 @@ class Constant:
 def test_spec_parsing():
     terms = parse_reward_spec(" shapes_verifier:1.0 , quality : 0.2,jpeg_compressibility:-1e-1,edit_fidelity")
     assert [(t.name, t.weight, t.weighted) for t in terms] == [
-        ("shapes_verifier", 1.0, True), ("quality", 0.2, True), ("jpeg_compressibility", -0.1, True), ("edit_fidelity", 1.0, False),
+        ("shapes_verifier", 1.0, True),
+        ("quality", 0.2, True),
+        ("jpeg_compressibility", -0.1, True),
+        ("edit_fidelity", 1.0, False),
     ]
     # a module:Attribute reference is told apart from name:weight by its last part
     assert [(t.name, t.weight, t.weighted) for t in parse_reward_spec("my_pkg.rewards:Judge:0.5,pkg:Other")] == [
-        ("my_pkg.rewards:Judge", 0.5, True), ("pkg:Other", 1.0, False),
+        ("my_pkg.rewards:Judge", 0.5, True),
+        ("pkg:Other", 1.0, False),
     ]
 
 
@@ -103,7 +109,9 @@ def test_one_name_is_the_reward_itself_and_unknown_names_are_registry_errors():
     assert WeightedSum.from_spec("quality").weights == {"quality": 1.0}
     with pytest.raises(RegistryError, match="unknown reward 'nope'"):
         get_reward("quality:1,nope:2")
-    assert {"shapes_verifier", "image_quality", "quality", "edit_fidelity", "jpeg_compressibility"} <= set(list_rewards())
+    assert {"shapes_verifier", "image_quality", "quality", "edit_fidelity", "jpeg_compressibility"} <= set(
+        list_rewards()
+    )
 
 
 def test_composite_options_are_keyed_by_term():
@@ -164,7 +172,9 @@ def test_terms_run_concurrently_and_results_are_deterministic():
     second = reward(inputs)
     expected = sum((1.0 + i) * torch.tensor([float(i), 1.0 + i]) for i in range(4))
     assert torch.equal(first.scores, second.scores) and torch.allclose(first.scores, expected)
-    assert list(first.components) == list(second.components) == [k for i in range(4) for k in (f"t{i}", f"t{i}/doubled")]
+    assert (
+        list(first.components) == list(second.components) == [k for i in range(4) for k in (f"t{i}", f"t{i}/doubled")]
+    )
     sequential = WeightedSum(terms, max_workers=1)(inputs)
     assert torch.equal(sequential.scores, first.scores)
 
@@ -200,7 +210,9 @@ class GroupCentred(GroupReward):
 
     def score_group(self, inputs):
         time.sleep(self.delay)
-        self.seen.append(([t.index for t in inputs.tasks], None if inputs.group_ids is None else inputs.group_ids.tolist()))
+        self.seen.append(
+            ([t.index for t in inputs.tasks], None if inputs.group_ids is None else inputs.group_ids.tolist())
+        )
         brightness = inputs.images.float().mean(dim=(1, 2, 3))
         out = {"brightness": brightness}
         if inputs.tasks[0].index == 0:
@@ -235,7 +247,9 @@ def test_a_group_reward_inside_a_weighted_sum_in_the_batched_environment():
         _, rewards, terminated, _, info = envs.step(FlowAction(x_next=torch.randn(6, 3, 4, 4)))
     centred = info["reward_components"]["centred"].reshape(2, 3)
     assert terminated.all() and np.allclose(centred.sum(axis=1), 0.0, atol=1e-3)  # centred within each group
-    assert np.allclose(rewards, info["reward_components"]["centred"] + 2 * info["reward_components"]["colour"], atol=1e-5)
+    assert np.allclose(
+        rewards, info["reward_components"]["centred"] + 2 * info["reward_components"]["colour"], atol=1e-5
+    )
 
 
 def test_chunked_reward_equals_the_whole_batch_and_overlaps_chunks():
@@ -272,7 +286,9 @@ def test_jpeg_compressibility_prefers_flat_images():
 
 
 def test_quality_is_an_alias_of_image_quality():
-    noisy = np.clip(blank(1).astype(int) + np.random.default_rng(1).normal(0, 40, (1, 32, 32, 3)), 0, 255).astype(np.uint8)
+    noisy = np.clip(blank(1).astype(int) + np.random.default_rng(1).normal(0, 40, (1, 32, 32, 3)), 0, 255).astype(
+        np.uint8
+    )
     images = np.concatenate([blank(1), noisy])
     a, b = get_reward("quality")(inputs_of(images)), get_reward("image_quality")(inputs_of(images))
     assert torch.equal(a.scores, b.scores) and a.scores[0] == 1.0 and a.scores[1] < 0.9
@@ -284,7 +300,9 @@ def edit_task(before: Scene, after: Scene, index=0) -> Task:
 
 def test_edit_fidelity_counts_the_untouched_objects_still_there():
     red_circle, blue_square, green_triangle = (
-        SceneObject("circle", "red", (1, 0)), SceneObject("square", "blue", (1, 2)), SceneObject("triangle", "green", (0, 1)),
+        SceneObject("circle", "red", (1, 0)),
+        SceneObject("square", "blue", (1, 2)),
+        SceneObject("triangle", "green", (0, 1)),
     )
     before = Scene((red_circle, blue_square, green_triangle))
     # canonical (reading) order of cells: 0 = triangle (0, 1), 1 = circle (1, 0), 2 = square (1, 2)
@@ -304,10 +322,16 @@ def test_edit_fidelity_counts_the_untouched_objects_still_there():
 def test_edit_fidelity_needs_edit_metadata():
     with pytest.raises(ValueError, match="needs edit tasks"):
         EditFidelityReward()(inputs_of(blank(1)))
-    bad = Task(prompts=("p",), meta={"shapes_edit": {"before": [{"shape": "circle", "colour": "red", "cell": [0, 0]}], "untouched": [3]}})
+    bad = Task(
+        prompts=("p",),
+        meta={"shapes_edit": {"before": [{"shape": "circle", "colour": "red", "cell": [0, 0]}], "untouched": [3]}},
+    )
     with pytest.raises(ValueError, match="distinct indices"):
         EditFidelityReward()(inputs_of(blank(1), tasks=[bad]))
-    odd = Task(prompts=("p",), meta={"shapes_edit": {"before": [{"shape": "hexagon", "colour": "red", "cell": [0, 0]}], "untouched": [0]}})
+    odd = Task(
+        prompts=("p",),
+        meta={"shapes_edit": {"before": [{"shape": "hexagon", "colour": "red", "cell": [0, 0]}], "untouched": [0]}},
+    )
     with pytest.raises(ValueError, match="malformed"):
         EditFidelityReward()(inputs_of(blank(1), tasks=[odd]))
 
@@ -316,7 +340,9 @@ def test_edit_fidelity_needs_edit_metadata():
 
 
 def test_t2i_reason_takes_a_weighted_sum_and_the_oracle_scores_its_weights():
-    env = unigrpo_env.make("t2i_reason", split="heldout", reward="shapes_verifier:1.0,quality:0.2,jpeg_compressibility:0")
+    env = unigrpo_env.make(
+        "t2i_reason", split="heldout", reward="shapes_verifier:1.0,quality:0.2,jpeg_compressibility:0"
+    )
     scenario = env.unwrapped.scenario
     obs, _ = env.reset(seed=0, options={"task_index": 0})
     task = env.unwrapped.task
@@ -335,17 +361,22 @@ def test_t2i_reason_takes_a_weighted_sum_and_the_oracle_scores_its_weights():
 
 def test_the_agent_logs_each_term_separately(tiny_checkpoint):
     from unigrpo_env.agents.config import UniGRPOConfig
-    from unigrpo_env.scenarios.shapes.policy import load_shapes_policy
     from unigrpo_env.agents.unigrpo import UniGRPOAgent
+    from unigrpo_env.scenarios.shapes.policy import load_shapes_policy
 
     config = UniGRPOConfig(
-        num_prompts=2, group_size=4, minibatches=1, checkpoint=str(tiny_checkpoint),
+        num_prompts=2,
+        group_size=4,
+        minibatches=1,
+        checkpoint=str(tiny_checkpoint),
         scenario_options={"num_steps": 3, "reward": "shapes_verifier:1.0,quality:0.2"},
     )
     stats = UniGRPOAgent(load_shapes_policy(tiny_checkpoint), config).train_iteration()
     for key in ("reward/shapes_verifier", "reward/quality", "reward/shapes_verifier/correct", "reward/quality/noise"):
         assert key in stats and math.isfinite(stats[key])
-    assert stats["reward_mean"] == pytest.approx(stats["reward/shapes_verifier"] + 0.2 * stats["reward/quality"], abs=1e-5)
+    assert stats["reward_mean"] == pytest.approx(
+        stats["reward/shapes_verifier"] + 0.2 * stats["reward/quality"], abs=1e-5
+    )
 
 
 @pytest.mark.parametrize(
@@ -354,11 +385,26 @@ def test_the_agent_logs_each_term_separately(tiny_checkpoint):
 )
 def test_cli_bad_reward_spec_is_one_line_and_exit_code_2(spec, message):
     done = subprocess.run(
-        [sys.executable, "-m", "unigrpo_env.cli.main", "run", "scenario", "t2i_reason", "--iterations", "1", "--reward", spec],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "unigrpo_env.cli.main",
+            "run",
+            "scenario",
+            "t2i_reason",
+            "--iterations",
+            "1",
+            "--reward",
+            spec,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     lines = done.stderr.strip().splitlines()
-    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("unigrpo: error:") and message in lines[0], done.stderr
+    assert (
+        done.returncode == 2 and len(lines) == 1 and lines[0].startswith("unigrpo: error:") and message in lines[0]
+    ), done.stderr
 
 
 def test_cli_run_with_a_weighted_sum_logs_each_term(tiny_checkpoint, small_run_config, tmp_path, capsys):
@@ -367,11 +413,31 @@ def test_cli_run_with_a_weighted_sum_logs_each_term(tiny_checkpoint, small_run_c
     config = small_run_config
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
-        main(["run", "scenario", "t2i_reason", "--iterations", "1", "--config", str(config), "--checkpoint", str(tiny_checkpoint),
-              "--reward", "shapes_verifier:1.0,quality:0.2", "--out", str(out)])
+        main(
+            [
+                "run",
+                "scenario",
+                "t2i_reason",
+                "--iterations",
+                "1",
+                "--config",
+                str(config),
+                "--checkpoint",
+                str(tiny_checkpoint),
+                "--reward",
+                "shapes_verifier:1.0,quality:0.2",
+                "--out",
+                str(out),
+            ]
+        )
     assert exit_info.value.code == 0, capsys.readouterr().err
     saved = json.loads((out / "config.json").read_text())
-    assert saved["scenario_options"] == {"num_steps": 3, "reward": "shapes_verifier:1.0,quality:0.2"}  # merged, not replaced
+    assert saved["scenario_options"] == {
+        "num_steps": 3,
+        "reward": "shapes_verifier:1.0,quality:0.2",
+    }  # merged, not replaced
     metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert {"reward/shapes_verifier", "reward/quality", "reward/shapes_verifier/correct"} <= set(metrics)
-    assert metrics["reward_mean"] == pytest.approx(metrics["reward/shapes_verifier"] + 0.2 * metrics["reward/quality"], abs=1e-5)
+    assert metrics["reward_mean"] == pytest.approx(
+        metrics["reward/shapes_verifier"] + 0.2 * metrics["reward/quality"], abs=1e-5
+    )

@@ -56,10 +56,7 @@ def _random_scene(rng: np.random.Generator) -> Scene:
     n = int(rng.integers(1, 5))
     cells = rng.permutation(list(CELLS.values()))[:n]
     return Scene(
-        tuple(
-            SceneObject(str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS))), (int(r), int(c)))
-            for r, c in cells
-        )
+        tuple(SceneObject(str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS))), (int(r), int(c))) for r, c in cells)
     )
 
 

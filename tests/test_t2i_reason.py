@@ -11,14 +11,15 @@ import gymnasium as gym
 import pytest
 import torch
 from gymnasium.utils.env_checker import check_env
+from safetensors import SafetensorError
 
 import unigrpo_env
 from unigrpo_env import FlowAction, TextAction, Trajectory, flow
 from unigrpo_env._tensor_eq import tensors_equal
 from unigrpo_env.registration import gym_ids
+from unigrpo_env.scenarios.shapes import CATEGORIES, ShapesTask, render
 
 GYM_IDS = gym_ids()  # every registered scenario's Gymnasium id
-from unigrpo_env.scenarios.shapes import CATEGORIES, ShapesTask, render
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,14 +76,21 @@ def _changed_scenes(task: ShapesTask):
     """(check kind that must drop, scene with one attribute changed) for the task's category."""
     scene = task.target
     first = scene.objects[0]
-    other_shape = next(s for s in ("square", "circle", "triangle") if s != first.shape and all(o.shape != s for o in scene.objects))
+    other_shape = next(
+        s for s in ("square", "circle", "triangle") if s != first.shape and all(o.shape != s for o in scene.objects)
+    )
     changes = [("object", scene.replace_object(0, shape=other_shape))]
     if task.category in ("colors", "color_attr"):
         other_colour = next(c for c in ("red", "green", "blue", "yellow") if all(o.colour != c for o in scene.objects))
         changes.append(("colour", scene.replace_object(0, colour=other_colour)))
     if task.category == "position":
         a, b = scene.objects
-        changes.append(("position", type(scene)(objects=(a.__class__(a.shape, a.colour, b.cell), b.__class__(b.shape, b.colour, a.cell)))))
+        changes.append(
+            (
+                "position",
+                type(scene)(objects=(a.__class__(a.shape, a.colour, b.cell), b.__class__(b.shape, b.colour, a.cell))),
+            )
+        )
     return changes
 
 
@@ -92,7 +100,7 @@ def test_one_changed_attribute_loses_reward_in_its_category_only():
     for i, task in enumerate(scenario.tasks("heldout")):
         chosen.setdefault(task.category, i)
     cases = []
-    for category, index in sorted(chosen.items()):
+    for _category, index in sorted(chosen.items()):
         task = scenario.tasks("heldout")[index]
         for kind, scene in _changed_scenes(ShapesTask.from_dict(task.meta["shapes_task"])):
             cases.append((index, kind, scene))
@@ -121,7 +129,9 @@ def sde_episode(env, seed: int):
         if obs.phase == "text":
             action = env.action_space.sample()
         else:
-            x_next, log_prob, _, _ = flow.sde_step(-obs.x_t.unsqueeze(0), obs.x_t.unsqueeze(0), obs.t, obs.t_next, 0.7, generator=generator)
+            x_next, log_prob, _, _ = flow.sde_step(
+                -obs.x_t.unsqueeze(0), obs.x_t.unsqueeze(0), obs.t, obs.t_next, 0.7, generator=generator
+            )
             action = FlowAction(x_next=x_next[0], log_prob=log_prob[0])
         obs, _, terminated, _, info = env.step(action)
     return info["trajectory"]
@@ -147,7 +157,7 @@ def test_trajectory_files_are_not_pickles(tmp_path):
     raw = path.read_bytes()
     assert b"\x80\x04" not in raw[:16] and b"unigrpo-trajectory/1" in raw
     (tmp_path / "bad.safetensors").write_bytes(b"\x80\x04not a trajectory")
-    with pytest.raises(Exception):
+    with pytest.raises(SafetensorError):  # not a safetensors file: refused by the reader, nothing unpickled
         Trajectory.load(tmp_path / "bad.safetensors")
 
 

@@ -81,11 +81,10 @@ class TextAction(_TensorModel):
         return None if value is None else as_tensor(value, dtype=torch.long)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "TextAction":
+    def _consistent(self) -> TextAction:
         if self.log_probs is not None and self.log_probs.shape != self.tokens.shape:
             raise ValueError(
-                f"log_probs must have the shape of tokens {tuple(self.tokens.shape)}, "
-                f"got {tuple(self.log_probs.shape)}"
+                f"log_probs must have the shape of tokens {tuple(self.tokens.shape)}, got {tuple(self.log_probs.shape)}"
             )
         if self.lengths is not None:
             if self.tokens.dim() != 2:

@@ -31,7 +31,9 @@ class TextCodec:
     def __init__(self, tokenizer: Any, end_of_thinking: str, max_tokens: int, pad_token: str = "<pad>"):
         backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
         if not hasattr(backend, "token_to_id"):
-            raise TypeError(f"expected a tokenizers.Tokenizer or a transformers fast tokenizer, got {type(tokenizer)!r}")
+            raise TypeError(
+                f"expected a tokenizers.Tokenizer or a transformers fast tokenizer, got {type(tokenizer)!r}"
+            )
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         self.tokenizer = backend

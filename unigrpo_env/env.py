@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 import torch
-import gymnasium as gym
 
 from unigrpo_env.actions import FlowAction, TextAction
 from unigrpo_env.episodes import EpisodeBatch, pick_tasks, seeded_generator
@@ -81,7 +81,9 @@ class InterleavedEnv(gym.Env[Observation, "TextAction | FlowAction"]):
 
     # -- Gymnasium API --------------------------------------------------------------------------
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Observation, dict[str, Any]]:
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[Observation, dict[str, Any]]:
         super().reset(seed=seed)
         (task,) = pick_tasks(self.scenario, self.split, 1, self.np_random, options or {})
         self._engine.start([task], seeded_generator(self.np_random, self.device), seed=seed)
@@ -106,7 +108,9 @@ class InterleavedEnv(gym.Env[Observation, "TextAction | FlowAction"]):
         elif isinstance(action, FlowAction):
             engine.check_phase("image")
             if tuple(action.x_next.shape) != engine.latent_shape:
-                raise ActionShapeError(f"expected x_next of shape {engine.latent_shape}, got {tuple(action.x_next.shape)}")
+                raise ActionShapeError(
+                    f"expected x_next of shape {engine.latent_shape}, got {tuple(action.x_next.shape)}"
+                )
             log_prob = action.log_prob
             if log_prob is not None and log_prob.numel() == 1:
                 log_prob = log_prob.reshape(1)

@@ -30,13 +30,13 @@ import torch
 
 from unigrpo_env.batch_trajectory import BatchTrajectory, BatchTurn, ImageRecord, TextRecord
 from unigrpo_env.errors import (
-    TaskSplitError,
     ActionDeviceError,
     ActionDTypeError,
     ActionShapeError,
     EpisodeEndedError,
     InvalidActionError,
     NonFiniteActionError,
+    TaskSplitError,
     TokenBudgetError,
     TokenOutOfVocabularyError,
     WrongPhaseError,
@@ -254,7 +254,9 @@ class EpisodeBatch:
             )
         if log_probs is not None:
             if log_probs.shape != tokens.shape:
-                raise ActionShapeError(f"log_probs must have the tokens' shape {tuple(tokens.shape)}, got {tuple(log_probs.shape)}")
+                raise ActionShapeError(
+                    f"log_probs must have the tokens' shape {tuple(tokens.shape)}, got {tuple(log_probs.shape)}"
+                )
             if not log_probs.is_floating_point():
                 raise ActionDTypeError(f"log_probs must be floating point, got {log_probs.dtype}")
             self._check_device(log_probs, "log_probs")
@@ -262,7 +264,9 @@ class EpisodeBatch:
             if not bool(torch.isfinite(given).all()):
                 raise NonFiniteActionError("log_probs contain NaN or infinite values")
             if bool((given > 1e-4).any()):
-                raise InvalidActionError("log_probs of tokens must be <= 0 (they are log-probabilities of a categorical)")
+                raise InvalidActionError(
+                    "log_probs of tokens must be <= 0 (they are log-probabilities of a categorical)"
+                )
             log_probs = log_probs.to(torch.float32)
         return CheckedText(tokens=tokens, lengths=lengths.to(torch.long), log_probs=log_probs)
 
@@ -356,9 +360,11 @@ class EpisodeBatch:
             scores = torch.as_tensor(out.scores, dtype=torch.float32).reshape(-1).cpu()
             if scores.shape[0] != self.n:
                 raise ValueError(f"the reward returned {scores.shape[0]} scores for {self.n} episodes")
-            components = {k: torch.as_tensor(v, dtype=torch.float32).reshape(-1).cpu() for k, v in out.components.items()}
+            components = {
+                k: torch.as_tensor(v, dtype=torch.float32).reshape(-1).cpu() for k, v in out.components.items()
+            }
             trajectory.rewards, trajectory.reward_components = scores, components
-        except Exception as exc:  # a broken scorer must not corrupt the episode
+        except Exception as exc:  # noqa: BLE001 - a broken scorer must not corrupt the episode
             trajectory.rewards, trajectory.reward_components = torch.full((self.n,), math.nan), {}
             trajectory.reward_error = f"{type(exc).__name__}: {exc}"
         trajectory.reward_seconds = time.perf_counter() - started

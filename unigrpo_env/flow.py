@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 from numbers import Real
-from typing import Optional, Union
 
 import torch
 
@@ -40,7 +39,7 @@ __all__ = [
     "straight_line_velocity",
 ]
 
-TimeLike = Union[float, int, torch.Tensor]
+TimeLike = float | int | torch.Tensor
 
 _F32 = torch.float32
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -66,15 +65,10 @@ def _batched(x: torch.Tensor, name: str) -> torch.Tensor:
 
 def _same_shape(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str) -> None:
     if a.shape != b.shape:
-        raise ValueError(
-            f"{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} "
-            f"and {tuple(b.shape)}"
-        )
+        raise ValueError(f"{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
 
 
-def _scalar_or_batch(
-    value: TimeLike, name: str, device: Optional[torch.device], batch: Optional[int]
-) -> torch.Tensor:
+def _scalar_or_batch(value: TimeLike, name: str, device: torch.device | None, batch: int | None) -> torch.Tensor:
     """Convert a number / 0-d / [B] tensor to a float32 tensor (0-d or [B]) on ``device``."""
     if isinstance(value, torch.Tensor):
         out = value.detach().to(device=device if device is not None else value.device, dtype=_F32)
@@ -83,8 +77,7 @@ def _scalar_or_batch(
     else:
         raise TypeError(f"{name} must be a float or a torch.Tensor, got {type(value).__name__}")
     if out.ndim > 1:
-        raise ValueError(f"{name} must be a number, a 0-d tensor or a 1-D tensor [B]; "
-                         f"got shape {tuple(out.shape)}")
+        raise ValueError(f"{name} must be a number, a 0-d tensor or a 1-D tensor [B]; got shape {tuple(out.shape)}")
     if out.ndim == 1 and batch is not None and out.shape[0] not in (1, batch):
         raise ValueError(f"{name} has {out.shape[0]} entries but the batch size is {batch}")
     if not bool(torch.isfinite(out).all()):
@@ -105,8 +98,9 @@ def _check_times(t: torch.Tensor, t_next: torch.Tensor) -> None:
     if bool((t_next > 1).any()) or bool((t_next < 0).any()):
         raise ValueError("t_next must lie in [0, 1]")
     if not bool((t_next < t).all()):
-        raise ValueError("t_next must be strictly smaller than t (the reverse process "
-                         "goes from t = 1, noise, to t = 0, data)")
+        raise ValueError(
+            "t_next must be strictly smaller than t (the reverse process goes from t = 1, noise, to t = 0, data)"
+        )
 
 
 def _check_noise_level(noise_level: torch.Tensor) -> None:
@@ -152,7 +146,7 @@ def _sde_mean_std(
     dt = tn_b - t_b  # < 0
     sigma = _sigma_from_times(t_b, tn_b, a_b)
     # mean = x_t + [ v + σ²/(2t)·(x_t + (1 - t)·v) ]·Δt      (t > 0 is guaranteed: t > t_next >= 0)
-    mean = x_t + (velocity + sigma ** 2 / (2.0 * t_b) * (x_t + (1.0 - t_b) * velocity)) * dt
+    mean = x_t + (velocity + sigma**2 / (2.0 * t_b) * (x_t + (1.0 - t_b) * velocity)) * dt
     # std = σ_t·sqrt(-Δt)
     std = sigma * torch.sqrt(-dt)
     std = std.expand([batch] + [1] * (ndim - 1)).contiguous()
@@ -163,7 +157,7 @@ def _log_prob_allow_zero_std(x: torch.Tensor, mean: torch.Tensor, std: torch.Ten
     """Per-sample mean Gaussian log-density; elements with std == 0 contribute 0 (NaN-free)."""
     zero = std == 0
     safe_std = torch.where(zero, torch.ones_like(std), std)
-    elem = -((x - mean) ** 2) / (2.0 * safe_std ** 2) - torch.log(safe_std) - _HALF_LOG_2PI
+    elem = -((x - mean) ** 2) / (2.0 * safe_std**2) - torch.log(safe_std) - _HALF_LOG_2PI
     elem = torch.where(zero, torch.zeros_like(elem), elem)
     return _mean_over_nonbatch(elem)
 
@@ -299,8 +293,8 @@ def sde_step(
     t: TimeLike,
     t_next: TimeLike,
     noise_level: TimeLike,
-    noise: Optional[torch.Tensor] = None,
-    generator: Optional[torch.Generator] = None,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
 ):
     """Flow-GRPO's Euler–Maruyama step of the reverse SDE with the same marginals as the ODE::
 
@@ -335,7 +329,7 @@ def sde_step(
     return x_next, log_prob, mean, std
 
 
-def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: Union[torch.Tensor, float]) -> torch.Tensor:
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | float) -> torch.Tensor:
     """log N(x; mean, std²), averaged over non-batch dims::
 
         per element: -(x - mean)² / (2·std²) - log(std) - ½·log(2π)
@@ -346,11 +340,11 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: Union[torch.Tens
     mean = _f32(mean, "mean")
     _same_shape(mean, x, "mean", "x")
     std = _std_tensor(std, x.device)
-    elem = -((x - mean) ** 2) / (2.0 * std ** 2) - torch.log(std) - _HALF_LOG_2PI
+    elem = -((x - mean) ** 2) / (2.0 * std**2) - torch.log(std) - _HALF_LOG_2PI
     return _mean_over_nonbatch(elem.expand_as(x))
 
 
-def latent_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std: Union[torch.Tensor, float]) -> torch.Tensor:
+def latent_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor | float) -> torch.Tensor:
     """Flow-GRPO's KL between N(mean, std²) and N(mean_ref, std²) (equal std), per dimension::
 
         KL = mean over non-batch dims of (mean - mean_ref)² / (2·std²)
@@ -361,7 +355,7 @@ def latent_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std: Union[torch.Tenso
     mean_ref = _f32(mean_ref, "mean_ref")
     _same_shape(mean, mean_ref, "mean", "mean_ref")
     std = _std_tensor(std, mean.device)
-    elem = (mean - mean_ref) ** 2 / (2.0 * std ** 2)
+    elem = (mean - mean_ref) ** 2 / (2.0 * std**2)
     return _mean_over_nonbatch(elem.expand_as(mean))
 
 
@@ -408,7 +402,7 @@ def ratio_norm(
     log_ratio: torch.Tensor,
     mean: torch.Tensor,
     mean_old: torch.Tensor,
-    std: Union[torch.Tensor, float],
+    std: torch.Tensor | float,
 ) -> torch.Tensor:
     """GRPO-Guard RatioNorm of a per-step image log-ratio::
 
@@ -433,8 +427,7 @@ def ratio_norm(
     batch = mean.shape[0]
     log_ratio = _f32(log_ratio, "log_ratio").to(mean.device)
     if log_ratio.numel() != batch:
-        raise ValueError(f"log_ratio must have {batch} entries (one per sample), "
-                         f"got shape {tuple(log_ratio.shape)}")
+        raise ValueError(f"log_ratio must have {batch} entries (one per sample), got shape {tuple(log_ratio.shape)}")
     log_ratio = log_ratio.reshape(batch)
     std_t = _std_tensor(std, mean.device)
     if std_t.numel() == 1:
@@ -442,10 +435,11 @@ def ratio_norm(
     elif std_t.numel() == batch and std_t.shape[0] == batch:
         std_t = std_t.reshape(batch)
     else:
-        raise ValueError(f"std must hold one value per sample (number, [B] or [B, 1, ..., 1]), "
-                         f"got shape {tuple(std_t.shape)}")
+        raise ValueError(
+            f"std must hold one value per sample (number, [B] or [B, 1, ..., 1]), got shape {tuple(std_t.shape)}"
+        )
     sq = _mean_over_nonbatch((mean_old - mean) ** 2)
-    return std_t * (log_ratio + sq / (2.0 * std_t ** 2))
+    return std_t * (log_ratio + sq / (2.0 * std_t**2))
 
 
 def straight_line_velocity(x_t: torch.Tensor, x_0: torch.Tensor, t: TimeLike) -> torch.Tensor:

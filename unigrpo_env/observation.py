@@ -24,6 +24,7 @@ __all__ = ["Phase", "Observation", "BatchObservation"]
 
 Phase = Literal["text", "image", "done"]
 
+
 class Observation(TensorRecord):
     """One episode's observation.
 
@@ -52,6 +53,7 @@ class Observation(TensorRecord):
     step: int = 0
     num_steps: int
     cond_images: torch.Tensor
+
 
 class BatchObservation(TensorRecord):
     """The observation of N episodes stepped together (see :class:`Observation`).

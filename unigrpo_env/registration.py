@@ -122,10 +122,16 @@ class Registry(Generic[T]):
         with self._lock:
             current = self._entries.get(name)
             if current is not None and not override and current is not factory:
-                if isinstance(current, str) and not isinstance(factory, str) and _module_of(current) == getattr(factory, "__module__", None):
+                if (
+                    isinstance(current, str)
+                    and not isinstance(factory, str)
+                    and _module_of(current) == getattr(factory, "__module__", None)
+                ):
                     self._entries[name] = factory  # the lazy entry's own module, registering itself
                     return
-                raise RegistryError(f"a {self.kind} named {name!r} is already registered; pass override=True to replace it")
+                raise RegistryError(
+                    f"a {self.kind} named {name!r} is already registered; pass override=True to replace it"
+                )
             self._entries[name] = factory
             self._origins[name] = origin
 
@@ -148,7 +154,9 @@ class Registry(Generic[T]):
             try:
                 found = importlib.metadata.entry_points(group=self.entry_point_group)
             except Exception as exc:  # noqa: BLE001 - broken metadata must not break the registry
-                self._problems.append(f"could not read the entry points {self.entry_point_group!r}: {type(exc).__name__}: {exc}")
+                self._problems.append(
+                    f"could not read the entry points {self.entry_point_group!r}: {type(exc).__name__}: {exc}"
+                )
                 return
             for point in sorted(found, key=lambda p: (not _built_in(p), p.name, p.value)):  # built-ins win clashes
                 dist = getattr(point, "dist", None)
@@ -317,7 +325,9 @@ def _accepted_options(factory: Any) -> set[str] | None:
             parameters = list(inspect.signature(init).parameters.values())
         except (TypeError, ValueError):
             return None
-        names |= {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"}
+        names |= {
+            p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"
+        }
         if not any(p.kind is p.VAR_KEYWORD for p in parameters):
             return names
     return None
@@ -334,7 +344,9 @@ def make(scenario: str | Scenario, **options: Any) -> InterleavedEnv:
     return InterleavedEnv(make_scenario(scenario, **options), **env_options)
 
 
-def make_vec(scenario: str | Scenario, num_prompts: int = 4, group_size: int = 8, **options: Any) -> InterleavedVectorEnv:
+def make_vec(
+    scenario: str | Scenario, num_prompts: int = 4, group_size: int = 8, **options: Any
+) -> InterleavedVectorEnv:
     """A batched environment of ``num_prompts × group_size`` episodes; each group of ``group_size``
     shares a prompt. Options as for :func:`make`."""
     env_options = {k: options.pop(k) for k in _ENV_OPTIONS if k in options}
@@ -350,7 +362,9 @@ def gym_id(name: str) -> str:
     """The Gymnasium id of the registered scenario ``name``: ``unigrpo/<Factory>-v0``, from its
     factory's name without a trailing ``Scenario`` (read from the entry point; nothing is imported)."""
     entry = SCENARIOS.entry(name)
-    factory = entry.rpartition(":")[2].rpartition(".")[2] if isinstance(entry, str) else getattr(entry, "__name__", name)
+    factory = (
+        entry.rpartition(":")[2].rpartition(".")[2] if isinstance(entry, str) else getattr(entry, "__name__", name)
+    )
     stem = factory[: -len("Scenario")] if factory.endswith("Scenario") and factory != "Scenario" else factory
     return f"unigrpo/{stem}-v0"
 

@@ -42,7 +42,7 @@ class RewardInputs(BaseModel):
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
-    def select(self, rows: Sequence[int]) -> "RewardInputs":
+    def select(self, rows: Sequence[int]) -> RewardInputs:
         """The inputs of the episodes ``rows`` only, in that order (e.g. one prompt group)."""
         index = torch.as_tensor(list(rows), dtype=torch.long)
         return RewardInputs(

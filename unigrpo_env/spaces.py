@@ -76,9 +76,10 @@ class TextActionSpace(spaces.Space[TextAction]):
         return f"TextActionSpace(vocab_size={self.vocab_size}, max_length={self.max_length})"
 
     def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, TextActionSpace)
-            and (other.vocab_size, other.eot_id, other.max_length) == (self.vocab_size, self.eot_id, self.max_length)
+        return isinstance(other, TextActionSpace) and (other.vocab_size, other.eot_id, other.max_length) == (
+            self.vocab_size,
+            self.eot_id,
+            self.max_length,
         )
 
 

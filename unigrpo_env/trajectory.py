@@ -16,7 +16,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field
@@ -29,6 +29,7 @@ from unigrpo_env.task import Task
 __all__ = ["TextSegment", "ImageSegment", "DenoisingStep", "Turn", "Trajectory", "TRAJECTORY_FORMAT"]
 
 TRAJECTORY_FORMAT = "unigrpo-trajectory/1"
+
 
 class TextSegment(TensorRecord):
     """Reasoning tokens of one turn.
@@ -48,6 +49,7 @@ class TextSegment(TensorRecord):
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {"tokens": self.tokens, "log_probs": self.log_probs}
 
+
 class DenoisingStep(TensorRecord):
     """One image-phase transition ``x_t → x_next`` (a view of one row of an ImageSegment)."""
 
@@ -57,6 +59,7 @@ class DenoisingStep(TensorRecord):
     t_next: float
     log_prob: float  # NaN where the action carried none
     stochastic: bool
+
 
 class ImageSegment(TensorRecord):
     """The denoising steps of one image, stacked along the first dimension (S steps).
@@ -102,7 +105,9 @@ class ImageSegment(TensorRecord):
             out["image"] = self.image
         return out
 
-Segment = Annotated[Union[TextSegment, ImageSegment], Field(discriminator="kind")]
+
+Segment = Annotated[TextSegment | ImageSegment, Field(discriminator="kind")]
+
 
 class Turn(TensorRecord):
     """One user turn: its prompt and the ordered segments the policy produced for it."""
@@ -117,6 +122,7 @@ class Turn(TensorRecord):
     @property
     def image(self) -> ImageSegment | None:
         return next((s for s in self.segments if isinstance(s, ImageSegment)), None)
+
 
 class Trajectory(TensorRecord):
     """Everything one episode did: its task, its turns, and the terminal reward.
@@ -150,7 +156,9 @@ class Trajectory(TensorRecord):
             segs = []
             for j, seg in enumerate(turn.segments):
                 for name, tensor in seg._tensors().items():
-                    tensors[f"turn{i}.seg{j}.{name}"] = tensor.detach().to("cpu", copy=True).contiguous()  # views share storage
+                    tensors[f"turn{i}.seg{j}.{name}"] = (
+                        tensor.detach().to("cpu", copy=True).contiguous()
+                    )  # views share storage
                 segs.append({"kind": seg.kind, "has_image": isinstance(seg, ImageSegment) and seg.image is not None})
             turns_json.append({"prompt": turn.prompt, "segments": segs})
         header = {
@@ -168,7 +176,7 @@ class Trajectory(TensorRecord):
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "Trajectory":
+    def load(cls, path: str | os.PathLike[str]) -> Trajectory:
         """Read a file written by :meth:`save`. Only tensors and JSON are read; no code runs."""
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -184,7 +192,7 @@ class Trajectory(TensorRecord):
             segments: list[TextSegment | ImageSegment] = []
             for j, seg in enumerate(turn["segments"]):
                 prefix = f"turn{i}.seg{j}."
-                fields = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+                fields = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
                 segments.append(TextSegment(**fields) if seg["kind"] == "text" else ImageSegment(**fields))
             turns.append(Turn(prompt=turn["prompt"], segments=segments))
         return cls(
@@ -197,11 +205,13 @@ class Trajectory(TensorRecord):
             terminated=header["terminated"],
         )
 
+
 def _json_float(value: float | None) -> float | str | None:
     """JSON has no NaN/inf: store them as strings so a failed reward round-trips exactly."""
     if value is None or math.isfinite(value):
         return value
     return repr(float(value))
+
 
 def _from_json_float(value: float | str | None) -> float | None:
     return float(value) if isinstance(value, str) else value

@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from gymnasium import spaces
 from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
-from gymnasium import spaces
 
 from unigrpo_env.actions import FlowAction, TextAction
 from unigrpo_env.batch_trajectory import BatchTrajectory
@@ -116,7 +116,9 @@ class BatchObservationSpace(spaces.Space[BatchObservation]):
     def contains(self, x: Any) -> bool:
         if not isinstance(x, BatchObservation) or tuple(x.tokens.shape) != (self.num_envs, self.single.max_tokens):
             return False
-        return x.phase != "image" or (x.x_t is not None and tuple(x.x_t.shape) == (self.num_envs, *self.single.latent_shape))
+        return x.phase != "image" or (
+            x.x_t is not None and tuple(x.x_t.shape) == (self.num_envs, *self.single.latent_shape)
+        )
 
 
 def _stack_segments(segments: Sequence[torch.Tensor], log_probs: Sequence[torch.Tensor] | None) -> TextAction:
@@ -223,7 +225,9 @@ class InterleavedVectorEnv(VectorEnv):
             engine.check_phase("text")
             tokens = actions.tokens if actions.batched else actions.tokens.unsqueeze(0)
             if tokens.shape[0] != self.num_envs:
-                raise ActionShapeError(f"expected tokens of shape [N={self.num_envs}, L], got {tuple(actions.tokens.shape)}")
+                raise ActionShapeError(
+                    f"expected tokens of shape [N={self.num_envs}, L], got {tuple(actions.tokens.shape)}"
+                )
             lengths = actions.row_lengths().to(tokens.device) if actions.batched else torch.tensor([tokens.shape[1]])
             checked = engine.check_text(tokens, lengths, actions.log_probs)
             engine.apply_text(checked)
@@ -270,7 +274,9 @@ class InterleavedVectorEnv(VectorEnv):
                 raise WrongPhaseError(f"expected {self.num_envs} FlowActions in the image phase")
             shapes = {tuple(a.x_next.shape) for a in actions}
             if shapes != {self._engine.latent_shape}:
-                raise ActionShapeError(f"expected every x_next of shape {self._engine.latent_shape}, got {sorted(shapes)}")
+                raise ActionShapeError(
+                    f"expected every x_next of shape {self._engine.latent_shape}, got {sorted(shapes)}"
+                )
             given = [a.log_prob is not None for a in actions]
             if any(given) and not all(given):
                 raise InvalidActionError("give log_prob for every episode's FlowAction or for none")

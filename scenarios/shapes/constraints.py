@@ -148,7 +148,7 @@ class Constraints:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Constraints":
+    def from_dict(cls, data: dict[str, Any]) -> Constraints:
         relation = data.get("relation")
         return cls(
             objects=tuple(ObjectSpec(**spec) for spec in data["objects"]),

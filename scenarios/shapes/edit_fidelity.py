@@ -69,7 +69,9 @@ def untouched_objects(task) -> list[SceneObject]:
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"task.meta[{EDIT_META_KEY!r}] of task {task.index} is malformed: {exc}") from exc
     if len(set(indices)) != len(indices) or any(not 0 <= i < len(before) for i in indices):
-        raise ValueError(f"task.meta[{EDIT_META_KEY!r}]['untouched'] of task {task.index} must be distinct indices into 'before' (0..{len(before) - 1}), got {indices}")
+        raise ValueError(
+            f"task.meta[{EDIT_META_KEY!r}]['untouched'] of task {task.index} must be distinct indices into 'before' (0..{len(before) - 1}), got {indices}"
+        )
     cells = [before[i].cell for i in indices]
     if len(set(cells)) != len(cells):
         raise ValueError(f"the untouched objects of task {task.index} share a cell: {cells}")

@@ -62,7 +62,10 @@ class EditMultiTurnScenario(T2IReasonScenario):
 
     @cached_property
     def _tasks(self) -> dict[str, list[Task]]:
-        return {split: [self._task(d, split, i) for i, d in enumerate(dialogue_split(split, self.num_turns))] for split in self.splits}
+        return {
+            split: [self._task(d, split, i) for i, d in enumerate(dialogue_split(split, self.num_turns))]
+            for split in self.splits
+        }
 
     @staticmethod
     def _task(dialogue: EditDialogue, split: str, index: int) -> Task:

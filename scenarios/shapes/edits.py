@@ -117,10 +117,8 @@ class EditDialogue:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "EditDialogue":
-        edits = tuple(
-            EditTurn(e["instruction"], e["kind"], e["reasoning"], _scene(e["scene"])) for e in data["edits"]
-        )
+    def from_dict(cls, data: dict[str, Any]) -> EditDialogue:
+        edits = tuple(EditTurn(e["instruction"], e["kind"], e["reasoning"], _scene(e["scene"])) for e in data["edits"])
         return cls(ShapesTask.from_dict(data["first"]), edits)
 
 
@@ -200,8 +198,12 @@ def apply_random_edit(rng: np.random.Generator, scene: Scene, kind: str | None =
         objects.pop(i)
         instruction = f"remove {ref}"
     else:  # swap: two objects that look different trade cells
-        pairs = [(a, b) for a in range(len(objects)) for b in range(a + 1, len(objects))
-                 if (objects[a].shape, objects[a].colour) != (objects[b].shape, objects[b].colour)]
+        pairs = [
+            (a, b)
+            for a in range(len(objects))
+            for b in range(a + 1, len(objects))
+            if (objects[a].shape, objects[a].colour) != (objects[b].shape, objects[b].colour)
+        ]
         a, b = _choice(rng, pairs)
         oa, ob = objects[a], objects[b]
         objects[a], objects[b] = SceneObject(oa.shape, oa.colour, ob.cell), SceneObject(ob.shape, ob.colour, oa.cell)

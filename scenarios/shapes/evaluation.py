@@ -63,6 +63,10 @@ def shapes_evaluator(**options) -> Evaluator:
     return Evaluator(
         metrics={"description_accuracy": description_accuracy, "image_quality": final_image_quality},
         probes={"image_given_truth": oracle_text_writer},
-        labels={"image_given_truth": "image | true desc.", "description_accuracy": "description accuracy", "image_quality": "image quality"},
+        labels={
+            "image_given_truth": "image | true desc.",
+            "description_accuracy": "description accuracy",
+            "image_quality": "image quality",
+        },
         **options,
     )

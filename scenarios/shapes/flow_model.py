@@ -37,8 +37,6 @@ rebuilds it.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from diffusers import ConfigMixin, ModelMixin, SD3Transformer2DModel
 from diffusers.configuration_utils import register_to_config
@@ -138,7 +136,9 @@ class ShapesFlowTransformer(ModelMixin, ConfigMixin):
     def pad_text(self, text_ids: torch.Tensor) -> torch.Tensor:
         """``text_ids`` [B, L] right-padded with ``pad_token_id`` to ``[B, max_text_tokens]``."""
         if not isinstance(text_ids, torch.Tensor) or text_ids.ndim != 2:
-            raise ValueError(f"text_ids must be a [B, L] tensor of token ids, got {getattr(text_ids, 'shape', text_ids)!r}")
+            raise ValueError(
+                f"text_ids must be a [B, L] tensor of token ids, got {getattr(text_ids, 'shape', text_ids)!r}"
+            )
         if text_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise ValueError(f"text_ids must be an integer tensor, got dtype {text_ids.dtype}")
         max_len = int(self.config.max_text_tokens)
@@ -147,9 +147,7 @@ class ShapesFlowTransformer(ModelMixin, ConfigMixin):
             # Trailing padding beyond the limit is harmless; real tokens beyond it are not.
             pad = int(self.config.pad_token_id)
             if bool((text_ids[:, max_len:] != pad).any()):
-                raise ValueError(
-                    f"text has {length} tokens but the model accepts at most max_text_tokens={max_len}"
-                )
+                raise ValueError(f"text has {length} tokens but the model accepts at most max_text_tokens={max_len}")
             return text_ids[:, :max_len].long()
         if length < max_len:
             filler = text_ids.new_full((text_ids.shape[0], max_len - length), int(self.config.pad_token_id))
@@ -174,7 +172,7 @@ class ShapesFlowTransformer(ModelMixin, ConfigMixin):
         x_t: torch.Tensor,
         t: torch.Tensor,
         text_ids: torch.Tensor,
-        cond_image: Optional[torch.Tensor] = None,
+        cond_image: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Velocity ``v(x_t, t | text, cond_image)`` with the shape of ``x_t``.
 
@@ -189,7 +187,9 @@ class ShapesFlowTransformer(ModelMixin, ConfigMixin):
         cfg = self.config
         expected = (cfg.channels, cfg.image_size, cfg.image_size)
         if x_t.ndim != 4 or tuple(x_t.shape[1:]) != expected:
-            raise ValueError(f"x_t must have shape [B, {expected[0]}, {expected[1]}, {expected[2]}], got {tuple(x_t.shape)}")
+            raise ValueError(
+                f"x_t must have shape [B, {expected[0]}, {expected[1]}, {expected[2]}], got {tuple(x_t.shape)}"
+            )
         batch = x_t.shape[0]
         if text_ids.ndim != 2 or text_ids.shape[0] != batch:
             raise ValueError(f"text_ids must have shape [B={batch}, L], got {tuple(text_ids.shape)}")

@@ -29,7 +29,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Literal, NamedTuple, Optional
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -37,15 +37,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from unigrpo_env import flow
 from unigrpo_env.codecs import PixelCodec
+from unigrpo_env.lr_schedule import warmup_decay
 
 from .constraints import RELATION_CELLS
 from .detect import detect_objects
+from .flow_model import ShapesFlowTransformer
 from .render import render
 from .scene import CELLS, COLOURS, MAX_OBJECTS, SHAPES, Scene, SceneObject, describe
 from .tasks import CATEGORIES, LAYOUTS, task_split
 from .tokenizer import PAD, build_tokenizer, riddle_vocab_size
-from unigrpo_env.lr_schedule import warmup_decay
-from .flow_model import ShapesFlowTransformer
 from .verify import verify
 
 __all__ = [
@@ -100,7 +100,7 @@ class FlowTrainingConfig(BaseModel):
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decay ends at lr·min_lr_ratio")
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
-    ema_decay: Optional[float] = Field(0.995, ge=0, lt=1, description="EMA of the weights; None = off")
+    ema_decay: float | None = Field(0.995, ge=0, lt=1, description="EMA of the weights; None = off")
     time_sampling: Literal["uniform", "logit_normal"] = "logit_normal"
     logit_mean: float = 0.0
     logit_std: float = 1.0
@@ -118,16 +118,17 @@ class FlowTrainingConfig(BaseModel):
     attention_head_dim: int = Field(32, ge=1)
     # x̂_0-prediction: 0.96 held-out correct where v-prediction reached 0.57 (see flow_model.py).
     prediction: Literal["velocity", "sample"] = Field(
-        "sample", description="network output: the velocity, or x̂_0 turned into v = (x_t − x̂_0)/max(t, min_t)")
+        "sample", description="network output: the velocity, or x̂_0 turned into v = (x_t − x̂_0)/max(t, min_t)"
+    )
     min_t: float = Field(0.05, gt=0, le=1)
     # -- runtime
-    num_threads: Optional[int] = Field(None, ge=1, description="torch threads while training (None: leave as is)")
+    num_threads: int | None = Field(None, ge=1, description="torch threads while training (None: leave as is)")
 
 
 # ----------------------------------------------------------------------------------- text
 
 
-def encode_texts(texts: Sequence[str], tokenizer=None, max_len: Optional[int] = None) -> torch.Tensor:
+def encode_texts(texts: Sequence[str], tokenizer=None, max_len: int | None = None) -> torch.Tensor:
     """Token ids ``[N, L]`` (int64) of ``texts``, right-padded with ``<pad>`` to the longest text
     (or to ``max_len``). Raises ValueError if a text is longer than ``max_len``."""
     tokenizer = tokenizer or _tokenizer()
@@ -163,12 +164,16 @@ def random_scene(rng: np.random.Generator, layout_fraction: float = 0.5) -> Scen
     if rng.random() < layout_fraction:
         cells = _LAYOUT_CELLS[rng.integers(len(_LAYOUT_CELLS))]
         n = len(cells)
-        shapes = [SHAPES[rng.integers(len(SHAPES))]] * n if rng.random() < 0.5 else [
-            SHAPES[i] for i in rng.integers(len(SHAPES), size=n)
-        ]
-        colours = [_COLOUR_NAMES[rng.integers(len(_COLOUR_NAMES))]] * n if rng.random() < 0.5 else [
-            _COLOUR_NAMES[i] for i in rng.integers(len(_COLOUR_NAMES), size=n)
-        ]
+        shapes = (
+            [SHAPES[rng.integers(len(SHAPES))]] * n
+            if rng.random() < 0.5
+            else [SHAPES[i] for i in rng.integers(len(SHAPES), size=n)]
+        )
+        colours = (
+            [_COLOUR_NAMES[rng.integers(len(_COLOUR_NAMES))]] * n
+            if rng.random() < 0.5
+            else [_COLOUR_NAMES[i] for i in rng.integers(len(_COLOUR_NAMES), size=n)]
+        )
     else:
         n = int(rng.integers(1, MAX_OBJECTS + 1))
         cells = [_ALL_CELLS[i] for i in rng.choice(len(_ALL_CELLS), size=n, replace=False)]
@@ -182,7 +187,7 @@ def _other(rng: np.random.Generator, options: Sequence[str], current: str) -> st
     return choices[rng.integers(len(choices))]
 
 
-def edit_scene(rng: np.random.Generator, scene: Scene, kind: Optional[str] = None) -> tuple[Scene, str]:
+def edit_scene(rng: np.random.Generator, scene: Scene, kind: str | None = None) -> tuple[Scene, str]:
     """``scene`` with one random edit (of ``kind`` if given and applicable); returns (scene, kind).
 
     Kinds: ``recolour`` / ``reshape`` an object, ``move`` one to an empty cell, ``add`` a random
@@ -191,12 +196,24 @@ def edit_scene(rng: np.random.Generator, scene: Scene, kind: Optional[str] = Non
     n = len(objects)
     used = {o.cell for o in objects}
     empty = [c for c in _ALL_CELLS if c not in used]
-    swappable = [(i, j) for i in range(n) for j in range(i + 1, n)
-                 if (objects[i].shape, objects[i].colour) != (objects[j].shape, objects[j].colour)]
-    applicable = [k for k, ok in (
-        ("recolour", True), ("reshape", True), ("move", bool(empty)), ("add", n < MAX_OBJECTS and bool(empty)),
-        ("remove", n > 1), ("swap", bool(swappable)),
-    ) if ok]
+    swappable = [
+        (i, j)
+        for i in range(n)
+        for j in range(i + 1, n)
+        if (objects[i].shape, objects[i].colour) != (objects[j].shape, objects[j].colour)
+    ]
+    applicable = [
+        k
+        for k, ok in (
+            ("recolour", True),
+            ("reshape", True),
+            ("move", bool(empty)),
+            ("add", n < MAX_OBJECTS and bool(empty)),
+            ("remove", n > 1),
+            ("swap", bool(swappable)),
+        )
+        if ok
+    ]
     if kind is None:
         kind = applicable[rng.integers(len(applicable))]
     elif kind not in applicable:
@@ -210,8 +227,13 @@ def edit_scene(rng: np.random.Generator, scene: Scene, kind: Optional[str] = Non
     elif kind == "move":
         objects[i] = SceneObject(obj.shape, obj.colour, empty[rng.integers(len(empty))])
     elif kind == "add":
-        objects.append(SceneObject(SHAPES[rng.integers(len(SHAPES))], _COLOUR_NAMES[rng.integers(len(_COLOUR_NAMES))],
-                                   empty[rng.integers(len(empty))]))
+        objects.append(
+            SceneObject(
+                SHAPES[rng.integers(len(SHAPES))],
+                _COLOUR_NAMES[rng.integers(len(_COLOUR_NAMES))],
+                empty[rng.integers(len(empty))],
+            )
+        )
     elif kind == "remove":
         objects.pop(i)
     else:  # swap
@@ -241,7 +263,7 @@ class FlowDataGenerator:
     ``config.max_text_tokens``.
     """
 
-    def __init__(self, config: FlowTrainingConfig, seed: Optional[int] = None, tokenizer=None):
+    def __init__(self, config: FlowTrainingConfig, seed: int | None = None, tokenizer=None):
         self.config = config
         self.rng = np.random.default_rng(config.seed if seed is None else seed)
         self.tokenizer = tokenizer or _tokenizer()
@@ -256,7 +278,7 @@ class FlowDataGenerator:
         pixels = np.stack([render(s, self.config.image_size) for s in scenes])
         return self.codec.encode(torch.from_numpy(pixels))
 
-    def sample_batch(self, batch_size: Optional[int] = None) -> FlowBatch:
+    def sample_batch(self, batch_size: int | None = None) -> FlowBatch:
         cfg, rng = self.config, self.rng
         size = cfg.batch_size if batch_size is None else int(batch_size)
         is_edit = rng.random(size) < cfg.edit_fraction
@@ -329,7 +351,9 @@ def _sample_t(config: FlowTrainingConfig, n: int, generator: torch.Generator) ->
     return torch.sigmoid(config.logit_mean + config.logit_std * torch.randn(n, generator=generator))
 
 
-def flow_matching_loss(model: ShapesFlowTransformer, batch: FlowBatch, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def flow_matching_loss(
+    model: ShapesFlowTransformer, batch: FlowBatch, t: torch.Tensor, noise: torch.Tensor
+) -> torch.Tensor:
     """Rectified-flow loss: MSE between ``model(x_t, t, ...)`` and ``v = ε − x_0``."""
     x0 = batch.x0
     tt = t.view(-1, 1, 1, 1)
@@ -339,9 +363,9 @@ def flow_matching_loss(model: ShapesFlowTransformer, batch: FlowBatch, t: torch.
 
 
 def train_flow_model(
-    config: Optional[FlowTrainingConfig] = None,
-    out_dir: Optional[str | Path] = None,
-    progress: Optional[ProgressFn] = None,
+    config: FlowTrainingConfig | None = None,
+    out_dir: str | Path | None = None,
+    progress: ProgressFn | None = None,
 ) -> ShapesFlowTransformer:
     """Train a :class:`ShapesFlowTransformer` from scratch; deterministic given ``config.seed``.
 
@@ -371,7 +395,8 @@ def _train(config: FlowTrainingConfig, out_dir, progress) -> ShapesFlowTransform
     no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr, betas=(0.9, 0.99),
+        lr=config.lr,
+        betas=(0.9, 0.99),
     )
     ema = [p.detach().clone() for p in params] if config.ema_decay is not None else None
     for step in range(config.steps):
@@ -409,12 +434,12 @@ def _train(config: FlowTrainingConfig, out_dir, progress) -> ShapesFlowTransform
 def sample_images(
     model: ShapesFlowTransformer,
     text_ids: torch.Tensor,
-    cond_image: Optional[torch.Tensor] = None,
+    cond_image: torch.Tensor | None = None,
     num_steps: int = 10,
     shift: float = 1.0,
     cfg_scale: float = 1.0,
-    generator: Optional[torch.Generator] = None,
-    noise: Optional[torch.Tensor] = None,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Draw images with the Euler ODE from t = 1 to 0; returns ``[B, H, W, 3]`` uint8.
 
@@ -470,13 +495,17 @@ def _chunks(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(n, start + size))
 
 
-def _sample_all(model, text_ids, cond, num_steps: int, shift: float, cfg_scale: float, seed: int, batch_size: int) -> np.ndarray:
+def _sample_all(
+    model, text_ids, cond, num_steps: int, shift: float, cfg_scale: float, seed: int, batch_size: int
+) -> np.ndarray:
     """One image per row of ``text_ids`` (and of ``cond``, if given), in batches, seeded once."""
     gen = torch.Generator().manual_seed(seed)
-    return torch.cat([
-        sample_images(model, text_ids[s], None if cond is None else cond[s], num_steps, shift, cfg_scale, gen)
-        for s in _chunks(len(text_ids), batch_size)
-    ]).numpy()
+    return torch.cat(
+        [
+            sample_images(model, text_ids[s], None if cond is None else cond[s], num_steps, shift, cfg_scale, gen)
+            for s in _chunks(len(text_ids), batch_size)
+        ]
+    ).numpy()
 
 
 def evaluate_true_descriptions(

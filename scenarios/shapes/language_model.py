@@ -111,8 +111,12 @@ class LanguageModelConfig(BaseModel):
     # often wrong too. 0.2 with cells: RL reaches the greedy level within the 10-minute budget.
     steps: int = 900
     batch_size: int = 64
-    edit_fraction: float = Field(default=0.5, ge=0.0, le=1.0, description="fraction of each batch that is edit dialogues")
-    edit_turns: tuple[int, ...] = Field(default=(2, 3, 4), description="dialogue lengths (turns) to train on, drawn uniformly")
+    edit_fraction: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="fraction of each batch that is edit dialogues"
+    )
+    edit_turns: tuple[int, ...] = Field(
+        default=(2, 3, 4), description="dialogue lengths (turns) to train on, drawn uniformly"
+    )
     answer_noise: float = Field(
         default=0.2,
         ge=0.0,
@@ -202,7 +206,9 @@ class _Sequences:
         return self.chat(dialogue.prompts, dialogue.answers, noise_seed=seed + 1)
 
 
-def _batch(sequences: list[tuple[list[int], list[bool]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _batch(
+    sequences: list[tuple[list[int], list[bool]]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded input ids, attention mask, and labels (−100 outside the answers)."""
     width = max(len(ids) for ids, _ in sequences)
     ids_out = torch.full((len(sequences), width), pad_id, dtype=torch.long)
@@ -256,7 +262,11 @@ def train_language_model(
         if progress is not None:
             progress(step + 1, config.steps, loss_value)
     model.eval()
-    stats = {"final_loss": loss_value, "seconds": time.perf_counter() - start, "parameters": sum(p.numel() for p in model.parameters())}
+    stats = {
+        "final_loss": loss_value,
+        "seconds": time.perf_counter() - start,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
     if out_dir is not None:
         out = Path(out_dir)
         model.save_pretrained(out)

@@ -38,7 +38,11 @@ def shapes_policy(language_model, tokenizer, flow_model) -> UnifiedPolicy:
         raise CheckpointError("the checkpoint's tokenizer does not match ShapesWorld's vocabulary (ids differ)")
     end = vocab[END_OF_THINKING]
     text = CausalLMTextPolicy(
-        language_model, partial(chat_prompt_ids, tokenizer), eot_id=end, pad_id=tokenizer.pad_token_id, tokenizer=tokenizer
+        language_model,
+        partial(chat_prompt_ids, tokenizer),
+        eot_id=end,
+        pad_id=tokenizer.pad_token_id,
+        tokenizer=tokenizer,
     )
     conditioner = ShapesConditioner(
         vocab,
@@ -64,12 +68,16 @@ def load_shapes_policy(checkpoint: str | Path | None = None, device: str | torch
         raise CheckpointError(f"checkpoint folder {str(root)!r} does not exist")
     for part in ("language_model", "flow_model"):
         if not (root / part / "config.json").is_file():
-            raise CheckpointError(f"checkpoint folder {str(root)!r} has no {part}/config.json (expected the layout of `unigrpo pretrain shapes`)")
+            raise CheckpointError(
+                f"checkpoint folder {str(root)!r} has no {part}/config.json (expected the layout of `unigrpo pretrain shapes`)"
+            )
     try:
         language_model = AutoModelForCausalLM.from_pretrained(root / "language_model")
         tokenizer = PreTrainedTokenizerFast.from_pretrained(root / "language_model")
         flow_model = ShapesFlowTransformer.from_pretrained(root / "flow_model")
     except Exception as exc:  # noqa: BLE001 - any loading failure is a bad checkpoint
-        raise CheckpointError(f"could not load the checkpoint in {str(root)!r}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from exc
+        raise CheckpointError(
+            f"could not load the checkpoint in {str(root)!r}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        ) from exc
     policy = shapes_policy(language_model.eval(), tokenizer, flow_model.eval())
     return policy.to(device)

@@ -8,6 +8,8 @@ Trains the reasoning language model (:mod:`.language_model`) and the flow-matchi
     OUT/pretrain.json     the configuration, versions and training statistics
 
 The shipped checkpoint (``scenarios/shapes/checkpoint``) is this command's output with seed 0.
+:class:`ShapesPretrainer` is registered as the pretrainer ``shapes`` (the package's entry points),
+which is how the CLI finds it.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pydantic import BaseModel, Field
 from unigrpo_env.scenarios.shapes.flow_training import FlowTrainingConfig, train_flow_model
 from unigrpo_env.scenarios.shapes.language_model import LanguageModelConfig, train_language_model
 
-__all__ = ["PretrainConfig", "pretrain_shapes"]
+__all__ = ["PretrainConfig", "pretrain_shapes", "ShapesPretrainer"]
 
 Progress = Callable[[str, int, int, float], None]
 
@@ -38,7 +40,9 @@ class PretrainConfig(BaseModel):
     flow_model: FlowTrainingConfig = Field(default_factory=FlowTrainingConfig)
 
 
-def pretrain_shapes(out_dir: str | Path, config: PretrainConfig | None = None, progress: Progress | None = None) -> dict:
+def pretrain_shapes(
+    out_dir: str | Path, config: PretrainConfig | None = None, progress: Progress | None = None
+) -> dict:
     """Train both models into ``out_dir``; ``progress(part, step, total, loss)`` reports each step."""
     config = config or PretrainConfig()
     out = Path(out_dir)
@@ -67,3 +71,16 @@ def pretrain_shapes(out_dir: str | Path, config: PretrainConfig | None = None, p
     }
     (out / "pretrain.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+class ShapesPretrainer:
+    """The pretrainer ``shapes``: ``unigrpo pretrain shapes --out DIR`` calls it."""
+
+    #: The policy kind that loads what it writes, and the scenario its checkpoint is evaluated on.
+    policy = "shapes"
+    evaluate_on = "t2i_reason"
+
+    def __call__(
+        self, out_dir: str | Path, *, seed: int = 0, num_threads: int | None = None, progress: Progress | None = None
+    ) -> dict:
+        return pretrain_shapes(out_dir, PretrainConfig(seed=seed, num_threads=num_threads), progress)

@@ -21,7 +21,14 @@ from unigrpo_env.scenarios.shapes.scene import Scene, SceneObject
 from unigrpo_env.scenarios.shapes.tasks import ShapesTask
 from unigrpo_env.scenarios.shapes.verify import detect_objects, verify
 
-__all__ = ["SCENE_META_KEY", "ShapesVerifierReward", "SceneMatchReward", "ImageQualityReward", "scene_meta", "shapes_task"]
+__all__ = [
+    "SCENE_META_KEY",
+    "ShapesVerifierReward",
+    "SceneMatchReward",
+    "ImageQualityReward",
+    "scene_meta",
+    "shapes_task",
+]
 
 #: The key of ``Task.meta`` the scene match reads.
 SCENE_META_KEY = "shapes_scene"
@@ -106,7 +113,12 @@ class SceneMatchReward:
             objects.append(float(len(target)))
         return RewardOutput(
             scores=_floats(scores),
-            components={"correct": _floats(correct), "found": _floats(found), "extra": _floats(extra), "objects": _floats(objects)},
+            components={
+                "correct": _floats(correct),
+                "found": _floats(found),
+                "extra": _floats(extra),
+                "objects": _floats(objects),
+            },
         )
 
 

@@ -24,7 +24,7 @@ count sum      "one more than two circles"                     "one more than tw
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from itertools import permutations
 
 from .scene import COLOURS, SHAPES
@@ -107,7 +107,7 @@ class Phrase:
     before_noun: bool = False
 
 
-@lru_cache(maxsize=None)
+@cache
 def colour_phrases(colour: str) -> tuple[Phrase, ...]:
     """Every wording of ``colour``: plain, by reference, and (secondary colours) as a mix."""
     if colour not in COLOURS:
@@ -122,7 +122,7 @@ def colour_phrases(colour: str) -> tuple[Phrase, ...]:
     return tuple(phrases)
 
 
-@lru_cache(maxsize=None)
+@cache
 def shape_phrases(shape: str) -> tuple[Phrase, ...]:
     """Every wording of ``shape``: plain, by reference, by corners, and by negation."""
     if shape not in SHAPES:
@@ -155,7 +155,7 @@ def shape_phrases(shape: str) -> tuple[Phrase, ...]:
     return tuple(phrases)
 
 
-@lru_cache(maxsize=None)
+@cache
 def count_phrases(count: int) -> tuple[Phrase, ...]:
     """Every wording of ``count`` (2 to 4): the number word and arithmetic riddles."""
     if count not in COUNT_EXPRESSIONS:

@@ -142,7 +142,7 @@ class Scene:
         shape: str | None = None,
         colour: str | None = None,
         cell: tuple[int, int] | None = None,
-    ) -> "Scene":
+    ) -> Scene:
         """A copy with object ``index`` (in canonical order) given a new shape, colour or cell."""
         old = self.objects[index]
         new = SceneObject(shape or old.shape, colour or old.colour, cell if cell is not None else old.cell)

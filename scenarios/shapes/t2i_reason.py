@@ -17,11 +17,11 @@ from unigrpo_env.codecs import PixelCodec, TextCodec
 from unigrpo_env.reward import RewardFunction
 from unigrpo_env.rewards import get_reward
 from unigrpo_env.scenario import Scenario
-from unigrpo_env.task import Task
 from unigrpo_env.scenarios.shapes.render import render
 from unigrpo_env.scenarios.shapes.scene import Scene
 from unigrpo_env.scenarios.shapes.tasks import ShapesTask, answer_text, task_split
 from unigrpo_env.scenarios.shapes.tokenizer import END_OF_THINKING, build_tokenizer
+from unigrpo_env.task import Task
 
 __all__ = ["T2IReasonScenario"]
 
@@ -51,8 +51,8 @@ class T2IReasonScenario(Scenario):
     default_policy = "shapes"
     default_evaluator = "shapes"
     #: The recommended recipe: LN tuning of the language model, the image model at lr 1e-3 after a
-    #: warm-up with a cosine decay, and a stronger velocity MSE (docs/experiments/main-job.md says how
-    #: it was chosen and what it gives).
+    #: warm-up with a cosine decay, and a stronger velocity MSE (how it was chosen:
+    #: docs/experiments/parameter-efficient-training.md; what it gives: docs/experiments/main-job.md).
     training_defaults = {
         "text_adapter": "ln_tuning",
         "lr_image": 1e-3,
@@ -80,7 +80,9 @@ class T2IReasonScenario(Scenario):
         elif callable(reward) and not reward_options:
             self.reward = reward
         else:
-            raise ValueError(f"reward must be a reward name or spec, or a reward function without reward_options; got {reward!r}")
+            raise ValueError(
+                f"reward must be a reward name or spec, or a reward function without reward_options; got {reward!r}"
+            )
         self.timesteps()  # validate num_steps and shift now, with the schedule's own error
 
     @cached_property

@@ -29,10 +29,11 @@ marker ``"answer :"``, then the description.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import permutations
-from typing import Any, Iterable
+from typing import Any
 
 from .constraints import RELATION_CELLS, RELATIONS, Constraints, ObjectSpec, RelationSpec
 from .riddles import (
@@ -133,7 +134,7 @@ class ShapesTask:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ShapesTask":
+    def from_dict(cls, data: dict[str, Any]) -> ShapesTask:
         target = Scene(tuple(SceneObject(o["shape"], o["colour"], tuple(o["cell"])) for o in data["target"]))
         return cls(
             prompt=data["prompt"],
@@ -208,8 +209,15 @@ def _layout(objects: list[tuple[str, str]]) -> Scene:
     return Scene(tuple(SceneObject(shape, colour, CELLS[cell]) for (shape, colour), cell in zip(objects, cells)))
 
 
-def _task(category: str, body: str, template: str, target: Scene, facts: list[str], constraints: Constraints,
-          combo: tuple[str, ...]) -> ShapesTask:
+def _task(
+    category: str,
+    body: str,
+    template: str,
+    target: Scene,
+    facts: list[str],
+    constraints: Constraints,
+    combo: tuple[str, ...],
+) -> ShapesTask:
     return ShapesTask(
         prompt=template.format(body),
         category=category,
@@ -226,8 +234,13 @@ def _single_object() -> Iterable[ShapesTask]:
         for sp in shape_phrases(shape):
             for template in TEMPLATES:
                 yield _task(
-                    "single_object", noun_phrase(sp), template, _layout([(shape, DEFAULT_COLOUR)]), _facts(sp),
-                    Constraints((ObjectSpec(shape),)), (sp.key,),
+                    "single_object",
+                    noun_phrase(sp),
+                    template,
+                    _layout([(shape, DEFAULT_COLOUR)]),
+                    _facts(sp),
+                    Constraints((ObjectSpec(shape),)),
+                    (sp.key,),
                 )
 
 
@@ -237,9 +250,13 @@ def _two_objects() -> Iterable[ShapesTask]:
             for p2 in shape_phrases(s2):
                 combo = (p1.key, p2.key)
                 yield _task(
-                    "two_objects", f"{noun_phrase(p1)} and {noun_phrase(p2)}", _pick(TEMPLATES, *combo),
-                    _layout([(s1, DEFAULT_COLOUR), (s2, DEFAULT_COLOUR)]), _facts(p1, p2),
-                    Constraints((ObjectSpec(s1), ObjectSpec(s2))), combo,
+                    "two_objects",
+                    f"{noun_phrase(p1)} and {noun_phrase(p2)}",
+                    _pick(TEMPLATES, *combo),
+                    _layout([(s1, DEFAULT_COLOUR), (s2, DEFAULT_COLOUR)]),
+                    _facts(p1, p2),
+                    Constraints((ObjectSpec(s1), ObjectSpec(s2))),
+                    combo,
                 )
 
 
@@ -250,9 +267,13 @@ def _counting() -> Iterable[ShapesTask]:
                 for sp in shape_phrases(shape):
                     combo = (cp.key, sp.key)
                     yield _task(
-                        "counting", noun_phrase(sp, count=cp), _pick(TEMPLATES, *combo),
-                        _layout([(shape, DEFAULT_COLOUR)] * count), _facts(cp, sp),
-                        Constraints((ObjectSpec(shape, count=count),)), combo,
+                        "counting",
+                        noun_phrase(sp, count=cp),
+                        _pick(TEMPLATES, *combo),
+                        _layout([(shape, DEFAULT_COLOUR)] * count),
+                        _facts(cp, sp),
+                        Constraints((ObjectSpec(shape, count=count),)),
+                        combo,
                     )
 
 
@@ -263,8 +284,13 @@ def _colors() -> Iterable[ShapesTask]:
                 for sp in shape_phrases(shape):
                     combo = (cp.key, sp.key)
                     yield _task(
-                        "colors", noun_phrase(sp, cp), _pick(TEMPLATES, *combo), _layout([(shape, colour)]),
-                        _facts(sp, cp), Constraints((ObjectSpec(shape, colour),)), combo,
+                        "colors",
+                        noun_phrase(sp, cp),
+                        _pick(TEMPLATES, *combo),
+                        _layout([(shape, colour)]),
+                        _facts(sp, cp),
+                        Constraints((ObjectSpec(shape, colour),)),
+                        combo,
                     )
 
 
@@ -278,9 +304,13 @@ def _position() -> Iterable[ShapesTask]:
                 for p2 in shape_phrases(s2):
                     combo = (p1.key, f"relation:{relation}", p2.key)
                     yield _task(
-                        "position", f"{noun_phrase(p1)} {relation} {noun_phrase(p2)}", _pick(TEMPLATES, *combo),
-                        target, [*_facts(p1, p2), placement],
-                        Constraints((ObjectSpec(s1), ObjectSpec(s2)), RelationSpec(0, relation, 1)), combo,
+                        "position",
+                        f"{noun_phrase(p1)} {relation} {noun_phrase(p2)}",
+                        _pick(TEMPLATES, *combo),
+                        target,
+                        [*_facts(p1, p2), placement],
+                        Constraints((ObjectSpec(s1), ObjectSpec(s2)), RelationSpec(0, relation, 1)),
+                        combo,
                     )
 
 
@@ -293,9 +323,13 @@ def _color_attr() -> Iterable[ShapesTask]:
                 cp2, sp2 = _pick(colour_phrases(c2), *key, "c2"), _pick(shape_phrases(s2), *key, "s2")
                 combo = (cp1.key, sp1.key, cp2.key, sp2.key)
                 yield _task(
-                    "color_attr", f"{noun_phrase(sp1, cp1)} and {noun_phrase(sp2, cp2)}", _pick(TEMPLATES, *combo),
-                    _layout([(s1, c1), (s2, c2)]), _facts(sp1, cp1, sp2, cp2),
-                    Constraints((ObjectSpec(s1, c1), ObjectSpec(s2, c2))), combo,
+                    "color_attr",
+                    f"{noun_phrase(sp1, cp1)} and {noun_phrase(sp2, cp2)}",
+                    _pick(TEMPLATES, *combo),
+                    _layout([(s1, c1), (s2, c2)]),
+                    _facts(sp1, cp1, sp2, cp2),
+                    Constraints((ObjectSpec(s1, c1), ObjectSpec(s2, c2))),
+                    combo,
                 )
 
 

@@ -17,7 +17,16 @@ from unigrpo_env.scenarios.shapes.edits import edit_vocabulary
 from unigrpo_env.scenarios.shapes.tasks import vocabulary
 
 __all__ = [
-    "PAD", "UNK", "BOS", "EOS", "THINK", "END_OF_THINKING", "IMAGE", "SPECIAL_TOKENS", "build_tokenizer", "riddle_vocab_size",
+    "PAD",
+    "UNK",
+    "BOS",
+    "EOS",
+    "THINK",
+    "END_OF_THINKING",
+    "IMAGE",
+    "SPECIAL_TOKENS",
+    "build_tokenizer",
+    "riddle_vocab_size",
 ]
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"

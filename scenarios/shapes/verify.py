@@ -37,9 +37,10 @@ whether all pass, and ``checks[kind]`` is the fraction of that kind's items that
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import permutations
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -99,9 +100,7 @@ def verify_batch(images: np.ndarray, tasks: Sequence[_HasConstraints | Constrain
     return [verify(image, task) for image, task in zip(images, tasks)]
 
 
-def _check_items(
-    detected: list[DetectedObject], constraints: Constraints, cell_size: float
-) -> dict[str, list[bool]]:
+def _check_items(detected: list[DetectedObject], constraints: Constraints, cell_size: float) -> dict[str, list[bool]]:
     specs = constraints.objects
     shapes_found = {d.shape for d in detected}
     colours_found = {d.colour for d in detected}
@@ -126,9 +125,7 @@ def _check_items(
     return {kind: items[kind] for kind in kinds}
 
 
-def _relation_ok(
-    match: Sequence[DetectedObject | None], constraints: Constraints, cell_size: float
-) -> bool:
+def _relation_ok(match: Sequence[DetectedObject | None], constraints: Constraints, cell_size: float) -> bool:
     relation = constraints.relation
     if relation is None:
         return True
