@@ -9,17 +9,16 @@ copies of the normalisation layers, Zhao et al. 2023, arXiv 2312.11420). The ada
   whose base weights are frozen, so ``UnifiedPolicy.text_parameters()`` / ``image_parameters()``
   return the adapter's parameters only;
 * :class:`WithoutAdapter` calls the same policy side with its adapter disabled: the starting
-  model, which the regulariser and the text KL compare against (DESIGN.md section 6: "the
-  reference model is the base weights with the adapter disabled"), without a second copy of it;
+  model, which the regulariser and the text KL compare against (docs/design.md, section 3: the
+  reference is the base weights with the adapter disabled), without a second copy of it;
 * :func:`merged_model` gives a plain copy of an adapted network with its adapter merged into the
   base weights; the policies' ``save_pretrained`` writes that, so a saved folder is an ordinary
   checkpoint that ``unigrpo eval`` reads like any other; :func:`adapter_state` /
   :func:`load_adapter_state` carry the adapter weights themselves across ``--resume``.
 
 For a large model an adapter saves memory (no optimizer state or reference copy of the base
-weights). For ShapesWorld's tiny language model, LN tuning was measured stable at a step size
-that collapses full training; it does not raise the share of a batch's gradient that is signal
-(README, "How much of one batch's gradient is signal").
+weights). What the adapters were measured to do on ShapesWorld's language model:
+docs/experiments/parameter-efficient-training.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""UniGRPO's objective, term by term (DESIGN.md section 2). Every function returns a value to
+"""UniGRPO's objective, term by term (docs/design.md, section 3). Every function returns a value to
 *minimise* (−J) together with the statistics a trainer logs.
 
     J = J_text + λ·J_flow − β·regulariser

@@ -124,6 +124,7 @@ def run(
     iterations: int | None = typer.Option(
         None, "--iterations", min=1, help="Training iterations (one rollout of a batch and its update each)."
     ),
+    old_steps: int | None = typer.Option(None, "--steps", hidden=True, help="Renamed --iterations."),
     seed: int | None = typer.Option(None, "--seed", help="Seed of prompts, sampling and updates."),
     out: Path | None = typer.Option(None, "--out", help="Run folder (default: runs/<scenario>-<time>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
@@ -179,6 +180,10 @@ def run(
     from unigrpo_env.agents.parts import build_parts
     from unigrpo_env.agents.trainer import Trainer, load_run_config
 
+    if old_steps is not None:
+        raise UserError(
+            "--steps was renamed --iterations (training iterations; denoising steps are the scenario option num_steps)"
+        )
     overrides: dict = {}
     for key, value in {
         "iterations": iterations,

@@ -448,3 +448,13 @@ def test_the_agent_trains_on_edit_dialogues_unchanged(tiny_checkpoint):
     policy.zero_grad()
     stats = agent.train_iteration()
     assert stats["first_ratio_text_max_dev"] == 0.0 and stats["first_ratio_image_max_dev"] == 0.0
+
+
+def test_the_renamed_steps_flag_says_its_new_name():
+    done = subprocess.run(
+        [sys.executable, "-m", "unigrpo_env.cli.main", "run", "scenario", "t2i_reason", "--steps", "3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "--steps was renamed --iterations" in done.stderr and "Traceback" not in done.stderr

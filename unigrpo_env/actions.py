@@ -1,6 +1,6 @@
 """Typed actions: what an agent sends to ``env.step``.
 
-Two kinds, one per phase of the interleaved MDP (DESIGN.md section 2):
+Two kinds, one per phase of the interleaved MDP (docs/design.md, section 1):
 
 * :class:`TextAction` — the next token, or a whole segment of tokens, of the reasoning text.
   A 1-D ``tokens`` tensor is one episode's segment; a 2-D ``[N, L]`` tensor with ``lengths``

@@ -1,6 +1,6 @@
 """The interleaved environment: one episode of reasoning-then-drawing as a Gymnasium ``Env``.
 
-One episode is one trajectory of the MDP of DESIGN.md section 2: for each turn, text-token steps
+One episode is one trajectory of the MDP of docs/design.md, section 1: for each turn, text-token steps
 (:class:`~unigrpo_env.TextAction`) until the end-of-thinking token or the token limit, then
 ``num_steps`` flow-denoising steps (:class:`~unigrpo_env.FlowAction`); the reward arrives with
 the last step of the last turn. ``info["trajectory"]`` always holds the trajectory so far.

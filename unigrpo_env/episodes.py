@@ -2,7 +2,7 @@
 
 Both environments are views of this engine — :class:`~unigrpo_env.env.InterleavedEnv` with
 N = 1, :class:`~unigrpo_env.vector.InterleavedVectorEnv` with N = P×G — so the rules of the
-interleaved MDP (DESIGN.md section 2) live here once:
+interleaved MDP (docs/design.md, sections 1 and 4) live here once:
 
 * Phases move in lockstep. Each turn is a text phase (every episode writes reasoning tokens until
   it writes the end-of-thinking token or reaches the token limit; episodes that closed early

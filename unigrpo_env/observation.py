@@ -1,6 +1,6 @@
 """Typed observations: what ``reset`` and ``step`` return.
 
-:class:`Observation` is one episode's state of the interleaved MDP (DESIGN.md section 2):
+:class:`Observation` is one episode's state of the interleaved MDP (docs/design.md, section 1):
 
 * text phase — state ``(c, y_<k)``: the prompts so far and the reasoning tokens of this turn;
 * image phase — state ``(c, y, x_t, t)``: additionally the current latent, its time ``t`` and

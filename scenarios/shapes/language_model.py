@@ -84,13 +84,11 @@ def chat_prompt_ids(tokenizer, prompts: Sequence[str], history: Sequence[Sequenc
 class LanguageModelConfig(BaseModel):
     """Size and training budget of the ShapesWorld language model.
 
-    The defaults were chosen by measurement (README, "ShapesWorld models"): big enough to learn the
-    riddles' templates, and trained long enough on answers with annotation errors
-    (``answer_noise``) that its most likely answer is usually right while its samples at
-    temperature 1 often carry a wrong colour, shape or cell — the room that RL post-training
-    finds in a supervised fine-tuned model, which it sharpens toward the answers it already ranks
-    first. (Trained briefly on clean answers instead, as until 0.x, its errors are gaps in what it
-    learned, which 10 CPU minutes of RL barely closed.)
+    The defaults are the shipped checkpoint's: a model big enough to learn the riddles' templates,
+    trained on answers with annotation errors (``answer_noise``) long enough that its most likely
+    answer is usually right while its samples at temperature 1 often carry a wrong colour, shape
+    or cell — the room RL post-training finds in a supervised fine-tuned model. How they were
+    chosen: docs/experiments/shapesworld-models.md.
     """
 
     seed: int = 0
@@ -100,16 +98,7 @@ class LanguageModelConfig(BaseModel):
     num_attention_heads: int = 4
     # A 4-turn edit dialogue is at most about 230 tokens (3 turns: 180).
     max_position_embeddings: int = 256
-    # Held-out exact-description accuracy at temperature 1 (greedy), measured on the project's
-    # 2-core machine. Riddles only: 200 steps 0.32 (0.41), 300 steps 0.54 (0.63), 600 steps 0.90 (0.96).
-    # With half of each batch edit dialogues: 300 steps 0.16 (0.20); 500 steps 0.72 (0.80), the
-    # final description of a 3-turn dialogue 0.18 (0.24); 900 steps 0.96 (0.98), 0.37 (0.45).
-    # Trained on noisy answers (answer_noise, below), 900 steps: held-out description accuracy
-    # 0.31 at temperature 1, 0.90 greedy; dense reward 0.779 and 0.935 (README). Noise 0.12 of
-    # colours and shapes only: 0.53 / 0.89, reward 0.840 / 0.933, too little room for a +0.15
-    # goal. Noise 0.3 with cells: 0.10 / 0.56, reward 0.654 / 0.806: the most likely answer is
-    # often wrong too. 0.2 with cells: RL reaches the greedy level within the 10-minute budget.
-    steps: int = 900
+    steps: int = Field(default=900, ge=1, description="optimizer steps")
     batch_size: int = 64
     edit_fraction: float = Field(
         default=0.5, ge=0.0, le=1.0, description="fraction of each batch that is edit dialogues"
