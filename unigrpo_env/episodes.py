@@ -95,7 +95,6 @@ class EpisodeBatch:
         self.trajectory: BatchTrajectory | None = None
         self.phase: Phase = "done"
         self.turn = 0
-        self.step_index = 0
         self.text_open = torch.zeros(self.n, dtype=torch.bool, device=self.device)
         self.generator: torch.Generator | None = None
 
@@ -145,7 +144,6 @@ class EpisodeBatch:
 
     def _begin_text(self) -> None:
         self.phase = "text"
-        self.step_index = 0
         prompts = tuple(task.prompts[self.turn] for task in self.tasks)
         text = TextRecord.empty(self.n, self.max_tokens, self.text_codec.pad_id, self.device)
         self.trajectory.turns.append(BatchTurn(prompts=prompts, text=text))
@@ -154,7 +152,6 @@ class EpisodeBatch:
     def _begin_image(self) -> None:
         """Close the text phase and draw the initial latent x_1 ~ N(0, I) for every episode."""
         self.phase = "image"
-        self.step_index = 0
         noise = torch.randn(
             (self.n, *self.latent_shape), generator=self.generator, device=self.generator.device, dtype=torch.float32
         )
@@ -170,6 +167,14 @@ class EpisodeBatch:
         """The current latents ``[N, C, H, W]`` during the image phase (a view of the record)."""
         image = self.current.image if self.trajectory is not None and self.trajectory.turns else None
         return None if image is None or self.phase != "image" else image.x_t
+
+    @property
+    def step_index(self) -> int:
+        """How many denoising steps the current image has taken (0 in a text phase; all of them once
+        the episodes are done)."""
+        if self.phase == "text" or not self.started:
+            return 0
+        return self.current.image.steps_taken
 
     @property
     def t(self) -> float:
@@ -320,8 +325,7 @@ class EpisodeBatch:
         """Record the step and move every latent to ``x_next``. Returns True when the episode ended."""
         image = self.current.image
         image.record_step(action.x_next.detach(), action.log_prob, action.stochastic)  # copied into the record
-        self.step_index += 1
-        if self.step_index < self.num_steps:
+        if image.steps_taken < self.num_steps:
             return False
         image.images = self.image_codec.decode(image.x_t)
         if self.turn + 1 < self.num_turns:
