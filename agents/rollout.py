@@ -98,12 +98,12 @@ def turn_context(trajectory: BatchTrajectory, turn: int) -> TurnContext:
         for i in range(len(trajectory))
     ]
     tokens, _ = turns[turn].text.padded()
-    return TurnContext(
+    return TurnContext(  # copies: the record's buffers keep changing while the turn is played
         prompts=[tuple(task.prompts[: turn + 1]) for task in trajectory.tasks],
         history=history,
         images=trajectory.turn_images(turn).cpu(),
-        reasoning=tokens,
-        reasoning_lengths=turns[turn].text.lengths,
+        reasoning=tokens.clone(),
+        reasoning_lengths=turns[turn].text.lengths.clone(),
     )
 
 

@@ -35,6 +35,7 @@ from unigrpo_env.scenario import Scenario
 from unigrpo_env.spaces import FlowActionSpace, InterleavedActionSpace, ObservationSpace, TextActionSpace
 from unigrpo_env.task import Task
 from unigrpo_env.trajectory import DenoisingStep, ImageSegment, TextSegment, Trajectory, Turn
+from unigrpo_env.vae_codec import VAECodec
 from unigrpo_env.vector import InterleavedVectorEnv
 
 __version__ = "0.1.0"
@@ -61,6 +62,7 @@ __all__ = [
     "TextCodec",
     "ImageCodec",
     "PixelCodec",
+    "VAECodec",
     "InterleavedEnv",
     "InterleavedVectorEnv",
     "TextActionSpace",

@@ -72,7 +72,7 @@ class TextRecord(_Record):
 
     def padded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(tokens, log_probs)`` cut to the longest segment of the batch, ``[N, max(lengths)]``
-        (views, not copies)."""
+        (views, not copies: while the text phase is open, later segments write into them)."""
         width = int(self.lengths.max()) if self.lengths.numel() else 0
         return self.tokens[:, :width], self.log_probs[:, :width]
 

@@ -5,7 +5,8 @@
   and so does the token limit.
 * :class:`ImageCodec` maps RGB images to the latents the flow model denoises and back;
   :class:`PixelCodec` is the identity codec of pixel-space models (ShapesWorld), scaling
-  ``[0, 255]`` to ``[-1, 1]``. A VAE codec for latent-space models implements the same two methods.
+  ``[0, 255]`` to ``[-1, 1]``; :class:`~unigrpo_env.vae_codec.VAECodec`, the codec of latent-space
+  models, implements the same two methods over a diffusers ``AutoencoderKL``.
 """
 
 from __future__ import annotations
