@@ -439,3 +439,34 @@ def test_input_validation():
 def test_all_exports_exist():
     for name in flow.__all__:
         assert hasattr(flow, name)
+
+
+# -- the convention, checked against diffusers' own flow-matching scheduler -------------------------
+
+
+def test_diffusers_flow_match_scheduler_has_the_projects_convention():
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    n, shift = 10, 3.0
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / n, n))  # what the FLUX pipeline passes
+    grid = flow.timestep_schedule(n, shift)
+    assert torch.allclose(scheduler.sigmas.float(), grid, atol=1e-6)  # the same time grid
+    assert torch.allclose(scheduler.timesteps.float(), grid[:-1] * 1000, atol=1e-3)  # the model sees σ·1000
+    g = torch.Generator().manual_seed(0)
+    x0, noise, v = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
+    # x_t = (1 − t)·x_0 + t·ε
+    t = scheduler.timesteps[3:4]
+    noised = scheduler.scale_noise(x0, t, noise)
+    sigma = float(grid[3])
+    assert torch.allclose(noised, (1 - sigma) * x0 + sigma * noise, atol=1e-5)
+    # v = ε − x_0: the straight line from x_t to x_0 has that velocity
+    assert torch.allclose(flow.straight_line_velocity(noised, x0, sigma), noise - x0, atol=1e-4)
+    # one Euler step per grid interval: x + (σ_next − σ)·v
+    x = noise.clone()
+    ours = noise.clone()
+    for k, timestep in enumerate(scheduler.timesteps):
+        x = scheduler.step(v, timestep, x).prev_sample
+        ours = flow.ode_step(v, ours, grid[k], grid[k + 1])
+        assert torch.allclose(x, ours, atol=1e-5)

@@ -6,6 +6,13 @@ Conventions (Flow-GRPO, SD3, Bagel)::
     v   = ε - x_0                  the velocity the network predicts
     x_{t+Δt} = x_t + Δt·v          Euler ODE step, Δt = t_next - t < 0
 
+diffusers' flow-matching scheduler (``FlowMatchEulerDiscreteScheduler``, the one SD3 and FLUX
+pipelines use) has the same convention with σ for t: ``scale_noise`` gives ``σ·ε + (1 − σ)·x_0``,
+the models predict ``ε − x_0`` (the target of diffusers' SD3 / FLUX training scripts), ``step`` is
+``x + (σ_next − σ)·v``, and the network is given ``σ·1000`` as its timestep. Its grid for n steps
+with ``sigmas=linspace(1, 1/n, n)`` (what the FLUX pipeline passes) and a static ``shift`` is
+:func:`timestep_schedule`'s. ``tests/test_flow.py`` checks all of this against diffusers itself.
+
 Everything here is computed in float32: tensor inputs are cast to float32 inside and every
 returned tensor is float32 (on the device of the main tensor argument).
 
