@@ -86,18 +86,21 @@ def test_the_checker_sees_imports():
     assert _layer(shapes) == "unigrpo_env.scenarios.shapes" and _package_of(shapes) == "unigrpo_env.scenarios.shapes"
 
 
+def _lines_matching(pattern: re.Pattern[str], folders: tuple[str, ...]) -> list[str]:
+    """``path:line`` of every line of the Python files under ``folders`` (this file excepted) that
+    ``pattern`` matches."""
+    found = []
+    for folder in folders:
+        for path in (ROOT / folder).rglob("*.py"):
+            if path != Path(__file__):
+                lines = path.read_text().splitlines()
+                found += [f"{path.relative_to(ROOT)}:{i}" for i, line in enumerate(lines, 1) if pattern.search(line)]
+    return found
+
+
 def test_nothing_outside_the_core_reads_the_episode_engine():
     private = re.compile(r"\.episodes\.records|_TurnRecord|\._engine\b|\bepisodes\.(tasks|reward|records|times)\b")
-    found = []
-    for folder in ("agents", "rewards", "scenarios", "cli", "tests", "examples", "benchmarks"):
-        for path in (ROOT / folder).rglob("*.py"):
-            if path == Path(__file__):
-                continue
-            found += [
-                f"{path.relative_to(ROOT)}:{i}"
-                for i, line in enumerate(path.read_text().splitlines(), 1)
-                if private.search(line)
-            ]
+    found = _lines_matching(private, ("agents", "rewards", "scenarios", "cli", "tests", "examples", "benchmarks"))
     assert not found, found
 
 
@@ -105,14 +108,7 @@ def test_nothing_outside_scenarios_imports_shapesworld():
     pattern = re.compile(
         r"(import|from)\s+unigrpo_env\.scenarios\.shapes|scenarios\.shapes\s+import|import\s+unigrpo_env\.scenarios\.shapes"
     )
-    found = []
-    for folder in ("unigrpo_env", "agents", "rewards", "cli"):
-        for path in (ROOT / folder).rglob("*.py"):
-            found += [
-                f"{path.relative_to(ROOT)}:{i}"
-                for i, line in enumerate(path.read_text().splitlines(), 1)
-                if pattern.search(line)
-            ]
+    found = _lines_matching(pattern, ("unigrpo_env", "agents", "rewards", "cli"))
     assert not found, found
 
 
