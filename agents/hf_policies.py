@@ -181,12 +181,17 @@ class ConditionedFlowPolicy(nn.Module):
         n = x_t.shape[0]
         t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).reshape(-1).expand(n)
         if cfg_scale == 1.0:
-            return self.model(x_t, t, **condition)
+            return self.predict(x_t, t, condition)
         uncond = self.unconditional(condition)
         both = {k: _cat(condition[k], uncond[k]) for k in condition}
-        v = self.model(torch.cat([x_t, x_t]), torch.cat([t, t]), **both)
+        v = self.predict(torch.cat([x_t, x_t]), torch.cat([t, t]), both)
         v_cond, v_uncond = v.chunk(2)
         return flow.cfg_velocity(v_cond, v_uncond, cfg_scale)
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, condition: dict[str, Any]) -> torch.Tensor:
+        """One network call: the velocity ``[N, C, H, W]`` at times ``t`` ``[N]`` in ``[0, 1]``
+        (``model(x_t, t, **condition)``; a model with another signature overrides this)."""
+        return self.model(x_t, t, **condition)
 
 
 def _cat(a: Any, b: Any) -> Any:
