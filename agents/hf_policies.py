@@ -22,9 +22,11 @@ from unigrpo_env import flow
 from unigrpo_env.agents.adapters import merged_model
 from unigrpo_env.agents.policy import TextSample, TurnContext
 
-__all__ = ["CausalLMTextPolicy", "ConditionedFlowPolicy"]
+__all__ = ["CausalLMTextPolicy", "ConditionedFlowPolicy", "PromptBuilder", "PromptText"]
 
 PromptBuilder = Callable[[Sequence[str], Sequence[Sequence[int]]], list[int]]
+#: Builds the text each episode's image is drawn from, out of its turn context (diffusers policies).
+PromptText = Callable[[TurnContext], Sequence[str]]
 
 
 class CausalLMTextPolicy(nn.Module):

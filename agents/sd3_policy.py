@@ -20,18 +20,15 @@ The latents are the VAE's (:class:`~unigrpo_env.VAECodec` over ``pipeline.vae``)
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from unigrpo_env.agents.hf_policies import ConditionedFlowPolicy
+from unigrpo_env.agents.hf_policies import ConditionedFlowPolicy, PromptText
 from unigrpo_env.agents.policy import TurnContext
 
 __all__ = ["SD3PromptConditioner", "SD3FlowPolicy"]
-
-#: Builds the text each episode's image is drawn from, out of its turn context.
-PromptText = Callable[[TurnContext], Sequence[str]]
 
 
 class SD3PromptConditioner:

@@ -1,0 +1,162 @@
+"""FLUX.1 as the image half of a unified policy.
+
+:class:`FluxFlowPolicy` is a :class:`~unigrpo_env.agents.hf_policies.ConditionedFlowPolicy` over
+the ``FluxTransformer2DModel`` of a diffusers ``FluxPipeline``. The environment's latents stay the
+VAE's ``[N, C, h, w]``; what is particular to FLUX happens inside :meth:`FluxFlowPolicy.predict`:
+
+* **packing**: the transformer reads 2×2 patches of the latent as tokens,
+  ``[N, C, h, w] -> [N, (h/2)(w/2), 4C]`` (:func:`pack_latents`), and its output is unpacked
+  back (:func:`unpack_latents`);
+* **position ids**: each image token's (0, row, column) and zeros for the text tokens
+  (:func:`latent_image_ids`), as the pipeline builds them;
+* **timestep**: FLUX is given ``σ`` itself (the pipeline divides its ``σ·1000`` by 1000);
+* **guidance**: FLUX.1-dev's distilled guidance is an *input* of the model (``guidance_scale``, a
+  config value, used only where ``transformer.config.guidance_embeds``), not classifier-free
+  guidance; ``cfg_scale`` is true CFG with a negative prompt, one batched call.
+
+The condition is the pipeline's own ``encode_prompt`` (CLIP's pooled embedding and T5's sequence)
+of the text the language model wrote, once per distinct text, the text encoders frozen and not
+parameters of the policy (:class:`FluxPromptConditioner`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from unigrpo_env.agents.hf_policies import ConditionedFlowPolicy, PromptText
+from unigrpo_env.agents.policy import TurnContext
+
+__all__ = ["pack_latents", "unpack_latents", "latent_image_ids", "FluxPromptConditioner", "FluxFlowPolicy"]
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """``[N, C, h, w] -> [N, (h/2)(w/2), 4C]``: each 2×2 patch one token, rows first."""
+    n, c, h, w = latents.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"FLUX packs 2×2 patches: the latent's height and width must be even, got {h}×{w}")
+    patches = latents.view(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(n, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The inverse of :func:`pack_latents`, for a latent of ``height × width``."""
+    n, _, dim = tokens.shape
+    c = dim // 4
+    patches = tokens.view(n, height // 2, width // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return patches.reshape(n, c, height, width)
+
+
+def latent_image_ids(
+    height: int, width: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The position ids ``[(h/2)(w/2), 3]`` of the packed tokens of an ``height × width`` latent:
+    (0, row, column) of each 2×2 patch."""
+    rows = torch.arange(height // 2, device=device, dtype=dtype)
+    cols = torch.arange(width // 2, device=device, dtype=dtype)
+    ids = torch.zeros(height // 2, width // 2, 3, device=device, dtype=dtype)
+    ids[..., 1] = rows[:, None]
+    ids[..., 2] = cols[None, :]
+    return ids.reshape(-1, 3)
+
+
+class FluxPromptConditioner:
+    """``encode_prompt`` of a ``FluxPipeline`` (CLIP pooled, T5 sequence), once per distinct text.
+
+    Args:
+        pipeline: the ``FluxPipeline``.
+        prompt_text: the text each episode's image is drawn from.
+        negative_prompt: the unconditional branch's text, for true CFG.
+        max_sequence_length: T5's token budget, as the pipeline's option.
+    """
+
+    def __init__(
+        self, pipeline: Any, prompt_text: PromptText, *, negative_prompt: str = "", max_sequence_length: int = 512
+    ):
+        self.pipeline = pipeline
+        for name in ("text_encoder", "text_encoder_2"):  # frozen: the policy never trains them
+            encoder = getattr(pipeline, name, None)
+            if encoder is not None:
+                encoder.eval().requires_grad_(False)
+        self.prompt_text = prompt_text
+        self.negative_prompt = negative_prompt
+        self.max_sequence_length = int(max_sequence_length)
+        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(prompt_embeds [N, L, D], pooled_prompt_embeds [N, P])``; new texts in one call."""
+        new = [text for text in dict.fromkeys(texts) if text not in self.cache]
+        if new:
+            embeds, pooled, _ = self.pipeline.encode_prompt(
+                prompt=new, prompt_2=new, max_sequence_length=self.max_sequence_length
+            )
+            for i, text in enumerate(new):
+                self.cache[text] = (embeds[i], pooled[i])
+        return torch.stack([self.cache[t][0] for t in texts]), torch.stack([self.cache[t][1] for t in texts])
+
+    def __call__(self, context: TurnContext) -> dict[str, torch.Tensor]:
+        embeds, pooled = self.encode(list(self.prompt_text(context)))
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+    def unconditional(self, condition: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        n = condition["encoder_hidden_states"].shape[0]
+        embeds, pooled = self.encode([self.negative_prompt] * n)
+        device = condition["encoder_hidden_states"].device
+        return {"encoder_hidden_states": embeds.to(device), "pooled_projections": pooled.to(device)}
+
+
+class FluxFlowPolicy(ConditionedFlowPolicy):
+    """The transformer of a ``FluxPipeline`` as a :class:`~unigrpo_env.agents.policy.FlowPolicy`;
+    see the module docstring.
+
+    Args:
+        pipeline: the ``FluxPipeline``.
+        prompt_text: the text each episode's image is drawn from.
+        guidance_scale: FLUX.1-dev's distilled guidance, a model input (ignored by a transformer
+            without ``guidance_embeds``, such as FLUX.1-schnell's); the pipeline's default is 3.5.
+        **conditioner_options: ``negative_prompt``, ``max_sequence_length``.
+    """
+
+    def __init__(
+        self, pipeline: Any, prompt_text: PromptText, *, guidance_scale: float = 3.5, **conditioner_options: Any
+    ):
+        conditioner = FluxPromptConditioner(pipeline, prompt_text, **conditioner_options)
+        super().__init__(pipeline.transformer, conditioner, conditioner.unconditional)
+        self.guidance_scale = float(guidance_scale)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike[str],
+        prompt_text: PromptText,
+        *,
+        dtype: torch.dtype = torch.float32,
+        **options: Any,
+    ) -> FluxFlowPolicy:
+        """Load a ``FluxPipeline`` folder or hub id with diffusers' ``from_pretrained``."""
+        from diffusers import FluxPipeline
+
+        return cls(FluxPipeline.from_pretrained(path, torch_dtype=dtype), prompt_text, **options)
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, condition: dict[str, Any]) -> torch.Tensor:
+        n, _, height, width = x_t.shape
+        dtype = next(self.model.parameters()).dtype
+        embeds = condition["encoder_hidden_states"].to(dtype)
+        guidance = None
+        if self.model.config.guidance_embeds:
+            guidance = torch.full((n,), self.guidance_scale, device=x_t.device, dtype=torch.float32)
+        out = self.model(
+            hidden_states=pack_latents(x_t).to(dtype),
+            timestep=t.to(dtype),  # FLUX is given σ itself
+            guidance=guidance,
+            pooled_projections=condition["pooled_projections"].to(dtype),
+            encoder_hidden_states=embeds,
+            txt_ids=torch.zeros(embeds.shape[1], 3, device=x_t.device, dtype=dtype),
+            img_ids=latent_image_ids(height, width, x_t.device, dtype),
+            return_dict=False,
+        )[0]
+        return unpack_latents(out.float(), height, width)

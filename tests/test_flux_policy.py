@@ -1,0 +1,99 @@
+"""FLUX.1 as the image policy, on a tiny random FluxPipeline built from configs in code: packing
+and position ids as the pipeline's own, and the policy's ODE rollout equal to the pipeline's output
+(distilled guidance as a model input; true CFG with a negative prompt)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+from unigrpo_env import flow
+from unigrpo_env.agents.flux_policy import FluxFlowPolicy, latent_image_ids, pack_latents, unpack_latents
+from unigrpo_env.agents.policy import TurnContext
+
+WORDS = ["<pad>", "<unk>", "<s>", "</s>", "a", "red", "green", "blue", "circle", "square", "draw"]
+PROMPTS = ["draw a red circle", "draw a blue square"]
+STEPS, SHIFT = 4, 3.0
+
+
+def _tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        model_max_length=16,
+    )
+
+
+def tiny_pipeline(guidance_embeds: bool) -> FluxPipeline:
+    """FLUX's hidden constraints: in_channels = 4 × the VAE's latent channels (2×2 packing),
+    joint_attention_dim = T5's d_model, pooled_projection_dim = CLIP's hidden size, and the rope
+    axes adding up to the attention head's size."""
+    torch.manual_seed(0)
+    clip = CLIPTextConfig(
+        vocab_size=len(WORDS), hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+        projection_dim=32, max_position_embeddings=16, bos_token_id=2, eos_token_id=3, pad_token_id=0,
+    )  # fmt: skip
+    t5 = T5Config(vocab_size=len(WORDS), d_model=32, d_ff=37, d_kv=8, num_layers=1, num_heads=4, pad_token_id=0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance_embeds, axes_dims_rope=(4, 4, 8),
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4, norm_num_groups=4, sample_size=16, scaling_factor=0.3611, shift_factor=0.1159,
+    )  # fmt: skip
+    pipe = FluxPipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=SHIFT), vae=vae,
+        text_encoder=CLIPTextModel(clip), tokenizer=_tokenizer(), text_encoder_2=T5EncoderModel(t5), tokenizer_2=_tokenizer(),
+    )  # fmt: skip
+    for part in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+        part.eval()  # as from_pretrained leaves them (T5 has dropout)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _context(n: int) -> TurnContext:
+    return TurnContext(
+        prompts=[("p",)] * n, history=[[] for _ in range(n)], images=torch.zeros((n, 0, 16, 16, 3), dtype=torch.uint8),
+        reasoning=torch.zeros((n, 0), dtype=torch.long), reasoning_lengths=torch.zeros(n, dtype=torch.long),
+    )  # fmt: skip
+
+
+def test_packing_and_position_ids_are_the_pipelines():
+    x = torch.randn(2, 4, 8, 6)
+    packed = pack_latents(x)
+    assert torch.equal(packed, FluxPipeline._pack_latents(x, 2, 4, 8, 6)) and packed.shape == (2, 12, 16)
+    assert torch.equal(unpack_latents(packed, 8, 6), x)
+    ids = FluxPipeline._prepare_latent_image_ids(2, 4, 3, "cpu", torch.float32)
+    assert torch.equal(latent_image_ids(8, 6), ids.reshape(-1, 3))
+    with pytest.raises(ValueError, match="even"):
+        pack_latents(torch.zeros(1, 4, 7, 8))
+
+
+@pytest.mark.parametrize("guidance_embeds,cfg_scale", [(False, 1.0), (True, 1.0), (False, 2.0)])
+def test_the_policys_ode_rollout_is_the_pipelines_own_output(guidance_embeds, cfg_scale):
+    pipe = tiny_pipeline(guidance_embeds)
+    policy = FluxFlowPolicy(pipe, lambda context: PROMPTS[: len(context)], guidance_scale=3.5, max_sequence_length=16)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    grid = flow.timestep_schedule(STEPS, SHIFT)
+    condition = policy.condition(_context(2))
+    x = noise
+    with torch.no_grad():
+        for k in range(STEPS):
+            x = flow.ode_step(policy.velocity(x, grid[k], condition, cfg_scale=cfg_scale), x, grid[k], grid[k + 1])
+    theirs = pipe(
+        prompt=PROMPTS, negative_prompt=[""] * 2 if cfg_scale > 1 else None, true_cfg_scale=cfg_scale,
+        latents=pack_latents(noise), sigmas=list(np.linspace(1.0, 1.0 / STEPS, STEPS)), guidance_scale=3.5,
+        output_type="latent", height=16, width=16, max_sequence_length=16,
+    ).images  # fmt: skip
+    assert torch.allclose(x, unpack_latents(theirs, 8, 8), atol=1e-5)
+    assert {id(p) for p in policy.parameters()} == {id(p) for p in pipe.transformer.parameters()}
