@@ -29,8 +29,17 @@ import torch
 
 from unigrpo_env.agents.hf_policies import ConditionedFlowPolicy, PromptText
 from unigrpo_env.agents.policy import TurnContext
+from unigrpo_env.vae_codec import VAECodec
 
-__all__ = ["pack_latents", "unpack_latents", "latent_image_ids", "FluxPromptConditioner", "FluxFlowPolicy"]
+__all__ = [
+    "pack_latents",
+    "unpack_latents",
+    "latent_image_ids",
+    "FluxPromptConditioner",
+    "FluxFlowPolicy",
+    "FluxKontextConditioner",
+    "FluxKontextFlowPolicy",
+]
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -146,17 +155,79 @@ class FluxFlowPolicy(ConditionedFlowPolicy):
         n, _, height, width = x_t.shape
         dtype = next(self.model.parameters()).dtype
         embeds = condition["encoder_hidden_states"].to(dtype)
+        tokens, ids = pack_latents(x_t), latent_image_ids(height, width, x_t.device, dtype)
+        reference = condition.get("image_latents")
+        if reference is not None:  # Kontext: the earlier image's tokens follow, their ids marked 1
+            reference_ids = latent_image_ids(*reference.shape[2:], x_t.device, dtype)
+            reference_ids[:, 0] = 1
+            tokens = torch.cat([tokens, pack_latents(reference.to(x_t.device))], dim=1)
+            ids = torch.cat([ids, reference_ids])
         guidance = None
         if self.model.config.guidance_embeds:
             guidance = torch.full((n,), self.guidance_scale, device=x_t.device, dtype=torch.float32)
         out = self.model(
-            hidden_states=pack_latents(x_t).to(dtype),
+            hidden_states=tokens.to(dtype),
             timestep=t.to(dtype),  # FLUX is given σ itself
             guidance=guidance,
             pooled_projections=condition["pooled_projections"].to(dtype),
             encoder_hidden_states=embeds,
             txt_ids=torch.zeros(embeds.shape[1], 3, device=x_t.device, dtype=dtype),
-            img_ids=latent_image_ids(height, width, x_t.device, dtype),
+            img_ids=ids,
             return_dict=False,
         )[0]
-        return unpack_latents(out.float(), height, width)
+        return unpack_latents(out[:, : (height // 2) * (width // 2)].float(), height, width)
+
+
+class FluxKontextConditioner(FluxPromptConditioner):
+    """The prompt's condition plus the latents of the turn's earlier image: the last of the
+    context's images, encoded by ``codec`` (the VAE's mode, scaled and shifted, as the Kontext
+    pipeline encodes its input image); none in a first turn."""
+
+    def __init__(self, pipeline: Any, prompt_text: PromptText, codec: Any, **options: Any):
+        super().__init__(pipeline, prompt_text, **options)
+        self.codec = codec
+
+    def __call__(self, context: TurnContext) -> dict[str, Any]:
+        condition: dict[str, Any] = super().__call__(context)
+        earlier = context.images
+        condition["image_latents"] = self.codec.encode(earlier[:, -1]) if earlier.shape[1] else None
+        return condition
+
+    def unconditional(self, condition: dict[str, Any]) -> dict[str, Any]:
+        return {**super().unconditional(condition), "image_latents": condition.get("image_latents")}
+
+
+class FluxKontextFlowPolicy(FluxFlowPolicy):
+    """FLUX.1 Kontext (``FluxKontextPipeline``) as the image policy of edits: each image is drawn
+    conditioned on the previous turn's image, whose latents join the transformer's input tokens.
+
+    Args:
+        pipeline: the ``FluxKontextPipeline``.
+        prompt_text: the text each episode's image is drawn from (the edit instruction's reasoning).
+        image_size: the side of the environment's images, in pixels (for the VAE codec).
+        guidance_scale, **conditioner_options: as for :class:`FluxFlowPolicy`.
+    """
+
+    def __init__(
+        self, pipeline: Any, prompt_text: PromptText, image_size: int, *, guidance_scale: float = 2.5, **options: Any
+    ):
+        conditioner = FluxKontextConditioner(
+            pipeline, prompt_text, VAECodec(pipeline.vae, image_size, sample=False), **options
+        )
+        ConditionedFlowPolicy.__init__(self, pipeline.transformer, conditioner, conditioner.unconditional)
+        self.guidance_scale = float(guidance_scale)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike[str],
+        prompt_text: PromptText,
+        image_size: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        **options: Any,
+    ) -> FluxKontextFlowPolicy:
+        """Load a ``FluxKontextPipeline`` folder or hub id with diffusers' ``from_pretrained``."""
+        from diffusers import FluxKontextPipeline
+
+        return cls(FluxKontextPipeline.from_pretrained(path, torch_dtype=dtype), prompt_text, image_size, **options)

@@ -97,3 +97,35 @@ def test_the_policys_ode_rollout_is_the_pipelines_own_output(guidance_embeds, cf
     ).images  # fmt: skip
     assert torch.allclose(x, unpack_latents(theirs, 8, 8), atol=1e-5)
     assert {id(p) for p in policy.parameters()} == {id(p) for p in pipe.transformer.parameters()}
+
+
+def test_kontext_draws_from_the_previous_image_as_the_pipeline_does():
+    from diffusers import FluxKontextPipeline
+
+    from unigrpo_env import VAECodec
+    from unigrpo_env.agents.flux_policy import FluxKontextFlowPolicy
+
+    flux = tiny_pipeline(guidance_embeds=True)
+    pipe = FluxKontextPipeline(**flux.components)
+    pipe.set_progress_bar_config(disable=True)
+    policy = FluxKontextFlowPolicy(pipe, lambda context: PROMPTS[: len(context)], 16, max_sequence_length=16)
+    earlier = torch.randint(0, 256, (2, 1, 16, 16, 3), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+    context = _context(2).model_copy(update={"images": earlier})  # a second turn: one image before it
+    condition = policy.condition(context)
+    reference = VAECodec(pipe.vae, 16, sample=False).encode(earlier[:, -1])
+    assert torch.allclose(condition["image_latents"], reference)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    grid = flow.timestep_schedule(STEPS, SHIFT)
+    x = noise
+    with torch.no_grad():
+        for k in range(STEPS):
+            x = flow.ode_step(policy.velocity(x, grid[k], condition), x, grid[k], grid[k + 1])
+    theirs = pipe(
+        image=reference, prompt=PROMPTS, latents=pack_latents(noise), sigmas=list(np.linspace(1.0, 1.0 / STEPS, STEPS)),
+        guidance_scale=2.5, output_type="latent", height=16, width=16, max_area=16 * 16, max_sequence_length=16, _auto_resize=False,
+    ).images  # fmt: skip
+    assert torch.allclose(x, unpack_latents(theirs, 8, 8), atol=1e-5)
+    # the earlier image matters, and a first turn (no earlier image) is plain FLUX
+    blank = policy.condition(_context(2).model_copy(update={"images": torch.zeros_like(earlier)}))
+    assert not torch.allclose(policy.velocity(noise, 1.0, blank), policy.velocity(noise, 1.0, condition))
+    assert policy.condition(_context(2))["image_latents"] is None
