@@ -1,0 +1,57 @@
+"""The UniGRPO agent, unchanged, on real model classes: a tiny Qwen2 chat model (its own tokenizer
+and chat template) writes, a tiny Stable Diffusion 3 pipeline draws in its VAE's latent space. One
+iteration with LoRA adapters on both sides: exactly on-policy, and only the adapters move."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_chat_policy import chat_folder  # noqa: F401  (the fixture)
+from test_sd3_policy import tiny_pipeline
+
+from unigrpo_env import RewardOutput, Scenario, Task, VAECodec
+from unigrpo_env.agents import UnifiedPolicy, UniGRPOAgent, UniGRPOConfig
+from unigrpo_env.agents.chat_policy import chat_text_policy, reasoning_text, text_codec
+from unigrpo_env.agents.sd3_policy import SD3FlowPolicy
+
+
+class LatentPrompts(Scenario):
+    """Two prompts; the chat model's tokenizer for text, the SD3 VAE's latents for images."""
+
+    name = "latent_prompts"
+
+    def __init__(self, tokenizer, vae):
+        self.text_codec = text_codec(tokenizer, max_tokens=5)
+        self.image_codec = VAECodec(vae, 16, sample=False)
+        self.reward = lambda inputs: RewardOutput(scores=inputs.images.float().mean(dim=(1, 2, 3)) / 255.0)
+        self.num_steps, self.shift = 3, 3.0
+
+    def tasks(self, split):
+        return [
+            Task(prompts=(p,), category=p.split()[-1], split=split, index=i)
+            for i, p in enumerate(["draw a red circle", "draw a blue square"])
+        ]
+
+
+@pytest.mark.parametrize("adapter", ["lora"])
+def test_one_iteration_on_a_chat_model_and_sd3_is_on_policy_and_moves_only_the_adapters(chat_folder, adapter):  # noqa: F811
+    pipe = tiny_pipeline()
+    for part in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+        part.eval()
+    pipe.set_progress_bar_config(disable=True)
+    text = chat_text_policy(chat_folder)
+    image = SD3FlowPolicy(pipe, reasoning_text(text.tokenizer), max_sequence_length=16)
+    policy = UnifiedPolicy(text, image)
+    config = UniGRPOConfig(
+        scenario="latent_prompts", num_prompts=2, group_size=2, sde_window_size=None, text_adapter=adapter,
+        image_adapter=adapter, lora_rank=2, lr_text=1e-2, lr_image=1e-2, iterations=1,
+    )  # fmt: skip
+    agent = UniGRPOAgent(policy, config, scenario=LatentPrompts(text.tokenizer, pipe.vae))
+    before = {name: p.detach().clone() for name, p in policy.named_parameters()}
+    stats = agent.train_iteration()
+    assert stats["first_ratio_text_max_dev"] == 0.0 and stats["first_ratio_image_max_dev"] == 0.0
+    assert stats["text_log_prob_drift"] < 1e-4 and stats["image_log_prob_drift"] < 1e-4
+    moved = {name for name, p in policy.named_parameters() if not torch.equal(p.detach(), before[name])}
+    assert moved and all("lora_" in name for name in moved)
+    assert any(name.startswith("text.") for name in moved) and any(name.startswith("image.") for name in moved)
+    assert agent.envs.trajectory.turns[0].image.latents.shape == (4, 4, 4, 8, 8)  # x_1 and 3 steps of [4, 8, 8] latents
