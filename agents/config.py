@@ -44,6 +44,9 @@ class UniGRPOConfig(BaseModel):
         default=None,
         description="the policy kind (a registered name or 'module:Name'); None = the scenario's default_policy",
     )
+    policy_options: dict[str, Any] = Field(
+        default_factory=dict, description="options of the policy kind's loader (e.g. text_model, image_model for 'hf')"
+    )
     checkpoint: str | None = Field(
         default=None, description="the policy's checkpoint folder or hub id; None = the policy kind's default"
     )

@@ -72,8 +72,11 @@ def _default(scenario: str, attribute: str) -> Any:
     return getattr(SCENARIOS.get(scenario), attribute, None)
 
 
-def load_policy(kind: str | None, checkpoint: str | None = None, *, scenario: str | None = None) -> UnifiedPolicy:
-    """Load a policy of the registered ``kind`` (None: ``scenario``'s ``default_policy``)."""
+def load_policy(
+    kind: str | None, checkpoint: str | None = None, *, scenario: str | None = None, **options: Any
+) -> UnifiedPolicy:
+    """Load a policy of the registered ``kind`` (None: ``scenario``'s ``default_policy``) with its
+    loader's ``options``."""
     if kind is None:
         kind = _default(scenario, "default_policy") if scenario is not None else None
         if kind is None:
@@ -81,7 +84,7 @@ def load_policy(kind: str | None, checkpoint: str | None = None, *, scenario: st
                 f"scenario {scenario!r} names no default policy: choose one with the config's 'policy' "
                 f"(registered policies: {', '.join(POLICIES.names()) or 'none'})"
             )
-    policy = POLICIES.get(kind)(checkpoint=checkpoint)
+    policy = POLICIES.get(kind)(checkpoint=checkpoint, **options)
     if not isinstance(policy, UnifiedPolicy):
         raise TypeError(f"the loader of policy {kind!r} returned {type(policy).__name__}, not a UnifiedPolicy")
     return policy
@@ -112,5 +115,5 @@ def build_parts(config: UniGRPOConfig) -> RunParts:
     of ``config.policy`` loaded from ``config.checkpoint``, and the evaluator."""
     scenario = make_scenario(config.scenario, **config.scenario_options)
     evaluator = build_evaluator(config.evaluator, scenario=config.scenario)
-    policy = load_policy(config.policy, config.checkpoint, scenario=config.scenario)
+    policy = load_policy(config.policy, config.checkpoint, scenario=config.scenario, **config.policy_options)
     return RunParts(policy=policy, scenario=scenario, evaluator=evaluator)

@@ -108,6 +108,12 @@ class Adapter(str, Enum):
     ln_tuning = "ln_tuning"
 
 
+class Precision(str, Enum):
+    no = "no"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
 class Regularizer(str, Enum):
     mse = "mse"
     kl = "kl"
@@ -162,6 +168,16 @@ def run(
         help="The training reward: a reward name or a weighted sum such as 'shapes_verifier:1.0,quality:0.2' "
         "(sets the scenario option 'reward'; each term is logged separately).",
     ),
+    text_model: str | None = typer.Option(
+        None, "--text-model", help="A chat model's folder or hub id (scenario t2i_prompts, policy kind hf)."
+    ),
+    image_model: str | None = typer.Option(
+        None,
+        "--image-model",
+        help="A diffusers SD3 / FLUX / FLUX Kontext pipeline's folder or hub id (t2i_prompts, hf).",
+    ),
+    prompts: Path | None = typer.Option(None, "--prompts", help="The prompt file of t2i_prompts (text or JSONL)."),
+    mixed_precision: Precision | None = typer.Option(None, "--mixed-precision", help="Accelerate's mixed precision."),
 ) -> None:
     """Train a policy with UniGRPO on a scenario; writes a run folder and prints a before/after table."""
     import time as _time
@@ -221,6 +237,15 @@ def run(
         except RewardSpecError as exc:
             raise UserError(f"--reward: {exc}") from exc
         settings.scenario_options = {**settings.scenario_options, "reward": reward}
+    if not resume:
+        models = {"text_model": text_model, "image_model": image_model}
+        models = {k: v for k, v in models.items() if v is not None}
+        extra = {**models, **({"prompts": str(prompts)} if prompts is not None else {})}
+        if extra:  # the real models' paths go to the scenario (its codecs) and to the policy (its weights)
+            settings.scenario_options = {**settings.scenario_options, **extra}
+            settings.policy_options = {**settings.policy_options, **models}
+        if mixed_precision is not None:
+            settings.mixed_precision = mixed_precision.value
     _check_scenario(settings.scenario, settings.scenario_options)
     out = out or Path("runs") / f"{name}-{_time.strftime('%Y%m%d-%H%M%S')}"
     parts = build_parts(settings)

@@ -1,0 +1,70 @@
+"""The policy kind ``hf``: a chat model that writes and a diffusers pipeline that draws.
+
+``load_hf_policy(text_model=..., image_model=...)`` builds the :class:`UnifiedPolicy` of a real run:
+the text side from a chat model (:func:`~unigrpo_env.agents.chat_policy.chat_text_policy`), the
+image side from the pipeline the folder or hub id holds — ``StableDiffusion3Pipeline``,
+``FluxPipeline`` or ``FluxKontextPipeline``, read from its ``model_index.json`` — drawing from the
+reasoning (or the text after ``answer_marker``). With ``checkpoint`` (a run's checkpoint folder),
+the trained language model and transformer saved there replace the starting ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unigrpo_env.agents.chat_policy import chat_text_policy, reasoning_text
+from unigrpo_env.agents.flux_policy import FluxFlowPolicy, FluxKontextFlowPolicy
+from unigrpo_env.agents.policy import CheckpointError, UnifiedPolicy
+from unigrpo_env.agents.sd3_policy import SD3FlowPolicy
+
+__all__ = ["IMAGE_POLICIES", "load_hf_policy"]
+
+#: The diffusers pipeline classes the ``hf`` kind draws with, and their image policies.
+IMAGE_POLICIES = {
+    "StableDiffusion3Pipeline": SD3FlowPolicy,
+    "FluxPipeline": FluxFlowPolicy,
+    "FluxKontextPipeline": FluxKontextFlowPolicy,
+}
+
+
+def load_hf_policy(
+    checkpoint: str | None = None,
+    *,
+    text_model: str | None = None,
+    image_model: str | None = None,
+    image_size: int = 512,
+    answer_marker: str | None = None,
+    dtype: str = "float32",
+    **image_options: Any,
+) -> UnifiedPolicy:
+    """A chat model and a diffusers pipeline as one policy; see the module docstring.
+    ``image_options`` go to the image policy (``max_sequence_length``, ``guidance_scale``, ...)."""
+    import diffusers
+
+    if text_model is None or image_model is None:
+        raise CheckpointError("the policy kind 'hf' needs text_model and image_model (--text-model, --image-model)")
+    torch_dtype = getattr(torch, dtype)
+    trained = Path(checkpoint) if checkpoint is not None else None
+    text = chat_text_policy(trained / "language_model" if trained else text_model, dtype=torch_dtype)
+    try:
+        kind = diffusers.DiffusionPipeline.load_config(image_model)["_class_name"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(
+            f"image_model {image_model!r} is not a diffusers pipeline folder or hub id: {' '.join(str(exc).split())[:200]}"
+        ) from exc
+    if kind not in IMAGE_POLICIES:
+        raise CheckpointError(f"image_model {image_model!r} holds a {kind}; expected one of {sorted(IMAGE_POLICIES)}")
+    pipeline = getattr(diffusers, kind).from_pretrained(image_model, torch_dtype=torch_dtype)
+    if trained is not None:
+        pipeline.transformer = type(pipeline.transformer).from_pretrained(
+            trained / "flow_model", torch_dtype=torch_dtype
+        )
+    prompt_text = reasoning_text(text.tokenizer, answer_marker)
+    if kind == "FluxKontextPipeline":
+        image = FluxKontextFlowPolicy(pipeline, prompt_text, image_size, **image_options)
+    else:
+        image = IMAGE_POLICIES[kind](pipeline, prompt_text, **image_options)
+    return UnifiedPolicy(text, image)

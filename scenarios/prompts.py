@@ -1,0 +1,146 @@
+"""``t2i_prompts``: reasoning then one image, for real models, on prompts read from a file.
+
+The scenario of a real run: a chat model reasons about a prompt and a latent-space flow model
+(Stable Diffusion 3, FLUX) draws it. Its world is the models' own:
+
+* the text codec is the chat model's tokenizer (``text_model``, a folder or hub id), with the
+  think markers added as the policy adds them, so token ids agree;
+* the image codec is the pipeline's VAE (``image_model``'s ``vae`` subfolder), latents
+  ``[C, image_size / f, image_size / f]``;
+* the reward is named with ``reward`` (a registered reward or weighted-sum spec; a run gives it
+  with ``--reward``): there is no default, as no reward fits every prompt set.
+
+Prompt files: plain text (one prompt a line; blank lines and ``#`` comments skipped) or JSONL, one
+object a line with at least ``"prompt"``; GenEval's metadata fields (``tag``, ``include``, ...)
+are kept in ``Task.meta`` and ``tag`` becomes the task's category. The held-out split is a second
+file (``heldout``) or a seeded share of the first (``heldout_fraction``).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from unigrpo_env.codecs import THINK, TextCodec, add_think_tokens
+from unigrpo_env.reward import RewardFunction
+from unigrpo_env.rewards import get_reward
+from unigrpo_env.scenario import Scenario
+from unigrpo_env.task import Task
+from unigrpo_env.vae_codec import VAECodec
+
+__all__ = ["read_prompt_file", "T2IPromptsScenario"]
+
+
+def read_prompt_file(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a prompt file: ``{"prompt": ..., **metadata}`` each (see the module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"prompt file {str(path)!r} does not exist")
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number}: not a JSON object ({exc.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise ValueError(f"{path}:{number}: expected an object with a string 'prompt'")
+        else:
+            record = {"prompt": line}
+        records.append(record)
+    if not records:
+        raise ValueError(f"prompt file {str(path)!r} holds no prompts")
+    return records
+
+
+class T2IPromptsScenario(Scenario):
+    """Prompts from a file -> a chat model's reasoning -> a latent flow model's image.
+
+    Args:
+        prompts: the prompt file (train, or train and held out with ``heldout_fraction``).
+        text_model: the chat model's folder or hub id (its tokenizer is the text codec).
+        image_model: the diffusers pipeline's folder or hub id (its ``vae`` is the image codec).
+        reward: the reward's name or weighted-sum spec; ``reward_options`` go to its factory.
+        heldout: a second prompt file for the held-out split.
+        heldout_fraction: without ``heldout``, the share of ``prompts`` held out (seeded by ``split_seed``).
+        image_size: the images' side in pixels.
+        num_steps: denoising steps per image; ``shift``: the time grid's shift (SD3: 3).
+        max_tokens: the reasoning's token limit.
+    """
+
+    name = "t2i_prompts"
+    default_policy = "hf"
+
+    def __init__(
+        self,
+        prompts: str,
+        text_model: str,
+        image_model: str,
+        reward: str | RewardFunction | None = None,
+        reward_options: dict[str, Any] | None = None,
+        heldout: str | None = None,
+        heldout_fraction: float = 0.1,
+        split_seed: int = 0,
+        image_size: int = 512,
+        num_steps: int = 10,
+        shift: float = 3.0,
+        max_tokens: int = 256,
+    ):
+        if reward is None:
+            raise ValueError("t2i_prompts needs a reward: give one with --reward (a registered name or a weighted sum)")
+        if not 0.0 < heldout_fraction < 1.0:
+            raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
+        self.records = {"train": read_prompt_file(prompts)}
+        if heldout is not None:
+            self.records["heldout"] = read_prompt_file(heldout)
+        else:
+            order = np.random.default_rng(split_seed).permutation(len(self.records["train"]))
+            cut = max(1, int(round(heldout_fraction * len(order))))
+            if cut >= len(order):
+                raise ValueError(f"{prompts!r} has too few prompts ({len(order)}) to hold some out")
+            every = self.records["train"]
+            self.records = {
+                "train": [every[i] for i in sorted(order[cut:])],
+                "heldout": [every[i] for i in sorted(order[:cut])],
+            }
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(text_model)
+        except (OSError, ValueError) as exc:
+            raise ValueError(
+                f"could not load the tokenizer of text_model {text_model!r}: {' '.join(str(exc).split())[:200]}"
+            ) from exc
+        add_think_tokens(tokenizer)  # as the policy adds them: the same ids
+        self.text_codec = TextCodec(
+            tokenizer, end_of_thinking=THINK[1], max_tokens=max_tokens, pad_token=tokenizer.pad_token
+        )
+        try:
+            self.image_codec = VAECodec.from_pretrained(image_model, image_size, subfolder="vae", sample=False)
+        except (OSError, ValueError) as exc:
+            raise ValueError(
+                f"could not load the VAE of image_model {image_model!r}: {' '.join(str(exc).split())[:200]}"
+            ) from exc
+        self.num_steps, self.shift = int(num_steps), float(shift)
+        self.reward = get_reward(reward, **(reward_options or {})) if isinstance(reward, str) else reward
+        self.timesteps()  # validate num_steps and shift now
+
+    @cached_property
+    def _tasks(self) -> dict[str, list[Task]]:
+        return {
+            split: [
+                Task(prompts=(r["prompt"],), category=str(r.get("tag", "")), split=split, index=i, meta=dict(r))
+                for i, r in enumerate(records)
+            ]
+            for split, records in self.records.items()
+        }
+
+    def tasks(self, split: str) -> list[Task]:
+        return self._tasks[split]

@@ -1,0 +1,143 @@
+"""``t2i_prompts`` end to end on real model classes: a prompt file, a tiny chat model and a tiny SD3
+pipeline saved to folders, trained through the CLI's own path (``--text-model``, ``--image-model``,
+``--prompts``) with LoRA on both sides; and the prompt files' rules."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_chat_policy import chat_folder  # noqa: F401  (the fixture)
+from test_sd3_policy import tiny_pipeline
+
+import unigrpo_env
+from unigrpo_env.scenarios.prompts import read_prompt_file
+
+PROMPTS = [
+    {"prompt": "draw a red circle", "tag": "single_object", "include": [{"class": "circle", "count": 1}]},
+    {"prompt": "draw a blue square", "tag": "colors"},
+    {"prompt": "draw a green circle", "tag": "colors"},
+    {"prompt": "draw a red square", "tag": "single_object"},
+    {"prompt": "draw a blue circle", "tag": "colors"},
+]
+
+
+def test_prompt_files_text_and_jsonl(tmp_path):
+    (tmp_path / "p.txt").write_text("# a comment\ndraw a red circle\n\ndraw a blue square\n")
+    assert read_prompt_file(tmp_path / "p.txt") == [{"prompt": "draw a red circle"}, {"prompt": "draw a blue square"}]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in PROMPTS))
+    assert read_prompt_file(tmp_path / "p.jsonl")[0]["include"] == [{"class": "circle", "count": 1}]
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2: expected an object with a string 'prompt'"):
+        read_prompt_file(tmp_path / "bad.jsonl")
+    (tmp_path / "empty.txt").write_text("\n# nothing\n")
+    with pytest.raises(ValueError, match="holds no prompts"):
+        read_prompt_file(tmp_path / "empty.txt")
+
+
+@pytest.fixture(scope="module")
+def models(chat_folder, tmp_path_factory):  # noqa: F811
+    folder = tmp_path_factory.mktemp("models")
+    pipe = tiny_pipeline()
+    pipe.save_pretrained(folder / "sd3")
+    prompts = folder / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(r) for r in PROMPTS))
+    return {"text": str(chat_folder), "image": str(folder / "sd3"), "prompts": str(prompts)}
+
+
+def test_the_scenario_reads_its_world_from_the_models(models):
+    scenario = unigrpo_env.make_scenario(
+        "t2i_prompts", prompts=models["prompts"], text_model=models["text"], image_model=models["image"],
+        reward="jpeg_compressibility", image_size=16, heldout_fraction=0.4,
+    )  # fmt: skip
+    train, heldout = scenario.tasks("train"), scenario.tasks("heldout")
+    assert len(train) == 3 and len(heldout) == 2 and not {t.prompts for t in train} & {t.prompts for t in heldout}
+    assert {t.category for t in train + heldout} == {"single_object", "colors"} and "tag" in train[0].meta
+    assert scenario.image_codec.latent_shape == (4, 8, 8) and scenario.text_codec.end_of_thinking == "</think>"
+    with pytest.raises(ValueError, match="needs a reward"):
+        unigrpo_env.make_scenario(
+            "t2i_prompts", prompts=models["prompts"], text_model=models["text"], image_model=models["image"]
+        )
+
+
+def test_a_run_through_the_cli_trains_both_sides_and_saves_what_loads(models, tmp_path):
+    from unigrpo_env import Trajectory
+    from unigrpo_env.cli.main import main
+
+    config = tmp_path / "small.yaml"
+    config.write_text(
+        "num_prompts: 2\ngroup_size: 2\neval_limit: 2\nlora_rank: 2\nsde_window_size: null\n"
+        "scenario_options: {image_size: 16, num_steps: 2, max_tokens: 4, heldout_fraction: 0.4}\n"
+        "policy_options: {max_sequence_length: 16}\n"
+    )
+    out = tmp_path / "run"
+    args = ["run", "scenario", "t2i_prompts", "--text-model", models["text"], "--image-model", models["image"]]
+    args += [
+        "--prompts",
+        models["prompts"],
+        "--reward",
+        "jpeg_compressibility",
+        "--iterations",
+        "2",
+        "--config",
+        str(config),
+    ]
+    args += ["--text-adapter", "lora", "--image-adapter", "lora", "--out", str(out)]
+    with pytest.raises(SystemExit) as done:
+        main(args)
+    assert done.value.code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["scenario"] == "t2i_prompts" and summary["iterations"] == 2
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["first_ratio_text_max_dev"] == 0.0 and r["first_ratio_image_max_dev"] == 0.0 for r in rows)
+    final = out / "checkpoints" / "ckpt-000002"
+    assert (final / "language_model" / "config.json").is_file() and (final / "flow_model" / "config.json").is_file()
+    # the trained checkpoint loads as the policy kind hf, and an episode's trajectory saves and loads
+    from unigrpo_env.agents.parts import load_policy
+
+    policy = load_policy(
+        "hf", str(final), text_model=models["text"], image_model=models["image"], max_sequence_length=16
+    )
+    assert policy.text.tokenizer.convert_tokens_to_ids("</think>") == policy.text.eot_id
+    env = unigrpo_env.make(
+        "t2i_prompts", prompts=models["prompts"], text_model=models["text"], image_model=models["image"],
+        reward="jpeg_compressibility", image_size=16, num_steps=2, max_tokens=4,
+    )  # fmt: skip
+    obs, _ = env.reset(seed=0)
+    obs, *_ = env.step(unigrpo_env.TextAction(tokens=[env.text_codec.eot_id]))
+    while obs.phase == "image":
+        obs, _, _, _, info = env.step(unigrpo_env.FlowAction(x_next=obs.x_t * 0.5))
+    saved = info["trajectory"].save(tmp_path / "episode.safetensors")
+    assert Trajectory.load(saved) == info["trajectory"]
+
+
+def test_a_missing_reward_or_model_is_one_line_and_exit_2(models):
+    import subprocess
+    import sys
+
+    base = [
+        sys.executable,
+        "-m",
+        "unigrpo_env.cli.main",
+        "run",
+        "scenario",
+        "t2i_prompts",
+        "--prompts",
+        models["prompts"],
+    ]
+    for extra, expected in (
+        (["--text-model", models["text"], "--image-model", models["image"]], "needs a reward"),
+        (
+            [
+                "--text-model",
+                "/nonexistent/model",
+                "--image-model",
+                models["image"],
+                "--reward",
+                "jpeg_compressibility",
+            ],
+            "text_model",
+        ),
+    ):
+        done = subprocess.run(base + extra, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and expected in done.stderr and "Traceback" not in done.stderr, done.stderr[-800:]
