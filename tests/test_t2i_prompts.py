@@ -103,6 +103,9 @@ def test_a_run_through_the_cli_trains_both_sides_and_saves_what_loads(models, tm
         "t2i_prompts", prompts=models["prompts"], text_model=models["text"], image_model=models["image"],
         reward="jpeg_compressibility", image_size=16, num_steps=2, max_tokens=4,
     )  # fmt: skip
+    from gymnasium.utils.env_checker import check_env
+
+    check_env(env)  # Gymnasium's own checker, on the real tokenizer's action space and the VAE's latents
     obs, _ = env.reset(seed=0)
     obs, *_ = env.step(unigrpo_env.TextAction(tokens=[env.text_codec.eot_id]))
     while obs.phase == "image":

@@ -19,7 +19,17 @@ from unigrpo_env._tensor_eq import tensors_equal
 from unigrpo_env.registration import gym_ids
 from unigrpo_env.scenarios.shapes import CATEGORIES, ShapesTask, render
 
-GYM_IDS = gym_ids()  # every registered scenario's Gymnasium id
+
+def _builds_without_options(name: str) -> bool:
+    try:
+        unigrpo_env.make_scenario(name)
+    except (TypeError, ValueError):  # e.g. t2i_prompts: needs its prompt file and models
+        return False
+    return True
+
+
+#: The Gymnasium id of every registered scenario that builds without options.
+GYM_IDS = {env_id: name for env_id, name in gym_ids().items() if _builds_without_options(name)}
 
 ROOT = Path(__file__).resolve().parents[1]
 
