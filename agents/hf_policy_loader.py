@@ -20,7 +20,7 @@ from unigrpo_env.agents.flux_policy import FluxFlowPolicy, FluxKontextFlowPolicy
 from unigrpo_env.agents.policy import CheckpointError, UnifiedPolicy
 from unigrpo_env.agents.sd3_policy import SD3FlowPolicy
 
-__all__ = ["IMAGE_POLICIES", "load_hf_policy"]
+__all__ = ["IMAGE_POLICIES", "load_hf_policy", "check_latent_channels"]
 
 #: The diffusers pipeline classes the ``hf`` kind draws with, and their image policies.
 IMAGE_POLICIES = {
@@ -62,9 +62,23 @@ def load_hf_policy(
         pipeline.transformer = type(pipeline.transformer).from_pretrained(
             trained / "flow_model", torch_dtype=torch_dtype
         )
+    check_latent_channels(pipeline)
     prompt_text = reasoning_text(text.tokenizer, answer_marker)
     if kind == "FluxKontextPipeline":
         image = FluxKontextFlowPolicy(pipeline, prompt_text, image_size, **image_options)
     else:
         image = IMAGE_POLICIES[kind](pipeline, prompt_text, **image_options)
     return UnifiedPolicy(text, image)
+
+
+def check_latent_channels(pipeline: Any) -> None:
+    """Raise :class:`CheckpointError` unless the transformer reads the VAE's latents: SD3's takes
+    the latent channels themselves, FLUX's 2×2 patches of them (4× the channels)."""
+    latent = int(pipeline.vae.config.latent_channels)
+    expected = latent * 4 if "Flux" in type(pipeline).__name__ else latent
+    found = int(pipeline.transformer.config.in_channels)
+    if found != expected:
+        raise CheckpointError(
+            f"the {type(pipeline).__name__}'s transformer takes {found} input channels, but its VAE's latents need "
+            f"{expected} ({latent} latent channels{', packed 2×2' if expected != latent else ''})"
+        )

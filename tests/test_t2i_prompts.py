@@ -144,3 +144,21 @@ def test_a_missing_reward_or_model_is_one_line_and_exit_2(models):
     ):
         done = subprocess.run(base + extra, capture_output=True, text=True, timeout=300)
         assert done.returncode == 2 and expected in done.stderr and "Traceback" not in done.stderr, done.stderr[-800:]
+
+
+def test_a_folder_of_the_wrong_kind_or_a_vae_that_does_not_fit_is_refused(models, tmp_path):
+    from diffusers import AutoencoderKL
+
+    from unigrpo_env.agents.parts import load_policy
+    from unigrpo_env.agents.policy import CheckpointError
+
+    with pytest.raises(CheckpointError, match="not a diffusers pipeline"):
+        load_policy("hf", text_model=models["text"], image_model=models["text"])  # a chat model's folder
+    pipe = tiny_pipeline()
+    pipe.vae = AutoencoderKL(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=8, norm_num_groups=4, sample_size=16,
+    )  # fmt: skip
+    pipe.save_pretrained(tmp_path / "mismatched")
+    with pytest.raises(CheckpointError, match="takes 4 input channels, but its VAE's latents need 8"):
+        load_policy("hf", text_model=models["text"], image_model=str(tmp_path / "mismatched"))
