@@ -22,13 +22,13 @@ parameters of the policy (:class:`FluxPromptConditioner`).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from unigrpo_env.agents.hf_policies import ConditionedFlowPolicy, PromptText
 from unigrpo_env.agents.policy import TurnContext
+from unigrpo_env.agents.prompt_conditioning import PromptConditioner
 from unigrpo_env.vae_codec import VAECodec
 
 __all__ = [
@@ -72,50 +72,17 @@ def latent_image_ids(
     return ids.reshape(-1, 3)
 
 
-class FluxPromptConditioner:
-    """``encode_prompt`` of a ``FluxPipeline`` (CLIP pooled, T5 sequence), once per distinct text.
+class FluxPromptConditioner(PromptConditioner):
+    """``encode_prompt`` of a ``FluxPipeline`` (CLIP's pooled embedding, T5's sequence), once per
+    distinct text."""
 
-    Args:
-        pipeline: the ``FluxPipeline``.
-        prompt_text: the text each episode's image is drawn from.
-        negative_prompt: the unconditional branch's text, for true CFG.
-        max_sequence_length: T5's token budget, as the pipeline's option.
-    """
+    default_max_sequence_length = 512
 
-    def __init__(
-        self, pipeline: Any, prompt_text: PromptText, *, negative_prompt: str = "", max_sequence_length: int = 512
-    ):
-        self.pipeline = pipeline
-        for name in ("text_encoder", "text_encoder_2"):  # frozen: the policy never trains them
-            encoder = getattr(pipeline, name, None)
-            if encoder is not None:
-                encoder.eval().requires_grad_(False)
-        self.prompt_text = prompt_text
-        self.negative_prompt = negative_prompt
-        self.max_sequence_length = int(max_sequence_length)
-        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    @torch.no_grad()
-    def encode(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(prompt_embeds [N, L, D], pooled_prompt_embeds [N, P])``; new texts in one call."""
-        new = [text for text in dict.fromkeys(texts) if text not in self.cache]
-        if new:
-            embeds, pooled, _ = self.pipeline.encode_prompt(
-                prompt=new, prompt_2=new, max_sequence_length=self.max_sequence_length
-            )
-            for i, text in enumerate(new):
-                self.cache[text] = (embeds[i], pooled[i])
-        return torch.stack([self.cache[t][0] for t in texts]), torch.stack([self.cache[t][1] for t in texts])
-
-    def __call__(self, context: TurnContext) -> dict[str, torch.Tensor]:
-        embeds, pooled = self.encode(list(self.prompt_text(context)))
-        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
-
-    def unconditional(self, condition: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        n = condition["encoder_hidden_states"].shape[0]
-        embeds, pooled = self.encode([self.negative_prompt] * n)
-        device = condition["encoder_hidden_states"].device
-        return {"encoder_hidden_states": embeds.to(device), "pooled_projections": pooled.to(device)}
+    def encode_new(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, pooled, _ = self.pipeline.encode_prompt(
+            prompt=texts, prompt_2=texts, max_sequence_length=self.max_sequence_length
+        )
+        return embeds, pooled
 
 
 class FluxFlowPolicy(ConditionedFlowPolicy):

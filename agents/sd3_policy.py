@@ -20,68 +20,31 @@ The latents are the VAE's (:class:`~unigrpo_env.VAECodec` over ``pipeline.vae``)
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from unigrpo_env.agents.hf_policies import ConditionedFlowPolicy, PromptText
-from unigrpo_env.agents.policy import TurnContext
+from unigrpo_env.agents.prompt_conditioning import PromptConditioner
 
 __all__ = ["SD3PromptConditioner", "SD3FlowPolicy"]
 
 
-class SD3PromptConditioner:
-    """``encode_prompt`` of the pipeline's three text encoders, once per distinct text.
+class SD3PromptConditioner(PromptConditioner):
+    """``encode_prompt`` of a ``StableDiffusion3Pipeline``'s three text encoders (two CLIPs' pooled
+    embeddings, T5's and the CLIPs' sequences), once per distinct text."""
 
-    Args:
-        pipeline: the ``StableDiffusion3Pipeline`` (its tokenizers and text encoders are used).
-        prompt_text: the text each episode's image is drawn from (e.g. the decoded reasoning, or
-            the part after a final-answer marker).
-        negative_prompt: the unconditional branch's text, for CFG (diffusers' default: empty).
-        max_sequence_length: T5's token budget, as the pipeline's option.
-    """
+    default_max_sequence_length = 256
 
-    def __init__(
-        self, pipeline: Any, prompt_text: PromptText, *, negative_prompt: str = "", max_sequence_length: int = 256
-    ):
-        self.pipeline = pipeline
-        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):  # frozen: the policy never trains them
-            encoder = getattr(pipeline, name, None)
-            if encoder is not None:
-                encoder.eval().requires_grad_(False)
-        self.prompt_text = prompt_text
-        self.negative_prompt = negative_prompt
-        self.max_sequence_length = int(max_sequence_length)
-        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    @torch.no_grad()
-    def encode(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(prompt_embeds [N, L, D], pooled_prompt_embeds [N, P])`` of ``texts``; the texts not
-        seen before are encoded in one batched call."""
-        new = [text for text in dict.fromkeys(texts) if text not in self.cache]
-        if new:
-            embeds, _, pooled, _ = self.pipeline.encode_prompt(
-                prompt=new,
-                prompt_2=new,
-                prompt_3=new,
-                do_classifier_free_guidance=False,
-                max_sequence_length=self.max_sequence_length,
-            )
-            for i, text in enumerate(new):
-                self.cache[text] = (embeds[i], pooled[i])
-        return torch.stack([self.cache[t][0] for t in texts]), torch.stack([self.cache[t][1] for t in texts])
-
-    def __call__(self, context: TurnContext) -> dict[str, torch.Tensor]:
-        embeds, pooled = self.encode(list(self.prompt_text(context)))
-        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
-
-    def unconditional(self, condition: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The negative prompt's condition, for the same batch size."""
-        n = condition["encoder_hidden_states"].shape[0]
-        embeds, pooled = self.encode([self.negative_prompt] * n)
-        device = condition["encoder_hidden_states"].device
-        return {"encoder_hidden_states": embeds.to(device), "pooled_projections": pooled.to(device)}
+    def encode_new(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, _, pooled, _ = self.pipeline.encode_prompt(
+            prompt=texts,
+            prompt_2=texts,
+            prompt_3=texts,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+        )
+        return embeds, pooled
 
 
 class SD3FlowPolicy(ConditionedFlowPolicy):

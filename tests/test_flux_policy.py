@@ -8,29 +8,13 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
+from test_sd3_policy import PROMPTS, WORDS, _context, _tokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from unigrpo_env import flow
 from unigrpo_env.agents.flux_policy import FluxFlowPolicy, latent_image_ids, pack_latents, unpack_latents
-from unigrpo_env.agents.policy import TurnContext
 
-WORDS = ["<pad>", "<unk>", "<s>", "</s>", "a", "red", "green", "blue", "circle", "square", "draw"]
-PROMPTS = ["draw a red circle", "draw a blue square"]
 STEPS, SHIFT = 4, 3.0
-
-
-def _tokenizer() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        model_max_length=16,
-    )
 
 
 def tiny_pipeline(guidance_embeds: bool) -> FluxPipeline:
@@ -59,13 +43,6 @@ def tiny_pipeline(guidance_embeds: bool) -> FluxPipeline:
         part.eval()  # as from_pretrained leaves them (T5 has dropout)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def _context(n: int) -> TurnContext:
-    return TurnContext(
-        prompts=[("p",)] * n, history=[[] for _ in range(n)], images=torch.zeros((n, 0, 16, 16, 3), dtype=torch.uint8),
-        reasoning=torch.zeros((n, 0), dtype=torch.long), reasoning_lengths=torch.zeros(n, dtype=torch.long),
-    )  # fmt: skip
 
 
 def test_packing_and_position_ids_are_the_pipelines():
