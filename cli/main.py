@@ -430,8 +430,24 @@ def eval_(
     split: str = typer.Option("heldout", "--split", help="Task split to evaluate."),
     temperature: float = typer.Option(1.0, "--temperature", min=0.0, help="Text sampling temperature (0 = greedy)."),
     limit: int | None = typer.Option(None, "--limit", min=1, help="Evaluate only the first N tasks."),
+    reward: str | None = typer.Option(
+        None, "--reward", help="The reward to score with (sets the scenario option 'reward')."
+    ),
+    text_model: str | None = typer.Option(
+        None, "--text-model", help="A chat model's folder or hub id (t2i_prompts, hf)."
+    ),
+    image_model: str | None = typer.Option(
+        None, "--image-model", help="A diffusers pipeline's folder or hub id (t2i_prompts, hf)."
+    ),
+    prompts: Path | None = typer.Option(None, "--prompts", help="The prompt file of t2i_prompts."),
+    image_size: int | None = typer.Option(
+        None, "--image-size", min=1, help="The images' side in pixels (t2i_prompts)."
+    ),
 ) -> None:
     """Score a policy on a scenario's held-out tasks: a GenEval-style table per category."""
+    models = {k: v for k, v in {"text_model": text_model, "image_model": image_model}.items() if v is not None}
+    given = {"prompts": str(prompts) if prompts else None, "reward": reward, "image_size": image_size}
+    scenario_options = {**models, **{k: v for k, v in given.items() if v is not None}}
     _evaluate_and_print(
         name,
         checkpoint=checkpoint,
@@ -442,19 +458,33 @@ def eval_(
         split=split,
         temperature=temperature,
         limit=limit,
+        scenario_options=scenario_options,
+        policy_options=models,
     )
 
 
 def _evaluate_and_print(
-    name: str, *, checkpoint, policy, cfg: float, seed: int, out, split: str, temperature: float, limit
+    name: str,
+    *,
+    checkpoint,
+    policy,
+    cfg: float,
+    seed: int,
+    out,
+    split: str,
+    temperature: float,
+    limit,
+    scenario_options: dict | None = None,
+    policy_options: dict | None = None,
 ) -> None:
     from unigrpo_env.agents.parts import build_evaluator, load_policy
     from unigrpo_env.registration import make_scenario
 
-    _check_scenario(name, {})  # unknown or broken scenario -> one line, exit code 2
-    scenario = make_scenario(name)
+    _check_scenario(name, scenario_options or {})  # unknown or broken scenario -> one line, exit code 2
+    scenario = make_scenario(name, **(scenario_options or {}))
     evaluator = build_evaluator(None, scenario=name)
-    loaded = load_policy(policy, None if checkpoint is None else str(checkpoint), scenario=name)
+    checkpoint_path = None if checkpoint is None else str(checkpoint)
+    loaded = load_policy(policy, checkpoint_path, scenario=name, **(policy_options or {}))
     report = evaluator.evaluate(
         loaded,
         scenario,

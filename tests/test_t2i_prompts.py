@@ -92,6 +92,16 @@ def test_a_run_through_the_cli_trains_both_sides_and_saves_what_loads(models, tm
     assert all(r["first_ratio_text_max_dev"] == 0.0 and r["first_ratio_image_max_dev"] == 0.0 for r in rows)
     final = out / "checkpoints" / "ckpt-000002"
     assert (final / "language_model" / "config.json").is_file() and (final / "flow_model" / "config.json").is_file()
+    # unigrpo eval on the trained checkpoint, through the same flags
+    with pytest.raises(SystemExit) as evaluated:
+        main(
+            ["eval", "scenario", "t2i_prompts", "--checkpoint", str(final), "--text-model", models["text"], "--image-model",
+             models["image"], "--prompts", models["prompts"], "--reward", "jpeg_compressibility", "--image-size", "16", "--out", str(tmp_path / "eval")]
+        )  # fmt: skip
+    assert (
+        evaluated.value.code == 0
+        and json.loads((tmp_path / "eval" / "eval.json").read_text())["scenario"] == "t2i_prompts"
+    )
     # the trained checkpoint loads as the policy kind hf, and an episode's trajectory saves and loads
     from unigrpo_env.agents.parts import load_policy
 
