@@ -21,14 +21,13 @@ parameters of the policy (:class:`FluxPromptConditioner`).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 
 from unigrpo_env.agents.hf_policies import ConditionedFlowPolicy, PromptText
 from unigrpo_env.agents.policy import TurnContext
-from unigrpo_env.agents.prompt_conditioning import PromptConditioner
+from unigrpo_env.agents.prompt_conditioning import PipelineFlowPolicy, PromptConditioner
 from unigrpo_env.vae_codec import VAECodec
 
 __all__ = [
@@ -85,7 +84,7 @@ class FluxPromptConditioner(PromptConditioner):
         return embeds, pooled
 
 
-class FluxFlowPolicy(ConditionedFlowPolicy):
+class FluxFlowPolicy(PipelineFlowPolicy):
     """The transformer of a ``FluxPipeline`` as a :class:`~unigrpo_env.agents.policy.FlowPolicy`;
     see the module docstring.
 
@@ -97,26 +96,14 @@ class FluxFlowPolicy(ConditionedFlowPolicy):
         **conditioner_options: ``negative_prompt``, ``max_sequence_length``.
     """
 
+    pipeline_class = "FluxPipeline"
+
     def __init__(
         self, pipeline: Any, prompt_text: PromptText, *, guidance_scale: float = 3.5, **conditioner_options: Any
     ):
         conditioner = FluxPromptConditioner(pipeline, prompt_text, **conditioner_options)
         super().__init__(pipeline.transformer, conditioner, conditioner.unconditional)
         self.guidance_scale = float(guidance_scale)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | os.PathLike[str],
-        prompt_text: PromptText,
-        *,
-        dtype: torch.dtype = torch.float32,
-        **options: Any,
-    ) -> FluxFlowPolicy:
-        """Load a ``FluxPipeline`` folder or hub id with diffusers' ``from_pretrained``."""
-        from diffusers import FluxPipeline
-
-        return cls(FluxPipeline.from_pretrained(path, torch_dtype=dtype), prompt_text, **options)
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, condition: dict[str, Any]) -> torch.Tensor:
         n, _, height, width = x_t.shape
@@ -167,6 +154,7 @@ class FluxKontextConditioner(FluxPromptConditioner):
 class FluxKontextFlowPolicy(FluxFlowPolicy):
     """FLUX.1 Kontext (``FluxKontextPipeline``) as the image policy of edits: each image is drawn
     conditioned on the previous turn's image, whose latents join the transformer's input tokens.
+    ``FluxKontextFlowPolicy.from_pretrained(path, prompt_text, image_size)`` loads one.
 
     Args:
         pipeline: the ``FluxKontextPipeline``.
@@ -174,6 +162,8 @@ class FluxKontextFlowPolicy(FluxFlowPolicy):
         image_size: the side of the environment's images, in pixels (for the VAE codec).
         guidance_scale, **conditioner_options: as for :class:`FluxFlowPolicy`.
     """
+
+    pipeline_class = "FluxKontextPipeline"
 
     def __init__(
         self, pipeline: Any, prompt_text: PromptText, image_size: int, *, guidance_scale: float = 2.5, **options: Any
@@ -183,18 +173,3 @@ class FluxKontextFlowPolicy(FluxFlowPolicy):
         )
         ConditionedFlowPolicy.__init__(self, pipeline.transformer, conditioner, conditioner.unconditional)
         self.guidance_scale = float(guidance_scale)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | os.PathLike[str],
-        prompt_text: PromptText,
-        image_size: int,
-        *,
-        dtype: torch.dtype = torch.float32,
-        **options: Any,
-    ) -> FluxKontextFlowPolicy:
-        """Load a ``FluxKontextPipeline`` folder or hub id with diffusers' ``from_pretrained``."""
-        from diffusers import FluxKontextPipeline
-
-        return cls(FluxKontextPipeline.from_pretrained(path, torch_dtype=dtype), prompt_text, image_size, **options)

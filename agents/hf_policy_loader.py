@@ -23,11 +23,7 @@ from unigrpo_env.agents.sd3_policy import SD3FlowPolicy
 __all__ = ["IMAGE_POLICIES", "load_hf_policy", "check_latent_channels"]
 
 #: The diffusers pipeline classes the ``hf`` kind draws with, and their image policies.
-IMAGE_POLICIES = {
-    "StableDiffusion3Pipeline": SD3FlowPolicy,
-    "FluxPipeline": FluxFlowPolicy,
-    "FluxKontextPipeline": FluxKontextFlowPolicy,
-}
+IMAGE_POLICIES = {policy.pipeline_class: policy for policy in (SD3FlowPolicy, FluxFlowPolicy, FluxKontextFlowPolicy)}
 
 
 def load_hf_policy(

@@ -4,20 +4,22 @@ language model wrote, computed once per distinct text and cached.
 :class:`PromptConditioner` is what the SD3 and FLUX image policies share: the pipeline's text
 encoders are frozen (the policy never trains them, and they are not its parameters), the texts of
 a batch not seen before are encoded in one batched call, and the unconditional branch of CFG is
-the negative prompt's condition. A subclass says how its pipeline encodes (:meth:`encode_new`).
+the negative prompt's condition. A subclass says how its pipeline encodes (:meth:`encode_new`). :class:`PipelineFlowPolicy` is
+the image policies' shared loading: ``from_pretrained`` of the pipeline class each one names.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from unigrpo_env.agents.hf_policies import PromptText
+from unigrpo_env.agents.hf_policies import ConditionedFlowPolicy, PromptText
 from unigrpo_env.agents.policy import TurnContext
 
-__all__ = ["PromptConditioner"]
+__all__ = ["PromptConditioner", "PipelineFlowPolicy"]
 
 
 class PromptConditioner:
@@ -77,3 +79,20 @@ class PromptConditioner:
         embeds, pooled = self.encode([self.negative_prompt] * n)
         device = condition["encoder_hidden_states"].device
         return {"encoder_hidden_states": embeds.to(device), "pooled_projections": pooled.to(device)}
+
+
+class PipelineFlowPolicy(ConditionedFlowPolicy):
+    """An image policy made from a diffusers pipeline of the class ``pipeline_class`` names."""
+
+    #: The diffusers pipeline class the policy is made from (e.g. ``"FluxPipeline"``).
+    pipeline_class: ClassVar[str] = ""
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str], *args: Any, dtype: Any = None, **options: Any) -> Any:
+        """Load a ``pipeline_class`` folder or hub id with diffusers' ``from_pretrained`` (float32
+        unless ``dtype``); ``args`` and ``options`` go to the policy's constructor."""
+        import diffusers
+        import torch
+
+        pipeline = getattr(diffusers, cls.pipeline_class).from_pretrained(path, torch_dtype=dtype or torch.float32)
+        return cls(pipeline, *args, **options)

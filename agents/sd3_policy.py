@@ -19,13 +19,12 @@ The latents are the VAE's (:class:`~unigrpo_env.VAECodec` over ``pipeline.vae``)
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 
-from unigrpo_env.agents.hf_policies import ConditionedFlowPolicy, PromptText
-from unigrpo_env.agents.prompt_conditioning import PromptConditioner
+from unigrpo_env.agents.hf_policies import PromptText
+from unigrpo_env.agents.prompt_conditioning import PipelineFlowPolicy, PromptConditioner
 
 __all__ = ["SD3PromptConditioner", "SD3FlowPolicy"]
 
@@ -47,27 +46,15 @@ class SD3PromptConditioner(PromptConditioner):
         return embeds, pooled
 
 
-class SD3FlowPolicy(ConditionedFlowPolicy):
+class SD3FlowPolicy(PipelineFlowPolicy):
     """The MMDiT of a ``StableDiffusion3Pipeline`` as a :class:`~unigrpo_env.agents.policy.FlowPolicy`;
-    see the module docstring."""
+    see the module docstring. ``SD3FlowPolicy.from_pretrained(path, prompt_text)`` loads one."""
+
+    pipeline_class = "StableDiffusion3Pipeline"
 
     def __init__(self, pipeline: Any, prompt_text: PromptText, **conditioner_options: Any):
         conditioner = SD3PromptConditioner(pipeline, prompt_text, **conditioner_options)
         super().__init__(pipeline.transformer, conditioner, conditioner.unconditional)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | os.PathLike[str],
-        prompt_text: PromptText,
-        *,
-        dtype: torch.dtype = torch.float32,
-        **options: Any,
-    ) -> SD3FlowPolicy:
-        """Load a ``StableDiffusion3Pipeline`` folder or hub id with diffusers' ``from_pretrained``."""
-        from diffusers import StableDiffusion3Pipeline
-
-        return cls(StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=dtype), prompt_text, **options)
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, condition: dict[str, Any]) -> torch.Tensor:
         dtype = next(self.model.parameters()).dtype

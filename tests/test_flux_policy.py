@@ -76,7 +76,7 @@ def test_the_policys_ode_rollout_is_the_pipelines_own_output(guidance_embeds, cf
     assert {id(p) for p in policy.parameters()} == {id(p) for p in pipe.transformer.parameters()}
 
 
-def test_kontext_draws_from_the_previous_image_as_the_pipeline_does():
+def test_kontext_draws_from_the_previous_image_as_the_pipeline_does(tmp_path):
     from diffusers import FluxKontextPipeline
 
     from unigrpo_env import VAECodec
@@ -106,3 +106,11 @@ def test_kontext_draws_from_the_previous_image_as_the_pipeline_does():
     blank = policy.condition(_context(2).model_copy(update={"images": torch.zeros_like(earlier)}))
     assert not torch.allclose(policy.velocity(noise, 1.0, blank), policy.velocity(noise, 1.0, condition))
     assert policy.condition(_context(2))["image_latents"] is None
+    # and a saved Kontext pipeline loads as the same policy
+    pipe.save_pretrained(tmp_path / "kontext")
+    loaded = FluxKontextFlowPolicy.from_pretrained(
+        tmp_path / "kontext", lambda context: PROMPTS[: len(context)], 16, max_sequence_length=16
+    )
+    assert torch.allclose(
+        loaded.velocity(noise, 1.0, loaded.condition(context)), policy.velocity(noise, 1.0, condition), atol=1e-6
+    )
