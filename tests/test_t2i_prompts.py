@@ -172,3 +172,47 @@ def test_a_folder_of_the_wrong_kind_or_a_vae_that_does_not_fit_is_refused(models
     pipe.save_pretrained(tmp_path / "mismatched")
     with pytest.raises(CheckpointError, match="takes 4 input channels, but its VAE's latents need 8"):
         load_policy("hf", text_model=models["text"], image_model=str(tmp_path / "mismatched"))
+
+
+def test_the_shipped_prompt_files_are_valid_and_regenerate_exactly(tmp_path):
+    import runpy
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parent.parent / "examples" / "prompts"
+    runpy.run_path(str(folder / "make_prompts.py"))["main"](tmp_path)
+    for name in ("geneval_style.jsonl", "edit_dialogues.jsonl"):
+        assert (tmp_path / name).read_bytes() == (folder / name).read_bytes(), f"{name}: rerun make_prompts.py"
+
+    tags = {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
+    relations = {"left of", "right of", "above", "below"}
+
+    def well_formed(include, tag=None):
+        assert isinstance(include, list) and include
+        for entry in include:
+            assert isinstance(entry["class"], str) and entry["class"] and isinstance(entry["count"], int)
+            assert entry["count"] >= (2 if tag == "counting" else 1)
+            assert set(entry) <= {"class", "count", "color", "position"}
+            if tag in ("colors", "color_attr"):
+                assert isinstance(entry["color"], str) and entry["color"]
+            if "position" in entry:
+                relation, index = entry["position"]
+                assert relation in relations and 0 <= index < len(include) and include[index] is not entry
+        if tag == "position":
+            assert any("position" in entry for entry in include)
+
+    records = read_prompt_file(folder / "geneval_style.jsonl")
+    assert len(records) >= 250 and len({r["prompt"] for r in records}) == len(records)
+    assert {r["tag"] for r in records} == tags
+    assert all(sum(r["tag"] == tag for r in records) >= 40 for tag in tags)
+    for record in records:
+        assert record["prompt"].startswith("a photo of ")
+        well_formed(record["include"], record["tag"])
+
+    dialogues = [json.loads(line) for line in (folder / "edit_dialogues.jsonl").read_text().splitlines()]
+    assert len(dialogues) >= 30
+    for dialogue in dialogues:
+        turns = dialogue["turns"]
+        assert 2 <= len(turns) <= 3 and all(isinstance(t, str) and t.strip() for t in turns)
+        assert dialogue["tag"] in {"recolor", "add", "remove", "replace", "move", "background", "style"}
+        if "include" in dialogue:
+            well_formed(dialogue["include"])
