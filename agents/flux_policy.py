@@ -134,17 +134,25 @@ class FluxFlowPolicy(PipelineFlowPolicy):
 
 class FluxKontextConditioner(FluxPromptConditioner):
     """The prompt's condition plus the latents of the turn's earlier image: the last of the
-    context's images, encoded by ``codec`` (the VAE's mode, scaled and shifted, as the Kontext
-    pipeline encodes its input image); none in a first turn."""
+    context's images, encoded by the pipeline's VAE (its mode, scaled and shifted, as the Kontext
+    pipeline encodes its input image) at that image's own size; none in a first turn."""
 
-    def __init__(self, pipeline: Any, prompt_text: PromptText, codec: Any, **options: Any):
+    def __init__(self, pipeline: Any, prompt_text: PromptText, **options: Any):
         super().__init__(pipeline, prompt_text, **options)
-        self.codec = codec
+        self._codecs: dict[int, VAECodec] = {}
+
+    def codec(self, image_size: int) -> VAECodec:
+        """The VAE codec of ``image_size``-pixel images (one per size, made on first use)."""
+        if image_size not in self._codecs:
+            self._codecs[image_size] = VAECodec(self.pipeline.vae, image_size, sample=False)
+        return self._codecs[image_size]
 
     def __call__(self, context: TurnContext) -> dict[str, Any]:
         condition: dict[str, Any] = super().__call__(context)
         earlier = context.images
-        condition["image_latents"] = self.codec.encode(earlier[:, -1]) if earlier.shape[1] else None
+        condition["image_latents"] = (
+            self.codec(int(earlier.shape[2])).encode(earlier[:, -1]) if earlier.shape[1] else None
+        )
         return condition
 
     def unconditional(self, condition: dict[str, Any]) -> dict[str, Any]:
@@ -159,17 +167,24 @@ class FluxKontextFlowPolicy(FluxFlowPolicy):
     Args:
         pipeline: the ``FluxKontextPipeline``.
         prompt_text: the text each episode's image is drawn from (the edit instruction's reasoning).
-        image_size: the side of the environment's images, in pixels (for the VAE codec).
+        image_size: optional, the side of the environment's images in pixels, checked against the
+            VAE's downsampling now (the earlier image is encoded at its own size in any case).
         guidance_scale, **conditioner_options: as for :class:`FluxFlowPolicy`.
     """
 
     pipeline_class = "FluxKontextPipeline"
 
     def __init__(
-        self, pipeline: Any, prompt_text: PromptText, image_size: int, *, guidance_scale: float = 2.5, **options: Any
+        self,
+        pipeline: Any,
+        prompt_text: PromptText,
+        image_size: int | None = None,
+        *,
+        guidance_scale: float = 2.5,
+        **options: Any,
     ):
-        conditioner = FluxKontextConditioner(
-            pipeline, prompt_text, VAECodec(pipeline.vae, image_size, sample=False), **options
-        )
+        conditioner = FluxKontextConditioner(pipeline, prompt_text, **options)
         ConditionedFlowPolicy.__init__(self, pipeline.transformer, conditioner, conditioner.unconditional)
         self.guidance_scale = float(guidance_scale)
+        if image_size is not None:
+            conditioner.codec(int(image_size))  # checks the size against the VAE now

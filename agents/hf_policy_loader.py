@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from unigrpo_env._diffusers import dtype_option
 from unigrpo_env.agents.chat_policy import chat_text_policy, reasoning_text
 from unigrpo_env.agents.flux_policy import FluxFlowPolicy, FluxKontextFlowPolicy
 from unigrpo_env.agents.policy import CheckpointError, UnifiedPolicy
@@ -31,13 +32,14 @@ def load_hf_policy(
     *,
     text_model: str | None = None,
     image_model: str | None = None,
-    image_size: int = 512,
+    image_size: int | None = None,
     answer_marker: str | None = None,
     dtype: str = "float32",
     **image_options: Any,
 ) -> UnifiedPolicy:
     """A chat model and a diffusers pipeline as one policy; see the module docstring.
-    ``image_options`` go to the image policy (``max_sequence_length``, ``guidance_scale``, ...)."""
+    ``image_size`` (optional) is checked against a Kontext pipeline's VAE; ``image_options`` go to
+    the image policy (``max_sequence_length``, ``guidance_scale``, ...)."""
     import diffusers
 
     if text_model is None or image_model is None:
@@ -53,10 +55,10 @@ def load_hf_policy(
         ) from exc
     if kind not in IMAGE_POLICIES:
         raise CheckpointError(f"image_model {image_model!r} holds a {kind}; expected one of {sorted(IMAGE_POLICIES)}")
-    pipeline = getattr(diffusers, kind).from_pretrained(image_model, torch_dtype=torch_dtype)
+    pipeline = getattr(diffusers, kind).from_pretrained(image_model, **dtype_option(torch_dtype))
     if trained is not None:
         pipeline.transformer = type(pipeline.transformer).from_pretrained(
-            trained / "flow_model", torch_dtype=torch_dtype
+            trained / "flow_model", **dtype_option(torch_dtype)
         )
     check_latent_channels(pipeline)
     prompt_text = reasoning_text(text.tokenizer, answer_marker)

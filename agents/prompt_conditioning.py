@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from unigrpo_env._diffusers import dtype_option
 from unigrpo_env.agents.hf_policies import ConditionedFlowPolicy, PromptText
 from unigrpo_env.agents.policy import TurnContext
 
@@ -94,5 +95,5 @@ class PipelineFlowPolicy(ConditionedFlowPolicy):
         import diffusers
         import torch
 
-        pipeline = getattr(diffusers, cls.pipeline_class).from_pretrained(path, torch_dtype=dtype or torch.float32)
+        pipeline = getattr(diffusers, cls.pipeline_class).from_pretrained(path, **dtype_option(dtype or torch.float32))
         return cls(pipeline, *args, **options)

@@ -169,14 +169,18 @@ def run(
         "(sets the scenario option 'reward'; each term is logged separately).",
     ),
     text_model: str | None = typer.Option(
-        None, "--text-model", help="A chat model's folder or hub id (scenario t2i_prompts, policy kind hf)."
+        None,
+        "--text-model",
+        help="A chat model's folder or hub id (scenarios t2i_prompts and edit_prompts, policy kind hf).",
     ),
     image_model: str | None = typer.Option(
         None,
         "--image-model",
-        help="A diffusers SD3 / FLUX / FLUX Kontext pipeline's folder or hub id (t2i_prompts, hf).",
+        help="A diffusers SD3 / FLUX / FLUX Kontext pipeline's folder or hub id (t2i_prompts, edit_prompts, hf).",
     ),
-    prompts: Path | None = typer.Option(None, "--prompts", help="The prompt file of t2i_prompts (text or JSONL)."),
+    prompts: Path | None = typer.Option(
+        None, "--prompts", help="The prompt file of t2i_prompts or the dialogue file of edit_prompts (text or JSONL)."
+    ),
     mixed_precision: Precision | None = typer.Option(None, "--mixed-precision", help="Accelerate's mixed precision."),
 ) -> None:
     """Train a policy with UniGRPO on a scenario; writes a run folder and prints a before/after table."""
@@ -434,12 +438,14 @@ def eval_(
         None, "--reward", help="The reward to score with (sets the scenario option 'reward')."
     ),
     text_model: str | None = typer.Option(
-        None, "--text-model", help="A chat model's folder or hub id (t2i_prompts, hf)."
+        None, "--text-model", help="A chat model's folder or hub id (t2i_prompts, edit_prompts, hf)."
     ),
     image_model: str | None = typer.Option(
-        None, "--image-model", help="A diffusers pipeline's folder or hub id (t2i_prompts, hf)."
+        None, "--image-model", help="A diffusers pipeline's folder or hub id (t2i_prompts, edit_prompts, hf)."
     ),
-    prompts: Path | None = typer.Option(None, "--prompts", help="The prompt file of t2i_prompts."),
+    prompts: Path | None = typer.Option(
+        None, "--prompts", help="The prompt or dialogue file of t2i_prompts or edit_prompts."
+    ),
     image_size: int | None = typer.Option(
         None, "--image-size", min=1, help="The images' side in pixels (t2i_prompts)."
     ),

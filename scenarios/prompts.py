@@ -1,4 +1,4 @@
-"""``t2i_prompts``: reasoning then one image, for real models, on prompts read from a file.
+"""``t2i_prompts`` and ``edit_prompts``: real models on prompts and edit dialogues read from files.
 
 The scenario of a real run: a chat model reasons about a prompt and a latent-space flow model
 (Stable Diffusion 3, FLUX) draws it. Its world is the models' own:
@@ -14,6 +14,14 @@ Prompt files: plain text (one prompt a line; blank lines and ``#`` comments skip
 object a line with at least ``"prompt"``; GenEval's metadata fields (``tag``, ``include``, ...)
 are kept in ``Task.meta`` and ``tag`` becomes the task's category. The held-out split is a second
 file (``heldout``) or a seeded share of the first (``heldout_fraction``).
+
+``edit_prompts`` is the multi-turn form (FLUX.1 Kontext draws each turn from the one before):
+each record is a dialogue, ``{"turns": [prompt, edit, edit, ...], ...}`` in JSONL or, in a text
+file, one dialogue a line with its turns separated by ``" || "``. The first turn draws from text
+alone, every later one from its instruction and the previous turn's image; one episode is the
+whole dialogue with one terminal reward, which sees the final image, the earlier images and every
+turn's text. All episodes of a batch have the same number of turns: ``num_turns`` keeps the
+dialogues with at least that many and plays their first ``num_turns`` turns.
 """
 
 from __future__ import annotations
@@ -32,7 +40,10 @@ from unigrpo_env.scenario import Scenario
 from unigrpo_env.task import Task
 from unigrpo_env.vae_codec import VAECodec
 
-__all__ = ["read_prompt_file", "T2IPromptsScenario"]
+__all__ = ["read_prompt_file", "read_dialogue_file", "T2IPromptsScenario", "EditPromptsScenario"]
+
+#: The separator of turns in a plain-text dialogue file.
+TURN_SEPARATOR = " || "
 
 
 def read_prompt_file(path: str | Path) -> list[dict[str, Any]]:
@@ -57,6 +68,33 @@ def read_prompt_file(path: str | Path) -> list[dict[str, Any]]:
         records.append(record)
     if not records:
         raise ValueError(f"prompt file {str(path)!r} holds no prompts")
+    return records
+
+
+def read_dialogue_file(path: str | Path) -> list[dict[str, Any]]:
+    """The records of an edit-dialogue file: ``{"turns": [...], **metadata}`` each (see the module
+    docstring); every turn a non-empty string."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"dialogue file {str(path)!r} does not exist")
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number}: not a JSON object ({exc.msg})") from None
+        else:
+            record = {"turns": [turn.strip() for turn in line.split(TURN_SEPARATOR.strip())]}
+        turns = record.get("turns") if isinstance(record, dict) else None
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
+            raise ValueError(f"{path}:{number}: expected an object with 'turns', a list of non-empty strings")
+        records.append(record)
+    if not records:
+        raise ValueError(f"dialogue file {str(path)!r} holds no dialogues")
     return records
 
 
@@ -97,9 +135,9 @@ class T2IPromptsScenario(Scenario):
             raise ValueError("t2i_prompts needs a reward: give one with --reward (a registered name or a weighted sum)")
         if not 0.0 < heldout_fraction < 1.0:
             raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
-        self.records = {"train": read_prompt_file(prompts)}
+        self.records = {"train": self.read_records(prompts)}
         if heldout is not None:
-            self.records["heldout"] = read_prompt_file(heldout)
+            self.records["heldout"] = self.read_records(heldout)
         else:
             order = np.random.default_rng(split_seed).permutation(len(self.records["train"]))
             cut = max(1, int(round(heldout_fraction * len(order))))
@@ -136,11 +174,59 @@ class T2IPromptsScenario(Scenario):
     def _tasks(self) -> dict[str, list[Task]]:
         return {
             split: [
-                Task(prompts=(r["prompt"],), category=str(r.get("tag", "")), split=split, index=i, meta=dict(r))
+                Task(prompts=self.turns(r), category=str(r.get("tag", "")), split=split, index=i, meta=dict(r))
                 for i, r in enumerate(records)
             ]
             for split, records in self.records.items()
         }
 
+    def read_records(self, path: str) -> list[dict[str, Any]]:
+        """The records of one prompt file."""
+        return read_prompt_file(path)
+
+    def turns(self, record: dict[str, Any]) -> tuple[str, ...]:
+        """The prompt of every turn of a record's episode."""
+        return (record["prompt"],)
+
     def tasks(self, split: str) -> list[Task]:
         return self._tasks[split]
+
+
+class EditPromptsScenario(T2IPromptsScenario):
+    """Edit dialogues from a file -> at each turn a chat model's reasoning -> an image drawn from
+    it and (after the first turn) from the previous image: FLUX.1 Kontext's edits, trained as one
+    trajectory per dialogue. See the module docstring for the file and ``num_turns``.
+
+    Args:
+        prompts: the dialogue file (``--prompts``).
+        num_turns: the turns of every episode; None: the file's dialogues must all have the same
+            number. Longer dialogues are played up to ``num_turns``, shorter ones left out.
+        **options: those of :class:`T2IPromptsScenario` (``max_tokens`` is per turn).
+    """
+
+    name = "edit_prompts"
+
+    def __init__(self, prompts: str, text_model: str, image_model: str, num_turns: int | None = None, **options: Any):
+        if num_turns is not None and (isinstance(num_turns, bool) or int(num_turns) != num_turns or num_turns < 1):
+            raise ValueError(f"num_turns must be a positive integer, got {num_turns!r}")
+        self.num_turns = None if num_turns is None else int(num_turns)
+        super().__init__(prompts, text_model, image_model, **options)
+
+    def read_records(self, path: str) -> list[dict[str, Any]]:
+        records = read_dialogue_file(path)
+        lengths = sorted({len(r["turns"]) for r in records})
+        if self.num_turns is None:
+            if len(lengths) > 1:
+                kept = ", ".join(f"{k} keeps {sum(len(r['turns']) >= k for r in records)}" for k in lengths)
+                raise ValueError(
+                    f"{path!r} has dialogues of {' and '.join(map(str, lengths))} turns and a batch plays one number "
+                    f"of turns: choose num_turns ({kept})"
+                )
+            return records
+        records = [r for r in records if len(r["turns"]) >= self.num_turns]
+        if not records:
+            raise ValueError(f"{path!r} has no dialogue of {self.num_turns} or more turns (it has {lengths})")
+        return records
+
+    def turns(self, record: dict[str, Any]) -> tuple[str, ...]:
+        return tuple(record["turns"][: self.num_turns])

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from unigrpo_env._diffusers import dtype_option
 from unigrpo_env.codecs import ImageCodec
 
 __all__ = ["VAECodec"]
@@ -85,7 +86,7 @@ class VAECodec(ImageCodec):
         with diffusers' ``AutoencoderKL.from_pretrained``; ``options`` go to the codec."""
         from diffusers import AutoencoderKL
 
-        vae = AutoencoderKL.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(path, subfolder=subfolder, **dtype_option(dtype))
         return cls(vae.to(device), image_size, **options)
 
     @property
