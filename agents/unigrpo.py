@@ -214,14 +214,15 @@ class UniGRPOAgent:
         seed = int(np.random.default_rng([c.seed, iteration, rank]).integers(0, 2**31 - 1))
         started = time.perf_counter()
         self.policy.eval()
-        result = rollout(
-            self.policy,
-            self.envs,
-            settings,
-            seed=seed,
-            options={"task_index": [int(i) for i in prompts]},
-            generator=torch.Generator().manual_seed(seed),
-        )
+        with self.accelerator.autocast():  # the rollout in the training's precision (the flow math upcasts)
+            result = rollout(
+                self.policy,
+                self.envs,
+                settings,
+                seed=seed,
+                options={"task_index": [int(i) for i in prompts]},
+                generator=torch.Generator().manual_seed(seed),
+            )
         rollout_seconds = time.perf_counter() - started
         trajectory = result.trajectory
         advantages, valid, failed_fraction = self._advantages(result, prompts)
@@ -375,7 +376,15 @@ class UniGRPOAgent:
         minibatches after the first), recomputed with the training forward pass before any update.
         The first minibatch needs no extra pass: its own forward pass, detached, is the old policy
         (so its ratio is exactly 1, on-policy), and with a single minibatch per batch nothing is
-        recomputed at all."""
+        recomputed at all.
+
+        Why recompute rather than reuse the rollout's own log-probabilities: under mixed precision
+        (and with some kernels even in float32), a network's output depends on the batch shape it
+        is computed at, and the rollout evaluates all N episodes one denoising step at a time while
+        training evaluates a minibatch's steps together. Recomputed at the training minibatch's
+        shape, in the same autocast, the old log-probabilities are exactly what the loss's forward
+        pass gives before an update, so the ratio is exactly 1 on policy; the rollout's own values
+        differ from them by the reported ``*_log_prob_drift``."""
         n = len(batch)
         old: dict[str, list[torch.Tensor]] = {"text": [], "image": []}
         for turn in batch.trajectory.turns:
@@ -386,7 +395,8 @@ class UniGRPOAgent:
                     torch.full((n, len(turn.image.sde_steps)), math.nan, device=self.accelerator.device)
                 )
         for index in parts:
-            text_lp, image_lp, _ = self._log_probs(batch, index)
+            with self.accelerator.autocast():  # as the loss's forward pass runs
+                text_lp, image_lp, _ = self._log_probs(batch, index)
             self._store_old(old, index, text_lp, image_lp)
         return old
 

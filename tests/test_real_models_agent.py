@@ -55,3 +55,60 @@ def test_one_iteration_on_a_chat_model_and_sd3_is_on_policy_and_moves_only_the_a
     assert moved and all("lora_" in name for name in moved)
     assert any(name.startswith("text.") for name in moved) and any(name.startswith("image.") for name in moved)
     assert agent.envs.trajectory.turns[0].image.latents.shape == (4, 4, 4, 8, 8)  # x_1 and 3 steps of [4, 8, 8] latents
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps one state per process, fixed by its first Accelerator: start this test's
+    (bf16) from scratch and leave none behind."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_in_bf16_autocast_every_on_policy_ratio_is_exactly_1_and_the_rollout_agrees(
+    chat_folder,  # noqa: F811
+    fresh_accelerate_state,
+):
+    """bf16 mixed precision (Accelerate's autocast, the flow math in float32), two minibatches and
+    two epochs with the optimizer's step switched off, so every minibatch of every epoch is on policy: the old
+    log-probabilities are recomputed at each training minibatch's shape in the same autocast, so
+    every ratio is exactly 1; the rollout's own log-probabilities (all episodes, one step at a
+    time) agree with them to bf16's precision."""
+    pipe = tiny_pipeline()
+    for part in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+        part.eval()
+    pipe.set_progress_bar_config(disable=True)
+    text = chat_text_policy(chat_folder)
+    policy = UnifiedPolicy(text, SD3FlowPolicy(pipe, reasoning_text(text.tokenizer), max_sequence_length=16))
+    config = UniGRPOConfig(
+        scenario="latent_prompts", num_prompts=2, group_size=2, sde_window_size=None, text_adapter="lora",
+        image_adapter="lora", lora_rank=2, iterations=1, minibatches=2, ppo_epochs=2,
+        mixed_precision="bf16", warmup_iterations=0,
+    )  # fmt: skip
+    agent = UniGRPOAgent(policy, config, scenario=LatentPrompts(text.tokenizer, pipe.vae))
+    assert agent.accelerator.mixed_precision == "bf16"
+    agent.optimizer.step = lambda *args, **kwargs: None  # the policy stays the rollout's
+    with torch.autocast("cpu", enabled=False):  # the test's own reference: nothing autocast here
+        batch = agent.collect(0)
+        stats = agent.update(batch)
+    # the mean over the 4 minibatch steps of each step's largest |ratio − 1|: 0 means every one is 0
+    assert stats["text_ratio_max_dev"] == 0.0 and stats["image_ratio_max_dev"] == 0.0
+    # the rollout ran in bf16: its log-probabilities are the autocast recomputation's, not float32's
+    every = torch.arange(len(batch))
+    with torch.no_grad():
+        with agent.accelerator.autocast():
+            text_bf16, image_bf16, _ = agent._log_probs(batch, every)
+        text_fp32, image_fp32, _ = agent._log_probs(batch, every)
+    turn = batch.trajectory.turns[0]
+    recorded_text, recorded_image = turn.text.padded()[1], turn.image.log_probs[:, turn.image.sde_steps]
+    assert (image_bf16[0] - recorded_image).abs().max() <= stats["image_log_prob_drift"] + 1e-6
+    assert (image_fp32[0] - recorded_image).abs().max() > 1e-5  # bf16 really was in use
+    mask = torch.arange(recorded_text.shape[1])[None] < turn.text.lengths[:, None]
+    assert ((text_bf16[0] - recorded_text).abs()[mask]).max() <= stats["text_log_prob_drift"] + 1e-6
+    assert not torch.equal(text_fp32[0][mask], recorded_text[mask])
+    # on this CPU bf16's kernels give the same numbers at the rollout's and the training's shapes
+    # (drift 0.0); on GPUs they need not, which is why the old log-probabilities are recomputed
+    assert stats["image_log_prob_drift"] < 0.05 and stats["text_log_prob_drift"] < 0.05
