@@ -160,6 +160,10 @@ class UniGRPOConfig(BaseModel):
     gradient_accumulation_steps: int = Field(
         default=1, ge=1, description="Accelerate's: optimizer steps accumulated into one"
     )
+    gradient_checkpointing: bool = Field(
+        default=False,
+        description="recompute the trained networks' activations in the backward pass: less memory, about one more forward pass",
+    )
     cpu: bool = Field(default=False, description="run on the CPU even where a GPU is present")
 
     @model_validator(mode="before")

@@ -34,6 +34,7 @@ from accelerate import Accelerator
 
 from unigrpo_env import BatchTrajectory, flow
 from unigrpo_env.agents.adapters import WithoutAdapter, attach_adapter, has_adapter
+from unigrpo_env.agents.checkpointing import enable_gradient_checkpointing
 from unigrpo_env.agents.config import UniGRPOConfig
 from unigrpo_env.agents.losses import flow_grpo_loss, group_advantages, text_grpo_loss, text_kl
 from unigrpo_env.agents.policy import TurnContext, UnifiedPolicy
@@ -162,6 +163,13 @@ class UniGRPOAgent:
             attach_adapter(policy.text, "text", config.text_adapter, targets=config.text_adapter_targets, **lora)
         if self.train_image:
             attach_adapter(policy.image, "image", config.image_adapter, targets=config.image_adapter_targets, **lora)
+        if config.gradient_checkpointing:
+            for side, part, trained in (
+                ("text", policy.text, self.train_text),
+                ("image", policy.image, self.train_image),
+            ):
+                if trained:
+                    enable_gradient_checkpointing(part, side)
         self.policy = policy.to(self.accelerator.device)
         # The references are the starting models: the same network with its adapter disabled, or a frozen copy.
         self.reference = None

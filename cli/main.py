@@ -182,6 +182,11 @@ def run(
         None, "--prompts", help="The prompt file of t2i_prompts or the dialogue file of edit_prompts (text or JSONL)."
     ),
     mixed_precision: Precision | None = typer.Option(None, "--mixed-precision", help="Accelerate's mixed precision."),
+    gradient_checkpointing: bool | None = typer.Option(
+        None,
+        "--gradient-checkpointing/--no-gradient-checkpointing",
+        help="Recompute the trained networks' activations in the backward pass (less memory).",
+    ),
 ) -> None:
     """Train a policy with UniGRPO on a scenario; writes a run folder and prints a before/after table."""
     import time as _time
@@ -250,6 +255,8 @@ def run(
             settings.policy_options = {**settings.policy_options, **models}
         if mixed_precision is not None:
             settings.mixed_precision = mixed_precision.value
+        if gradient_checkpointing is not None:
+            settings.gradient_checkpointing = gradient_checkpointing
     _check_scenario(settings.scenario, settings.scenario_options)
     out = out or Path("runs") / f"{name}-{_time.strftime('%Y%m%d-%H%M%S')}"
     parts = build_parts(settings)
@@ -519,6 +526,8 @@ def _evaluate_and_print(
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; usage errors print one line (``unigrpo: error: ...``) and exit with code 2."""
+    from unigrpo_env.agents.adapters import AdapterError
+    from unigrpo_env.agents.checkpointing import GradientCheckpointingError
     from unigrpo_env.agents.config import ConfigError
     from unigrpo_env.agents.policy import CheckpointError
     from unigrpo_env.agents.trainer import RunFolderError
@@ -528,7 +537,16 @@ def main(argv: list[str] | None = None) -> None:
     _quiet_libraries()
     try:
         code = app(args=argv, standalone_mode=False)
-    except (UserError, CheckpointError, RegistryError, ConfigError, RunFolderError, RewardFailureError) as exc:
+    except (
+        UserError,
+        CheckpointError,
+        RegistryError,
+        ConfigError,
+        RunFolderError,
+        RewardFailureError,
+        AdapterError,
+        GradientCheckpointingError,
+    ) as exc:
         typer.echo(f"unigrpo: error: {' '.join(str(exc).split())}", err=True)
         raise SystemExit(2) from None
     except _ABORT_TYPES:

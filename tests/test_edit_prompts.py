@@ -78,9 +78,11 @@ def test_a_two_turn_kontext_run_through_the_cli_trains_both_sides_and_saves_what
     args = ["run", "scenario", "edit_prompts", "--text-model", models["text"], "--image-model", models["image"]]
     args += ["--prompts", models["prompts"], "--reward", "jpeg_compressibility", "--iterations", "2"]
     args += ["--config", str(config), "--text-adapter", "lora", "--image-adapter", "lora", "--out", str(out)]
+    args += ["--gradient-checkpointing"]
     with pytest.raises(SystemExit) as done:
         main(args)
     assert done.value.code == 0
+    assert json.loads((out / "config.json").read_text())["gradient_checkpointing"] is True
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["first_ratio_text_max_dev"] == 0.0 for r in rows)
     assert all(r["first_ratio_image_max_dev"] == 0.0 for r in rows)

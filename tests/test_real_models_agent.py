@@ -112,3 +112,49 @@ def test_in_bf16_autocast_every_on_policy_ratio_is_exactly_1_and_the_rollout_agr
     # on this CPU bf16's kernels give the same numbers at the rollout's and the training's shapes
     # (drift 0.0); on GPUs they need not, which is why the old log-probabilities are recomputed
     assert stats["image_log_prob_drift"] < 0.05 and stats["text_log_prob_drift"] < 0.05
+
+
+def test_gradient_checkpointing_changes_memory_not_numbers(chat_folder):  # noqa: F811
+    """One iteration with and without activation checkpointing on both sides (LoRA): the same
+    losses, ratios, gradient norms and updated adapters; the libraries' own switches are on."""
+    from unigrpo_env.agents.checkpointing import is_gradient_checkpointing
+
+    results = []
+    for checkpointing in (False, True):
+        pipe = tiny_pipeline()
+        for part in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+            part.eval()
+        pipe.set_progress_bar_config(disable=True)
+        torch.manual_seed(0)
+        text = chat_text_policy(chat_folder)
+        policy = UnifiedPolicy(text, SD3FlowPolicy(pipe, reasoning_text(text.tokenizer), max_sequence_length=16))
+        config = UniGRPOConfig(
+            scenario="latent_prompts", num_prompts=2, group_size=2, sde_window_size=None, text_adapter="lora",
+            image_adapter="lora", lora_rank=2, lr_text=1e-2, lr_image=1e-2, iterations=1, minibatches=2,
+            gradient_checkpointing=checkpointing,
+        )  # fmt: skip
+        agent = UniGRPOAgent(policy, config, scenario=LatentPrompts(text.tokenizer, pipe.vae))
+        assert is_gradient_checkpointing(policy.text) == is_gradient_checkpointing(policy.image) == checkpointing
+        stats = agent.train_iteration()
+        results.append((stats, {n: p.detach().clone() for n, p in policy.named_parameters() if "lora_" in n}))
+    (plain, plain_weights), (checkpointed, checkpointed_weights) = results
+    for key, value in plain.items():
+        if not key.startswith("time_") and isinstance(value, float):
+            assert checkpointed[key] == pytest.approx(value, rel=1e-4, abs=1e-6, nan_ok=True), key
+    assert plain_weights.keys() == checkpointed_weights.keys() and plain_weights
+    for name, weight in plain_weights.items():
+        assert torch.allclose(weight, checkpointed_weights[name], atol=1e-6), name
+
+
+def test_a_network_without_checkpointing_is_a_clear_error():
+    from unigrpo_env.agents.checkpointing import GradientCheckpointingError, enable_gradient_checkpointing
+
+    class Plain:
+        model = torch.nn.Linear(2, 2)
+
+    with pytest.raises(
+        GradientCheckpointingError, match="the image model Linear is neither a transformers nor a diffusers"
+    ):
+        enable_gradient_checkpointing(Plain(), "image")
+    with pytest.raises(GradientCheckpointingError, match="needs a text policy whose network is its .model"):
+        enable_gradient_checkpointing(object(), "text")
