@@ -34,6 +34,9 @@ builds one. Built-in:
 ``shapes_scene``            exact scene match: Jaccard index of detected and target objects
 ``image_quality``           stray pixels, off-palette colour and noise, in [0, 1] (alias ``quality``)
 ``edit_fidelity``           fraction of the objects an edit must leave alone that are still there
+``clip_score``              CLIP image–prompt cosine × ``scale`` (or CLIPScore's 2.5·max(cos, 0))
+``pickscore``               PickScore, as its authors score it: exp(logit_scale) · CLIP-H cosine
+``aesthetic``               LAION aesthetic predictor v2: an MLP on CLIP ViT-L/14 embeddings
 ==========================  ======================================================================
 
 The ShapesWorld scorers live in the ShapesWorld package (:mod:`unigrpo_env.scenarios.shapes.rewards`,
