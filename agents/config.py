@@ -82,6 +82,11 @@ class UniGRPOConfig(BaseModel):
     )
     num_prompts: int = Field(default=16, ge=1, description="prompts per iteration")
     group_size: int = Field(default=4, ge=2, description="rollouts per prompt (paper: 24)")
+    images_per_text: int = Field(
+        default=1,
+        ge=1,
+        description="M images drawn from each sampled reasoning (group_size / M texts per prompt); 1 is the paper's",
+    )
     temperature: float = Field(default=1.0, gt=0.0, description="text sampling temperature (paper: 1)")
     noise_level: float = Field(default=0.7, gt=0.0, description="SDE noise level a (paper: 0.8; Flow-GRPO: 0.7)")
     sde_window_size: int | None = Field(
@@ -194,6 +199,12 @@ class UniGRPOConfig(BaseModel):
         if self.minibatches > self.num_prompts * self.group_size:
             raise ValueError(
                 f"minibatches ({self.minibatches}) exceeds the batch ({self.num_prompts}×{self.group_size})"
+            )
+        m = self.images_per_text
+        if m > 1 and (self.group_size % m or (self.train != "image" and self.group_size // m < 2)):
+            raise ValueError(
+                f"images_per_text ({m}) must divide group_size ({self.group_size}) and leave at least 2 texts per "
+                "prompt to compare (group_size / images_per_text >= 2)"
             )
         return self
 

@@ -34,12 +34,15 @@ class RolloutSettings(BaseModel):
         sde_window: ``(start, size)``: steps ``start … start + size − 1`` of each image are SDE
             steps, the others ODE steps; None makes every step an SDE step.
         cfg_scale: classifier-free guidance scale of the velocity (1 = CFG-free, one call per step).
+        images_per_text: M: each reasoning is sampled once and drawn M times, by the M consecutive
+            episodes that share it (single-turn scenarios; M = 1, one image per text, is the paper's).
     """
 
     temperature: float = Field(default=1.0, ge=0.0)
     noise_level: float = Field(default=0.7, ge=0.0)
     sde_window: tuple[int, int] | None = None
     cfg_scale: float = Field(default=1.0, ge=1.0)
+    images_per_text: int = Field(default=1, ge=1)
 
     @model_validator(mode="after")
     def _window(self) -> RolloutSettings:
@@ -131,12 +134,25 @@ def rollout(
     while True:
         # -- text phase: one batched segment per episode ------------------------------------
         context = turn_context(result.trajectory, obs.turn)
+        m = settings.images_per_text
+        if m > 1 and (obs.num_turns > 1 or len(context) % m):
+            raise ValueError(
+                f"images_per_text={m} needs single-turn episodes in blocks of {m}; got {obs.num_turns} turns "
+                f"and {len(context)} episodes"
+            )
+        writing = context if m == 1 else context.select(torch.arange(0, len(context), m))  # one per block
         if write_text is not None:
-            sample = write_text(context, envs)
+            sample = write_text(writing, envs)
         else:
             budget = int((obs.tokens.shape[1] - obs.token_counts).max())
             sample = policy.text.sample(
-                context, max_new_tokens=budget, temperature=settings.temperature, generator=generator
+                writing, max_new_tokens=budget, temperature=settings.temperature, generator=generator
+            )
+        if m > 1:  # each reasoning to the M episodes of its block
+            sample = TextSample(
+                tokens=sample.tokens.repeat_interleave(m, dim=0),
+                lengths=sample.lengths.repeat_interleave(m, dim=0),
+                log_probs=sample.log_probs.repeat_interleave(m, dim=0),
             )
         obs, *_ = envs.step(TextAction(tokens=sample.tokens, lengths=sample.lengths, log_probs=sample.log_probs))
         # -- image phase: one network call per denoising step -----------------------------

@@ -8,7 +8,9 @@ One iteration, top to bottom:
    outside it — and receive the terminal rewards.
 2. **Advantages.** Gather every process's rewards, compute group-relative advantages
    ``Â_i = (R_i − mean_g) / (std_g + eps)``, keep this process's share. Samples whose reward is NaN
-   (a failing scorer) are left out and counted.
+   (a failing scorer) are left out and counted. With ``images_per_text`` M > 1 (each reasoning
+   drawn M times), a text's reward is the mean of its M images' rewards and its advantage is taken
+   over the prompt's texts, while an image's advantage is taken over the M images of its reasoning.
 3. **Update.** For ``ppo_epochs`` passes over ``minibatches``: recompute log-probabilities of the
    recorded tokens and denoising steps with gradients, and minimise
    ``−(J_text + λ·J_flow) + β·regulariser (+ β_text·KL_text)`` (:mod:`unigrpo_env.agents.losses`),
@@ -63,6 +65,11 @@ class Batch:
     advantages: torch.Tensor
     valid: torch.Tensor
     stats: dict[str, float] = field(default_factory=dict)
+    # with images_per_text > 1: the texts' own advantages and validity [N], and which episodes train
+    # their text (the first of each block of M that share it); None: the advantages above, every episode
+    text_advantages: torch.Tensor | None = None
+    text_valid: torch.Tensor | None = None
+    text_rows: torch.Tensor | None = None
     # the frozen reference models' outputs, per key: (values [N, ...], which episodes are filled)
     reference_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
@@ -192,6 +199,16 @@ class UniGRPOAgent:
                 f"group_size ({config.group_size}) must be divisible by the number of processes ({processes})"
             )
         self.local_group_size = config.group_size // processes
+        m = config.images_per_text
+        if m > 1:
+            if self.local_group_size % m:
+                raise ValueError(
+                    f"images_per_text ({m}) must divide each process's share of a group ({self.local_group_size})"
+                )
+            if any(len(task.prompts) != 1 for task in self.train_tasks):
+                raise ValueError(
+                    f"images_per_text > 1 needs a single-turn scenario; {self.scenario.name!r} has more turns"
+                )
         self.envs = InterleavedVectorEnv(
             self.scenario, config.num_prompts, self.local_group_size, device=self.accelerator.device, reward=reward
         )
@@ -210,7 +227,11 @@ class UniGRPOAgent:
             last_start = max(0, min(c.sde_window_max_start, self.scenario.num_steps - c.sde_window_size))
             window = (int(rng.integers(0, last_start + 1)), c.sde_window_size)
         return RolloutSettings(
-            temperature=c.temperature, noise_level=c.noise_level, sde_window=window, cfg_scale=c.rollout_cfg
+            temperature=c.temperature,
+            noise_level=c.noise_level,
+            sde_window=window,
+            cfg_scale=c.rollout_cfg,
+            images_per_text=c.images_per_text,
         )
 
     def collect(self, iteration: int) -> Batch:
@@ -241,6 +262,8 @@ class UniGRPOAgent:
             advantages=advantages,
             valid=valid,
         )
+        if c.images_per_text > 1:
+            self._text_and_image_advantages(batch, prompts)
         rewards = trajectory.rewards.numpy()
         batch.stats = {
             "reward_mean": float(np.nanmean(rewards)) if bool(valid.any()) else math.nan,
@@ -276,6 +299,31 @@ class UniGRPOAgent:
         )
         return advantages, ~torch.isnan(result.rewards), failed_fraction
 
+    def _text_and_image_advantages(self, batch: Batch, prompts: np.ndarray) -> None:
+        """M = ``images_per_text`` images per reasoning (the M consecutive episodes of a block):
+
+        * text: ``R_text = mean of its M images' rewards`` (NaN ones left out), and
+          ``Â_text = (R_text − mean_g) / (std_g + eps)`` over the texts of the prompt group ``g``
+          (every text counted once: each appears M times, which changes neither mean nor std);
+        * image: ``Â_image = (R_i − mean_b) / (std_b + eps)`` over the M images of its block ``b``.
+        """
+        m, rewards = self.config.images_per_text, batch.rewards
+        n = len(batch)
+        block = torch.arange(n) // m
+        valid = ~torch.isnan(rewards)
+        count = torch.zeros(n // m).index_add_(0, block, valid.float())
+        total = torch.zeros(n // m).index_add_(0, block, torch.where(valid, rewards, torch.zeros_like(rewards)))
+        text_rewards = torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, math.nan))[block]
+        group_ids = torch.as_tensor(prompts)[batch.trajectory.group_ids]
+        c = self.config
+        text_advantages, _ = distributed_advantages(
+            self.accelerator, text_rewards, group_ids, eps=c.advantage_eps, global_std=c.global_std
+        )
+        batch.text_advantages = text_advantages
+        batch.text_valid = ~torch.isnan(text_rewards)
+        batch.text_rows = torch.arange(n) % m == 0
+        batch.advantages = group_advantages(rewards, block, eps=c.advantage_eps)
+
     # -- 3. update ---------------------------------------------------------------------------------
 
     def _log_probs(
@@ -288,17 +336,20 @@ class UniGRPOAgent:
         policy, settings = self.policy, batch.settings
         text_lp: list[torch.Tensor] = []
         image_lp: list[torch.Tensor] = []
-        extras: dict[str, list] = {"text_reference": [], "image": []}
+        extras: dict[str, Any] = {"text_reference": [], "image": []}
+        # the episodes whose text trains: all, or the first of each block sharing one (images_per_text)
+        text_index = index if batch.text_rows is None else index[batch.text_rows[index.cpu()].to(index.device)]
+        extras["text_index"] = text_index
         for k, turn in enumerate(batch.trajectory.turns):
-            if self.train_text:
+            if self.train_text and len(text_index):
                 tokens, _ = turn.text.padded()
-                args = (batch.contexts[k].select(index), tokens[index], turn.text.lengths[index])
+                args = (batch.contexts[k].select(text_index), tokens[text_index], turn.text.lengths[text_index])
                 text_lp.append(policy.text.log_probs(*args, temperature=settings.temperature))
                 if self.reference_text is not None:
                     extras["text_reference"].append(
                         batch.reference(
                             ("text", k),
-                            index,
+                            text_index,
                             partial(self.reference_text.log_probs, *args, temperature=settings.temperature),
                         )
                     )
@@ -337,21 +388,26 @@ class UniGRPOAgent:
         advantages = batch.advantages[index].to(self.accelerator.device)
         valid = batch.valid[index].to(self.accelerator.device)
         text_lp, image_lp, extras = self._log_probs(batch, index)
+        text_index = extras["text_index"]
         if fill_old:  # the first minibatch: the policy has not moved yet, this pass is the old policy
-            self._store_old(old, index, text_lp, image_lp)
+            self._store_old(old, index, text_lp, image_lp, text_index)
         stats: dict[str, float] = {}
         loss = torch.zeros((), device=self.accelerator.device)
+        text_advantages, text_valid = advantages, valid
+        if batch.text_advantages is not None:  # images_per_text > 1: the texts' own advantages
+            text_advantages = batch.text_advantages[text_index].to(self.accelerator.device)
+            text_valid = batch.text_valid[text_index].to(self.accelerator.device)
         for k, log_probs in enumerate(text_lp):
             text = batch.trajectory.turns[k].text
-            lengths = text.lengths[index].to(log_probs.device)
+            lengths = text.lengths[text_index].to(log_probs.device)
             mask = torch.arange(log_probs.shape[1], device=log_probs.device)[None] < lengths[:, None]
             reduction = {"loss_type": c.text_loss_type, "max_tokens": text.max_tokens}
             text_loss, s = text_grpo_loss(
-                log_probs, old["text"][k][index], mask, advantages, c.clip_range_text, valid, **reduction
+                log_probs, old["text"][k][text_index], mask, text_advantages, c.clip_range_text, text_valid, **reduction
             )
             loss = loss + text_loss / len(text_lp)
             if extras["text_reference"]:  # GRPO's β·KL to the starting language model
-                kl = text_kl(log_probs, extras["text_reference"][k], mask, valid, **reduction)
+                kl = text_kl(log_probs, extras["text_reference"][k], mask, text_valid, **reduction)
                 loss = loss + c.kl_text * kl / len(text_lp)
                 stats["kl_text"] = stats.get("kl_text", 0.0) + float(kl.detach()) / len(text_lp)
             stats.update(s)
@@ -404,8 +460,8 @@ class UniGRPOAgent:
                 )
         for index in parts:
             with self.accelerator.autocast():  # as the loss's forward pass runs
-                text_lp, image_lp, _ = self._log_probs(batch, index)
-            self._store_old(old, index, text_lp, image_lp)
+                text_lp, image_lp, extras = self._log_probs(batch, index)
+            self._store_old(old, index, text_lp, image_lp, extras["text_index"])
         return old
 
     @staticmethod
@@ -414,9 +470,10 @@ class UniGRPOAgent:
         index: torch.Tensor,
         text_lp: list[torch.Tensor],
         image_lp: list[torch.Tensor],
+        text_index: torch.Tensor,
     ) -> None:
         for k, lp in enumerate(text_lp):
-            old["text"][k][index] = lp.detach().float()
+            old["text"][k][text_index] = lp.detach().float()
         for k, lp in enumerate(image_lp):
             old["image"][k][index] = lp.detach().float()
 
@@ -491,6 +548,7 @@ class UniGRPOAgent:
         for k, lp in enumerate(old["text"]):
             text = turns[k].text
             mask = torch.arange(lp.shape[1], device=lp.device)[None] < text.lengths.to(lp.device)[:, None]
+            mask &= ~torch.isnan(lp)  # texts not trained (shared by a block, images_per_text) are never recomputed
             diff = (lp - text.padded()[1].to(lp.device)).abs()[mask]
             drift["text_log_prob_drift"] = max(
                 drift.get("text_log_prob_drift", 0.0), float(diff.max()) if diff.numel() else 0.0
