@@ -141,7 +141,7 @@ class CausalLMTextPolicy(nn.Module):
         ids[:, width:] = tokens
         mask[:, width:] = (torch.arange(steps, device=device)[None] < lengths[:, None]).long()
         positions = (mask.cumsum(1) - 1).clamp(min=0)
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
         predicting = logits[:, width - 1 : width - 1 + steps].float() / (temperature or 1.0)
         logp = F.log_softmax(predicting, dim=-1).gather(2, tokens[:, :, None]).squeeze(2)
         return logp * mask[:, width:].to(logp.dtype)
