@@ -125,6 +125,7 @@ def test_a_run_through_the_cli_trains_both_sides_and_saves_what_loads(models, tm
 
 
 def test_a_missing_reward_or_model_is_one_line_and_exit_2(models):
+    import os
     import subprocess
     import sys
 
@@ -151,8 +152,20 @@ def test_a_missing_reward_or_model_is_one_line_and_exit_2(models):
             ],
             "text_model",
         ),
+        (  # a hub id that is not in the cache, without a network
+            [
+                "--text-model",
+                "nosuch-org/nosuch-chat-model",
+                "--image-model",
+                models["image"],
+                "--reward",
+                "jpeg_compressibility",
+            ],
+            "could not load the tokenizer of text_model 'nosuch-org/nosuch-chat-model'",
+        ),
     ):
-        done = subprocess.run(base + extra, capture_output=True, text=True, timeout=300)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # no network: a hub id is looked up in the cache only
+        done = subprocess.run(base + extra, capture_output=True, text=True, timeout=300, env=env)
         assert done.returncode == 2 and expected in done.stderr and "Traceback" not in done.stderr, done.stderr[-800:]
 
 
