@@ -302,8 +302,8 @@ def run(
             category,
             f"{row['reward_before']:.3f}",
             f"{row['reward_after']:.3f}",
-            f"{row['correct_before']:.3f}",
-            f"{row['correct_after']:.3f}",
+            _share(row["correct_before"]),
+            _share(row["correct_after"]),
             style="bold" if category == "overall" else None,
         )
     console.print(table)
@@ -516,12 +516,18 @@ def _evaluate_and_print(
     for column in columns:
         table.add_column(column, justify="right" if column != "category" else "left")
     for category, scores in report.pipeline.items():
-        row = [category, str(scores.count), f"{scores.correct:.3f}", f"{scores.reward:.3f}"]
-        row += [f"{probe[category].correct:.3f}" for probe in report.probes.values()]
-        row += [f"{metric.get(category, float('nan')):.3f}" for metric in report.metrics.values()]
+        row = [category, str(scores.count), _share(scores.correct), f"{scores.reward:.3f}"]
+        row += [_share(probe[category].correct) for probe in report.probes.values()]
+        row += [_share(metric.get(category, float("nan"))) for metric in report.metrics.values()]
         table.add_row(*row, style="bold" if category == "overall" else None)
     console.print(table)
     console.print(f"{report.seconds:.0f} s" + (f"; eval.json and grid.png in {out}" if out else ""))
+
+
+def _share(value: float) -> str:
+    """A table cell: the value, or "–" where the scenario has no such measure (NaN: a reward without
+    a notion of "correct", such as a reward model's score)."""
+    return "–" if value != value else f"{value:.3f}"
 
 
 def main(argv: list[str] | None = None) -> None:
