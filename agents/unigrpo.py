@@ -17,7 +17,11 @@ One iteration, top to bottom:
    with separate learning rates for the text and the image parameters (after an optional linear
    warm-up) and gradient clipping.
 
-Under Accelerate each process runs its own rollouts; gradients are averaged across processes.
+Under Accelerate each process runs its own rollouts. The training forward pass is one module call
+per minibatch (:class:`TrainingForward`), handed to ``accelerator.prepare``, so the engine
+Accelerate wraps — DDP for several processes — reduces the gradients itself, in buckets overlapped
+with the backward pass; ``accelerator.accumulate`` accumulates ``gradient_accumulation_steps``
+minibatches into one optimizer step, reducing once per step.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from unigrpo_env.reward import RewardFunction
 from unigrpo_env.scenario import Scenario
 from unigrpo_env.vector import InterleavedVectorEnv
 
-__all__ = ["UniGRPOAgent", "RewardFailureError", "Batch", "distributed_advantages"]
+__all__ = ["UniGRPOAgent", "TrainingForward", "RewardFailureError", "Batch", "distributed_advantages"]
 
 
 class RewardFailureError(RuntimeError):
@@ -135,6 +139,28 @@ def _select(condition: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
     return {k: None if v is None else v[index.to(v.device)] for k, v in condition.items()}
 
 
+class TrainingForward(torch.nn.Module):
+    """The training forward pass of one minibatch as a module call: ``forward(index)`` is the
+    log-probabilities of the recorded actions of episodes ``index`` of the current batch (see
+    :meth:`UniGRPOAgent._log_probs`), with gradients.
+
+    It holds the policy as its submodule, so ``accelerator.prepare`` can wrap it in the engine's
+    data-parallel module (DDP): every forward of a minibatch goes through the wrapper, and the
+    engine synchronises the gradients of the backward that follows. The batch is set beside the
+    call (``batch``), not passed through it, as engines move their inputs between devices."""
+
+    def __init__(self, policy: UnifiedPolicy, log_probs: Callable[[Batch, torch.Tensor], Any]):
+        super().__init__()
+        self.policy = policy
+        self._log_probs = log_probs
+        self.batch: Batch | None = None
+
+    def forward(self, index: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[str, Any]]:
+        if self.batch is None:
+            raise RuntimeError("set the batch of the minibatch before the forward pass")
+        return self._log_probs(self.batch, index)
+
+
 class UniGRPOAgent:
     """UniGRPO on any :class:`UnifiedPolicy`; see the module docstring.
 
@@ -178,6 +204,8 @@ class UniGRPOAgent:
                 if trained:
                     enable_gradient_checkpointing(part, side)
         self.policy = policy.to(self.accelerator.device)
+        # the training pass through the engine (DDP with several processes; itself with one)
+        self.training_forward = self.accelerator.prepare(TrainingForward(self.policy, self._log_probs))
         # The references are the starting models: the same network with its adapter disabled, or a frozen copy.
         self.reference = None
         if self.train_image and config.regularizer != "none":
@@ -387,7 +415,8 @@ class UniGRPOAgent:
         c = self.config
         advantages = batch.advantages[index].to(self.accelerator.device)
         valid = batch.valid[index].to(self.accelerator.device)
-        text_lp, image_lp, extras = self._log_probs(batch, index)
+        self.accelerator.unwrap_model(self.training_forward).batch = batch
+        text_lp, image_lp, extras = self.training_forward(index)
         text_index = extras["text_index"]
         if fill_old:  # the first minibatch: the policy has not moved yet, this pass is the old policy
             self._store_old(old, index, text_lp, image_lp, text_index)
@@ -503,26 +532,29 @@ class UniGRPOAgent:
         for epoch, parts in enumerate(partitions):
             for m, index in enumerate(parts):
                 first = epoch == 0 and m == 0
-                t0 = time.perf_counter()
-                with acc.autocast():
-                    loss, step_stats = self._loss(batch, index, old, fill_old=first)
-                if first:
-                    stats.update(self._drift(batch, old))
-                acc.backward(loss)
-                t1 = time.perf_counter()
-                self._average_gradients()
-                grad_norm = acc.clip_grad_norm_(self._trained_parameters(), c.max_grad_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                optimizer_seconds += time.perf_counter() - t1
-                loss_seconds += t1 - t0
-                step_stats["grad_norm"] = float(grad_norm)
+                # gradients reduced by the engine at the last minibatch of each optimizer step
+                with acc.accumulate(self.training_forward):
+                    t0 = time.perf_counter()
+                    with acc.autocast():
+                        loss, step_stats = self._loss(batch, index, old, fill_old=first)
+                    if first:
+                        stats.update(self._drift(batch, old))
+                    acc.backward(loss)  # divided by gradient_accumulation_steps, as Accelerate does
+                    t1 = time.perf_counter()
+                    if acc.sync_gradients:
+                        step_stats["grad_norm"] = float(
+                            acc.clip_grad_norm_(self._trained_parameters(), c.max_grad_norm)
+                        )
+                    self.optimizer.step()  # a no-op until the step's last minibatch
+                    self.optimizer.zero_grad(set_to_none=True)
+                    optimizer_seconds += time.perf_counter() - t1
+                    loss_seconds += t1 - t0
                 step_stats["epoch"] = float(epoch)
                 history.append(step_stats)
         first = history[0]
         stats["first_ratio_text_max_dev"] = first.get("text_ratio_max_dev", 0.0)
         stats["first_ratio_image_max_dev"] = first.get("image_ratio_max_dev", 0.0)
-        for key in history[0]:
+        for key in dict.fromkeys(k for h in history for k in h):
             stats[key] = float(np.mean([h[key] for h in history if key in h]))
         stats["lr_scale"] = scale
         stats["time_loss_backward"] = loss_seconds
@@ -531,14 +563,6 @@ class UniGRPOAgent:
 
     def _trained_parameters(self) -> list[torch.nn.Parameter]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
-
-    def _average_gradients(self) -> None:
-        """Data parallelism: average every gradient over the processes (no-op with one)."""
-        if self.accelerator.num_processes == 1:
-            return
-        for p in self._trained_parameters():
-            if p.grad is not None:
-                p.grad.copy_(self.accelerator.reduce(p.grad, reduction="mean"))
 
     def _drift(self, batch: Batch, old: dict[str, list[torch.Tensor]]) -> dict[str, float]:
         """How far the recomputed log-probabilities are from those recorded during the rollout (a
