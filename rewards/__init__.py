@@ -37,6 +37,7 @@ builds one. Built-in:
 ``clip_score``              CLIP image–prompt cosine × ``scale`` (or CLIPScore's 2.5·max(cos, 0))
 ``pickscore``               PickScore, as its authors score it: exp(logit_scale) · CLIP-H cosine
 ``aesthetic``               LAION aesthetic predictor v2: an MLP on CLIP ViT-L/14 embeddings
+``vlm_judge``               a VLM's P(yes) to yes/no questions about the image, in [0, 1]
 ==========================  ======================================================================
 
 The ShapesWorld scorers live in the ShapesWorld package (:mod:`unigrpo_env.scenarios.shapes.rewards`,
