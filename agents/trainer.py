@@ -272,6 +272,7 @@ class Trainer:
                 for category in before.pipeline
             },
             "wall_seconds": previous_seconds + time.perf_counter() - started,
+            "processes": self.accelerator.num_processes,
         }
         if self.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
