@@ -128,6 +128,14 @@ def distributed_advantages(
     return all_advantages[start : start + n].cpu(), float(torch.isnan(all_rewards).float().mean())
 
 
+def _has_accelerator() -> bool:
+    """Whether this machine has a GPU or another accelerator torch can use."""
+    probe = getattr(torch, "accelerator", None)
+    if probe is not None and hasattr(probe, "is_available"):
+        return bool(probe.is_available())
+    return torch.cuda.is_available()
+
+
 def _starting_model(part: Any) -> Any:
     """The frozen starting model of a policy side: its adapter disabled, or a copy made now."""
     if has_adapter(part):
@@ -183,7 +191,8 @@ class UniGRPOAgent:
     ):
         self.config = config
         self.accelerator = accelerator or Accelerator(
-            cpu=config.cpu,
+            # without a GPU, say so: Accelerate then runs several processes (torchrun) on the CPU
+            cpu=config.cpu or not _has_accelerator(),
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.gradient_accumulation_steps,
         )
