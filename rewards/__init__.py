@@ -38,6 +38,7 @@ builds one. Built-in:
 ``pickscore``               PickScore, as its authors score it: exp(logit_scale) · CLIP-H cosine
 ``aesthetic``               LAION aesthetic predictor v2: an MLP on CLIP ViT-L/14 embeddings
 ``vlm_judge``               a VLM's P(yes) to yes/no questions about the image, in [0, 1]
+``geneval_detector``        GenEval-style correctness (0/1): OWLv2 detections, CLIP colours
 ==========================  ======================================================================
 
 The ShapesWorld scorers live in the ShapesWorld package (:mod:`unigrpo_env.scenarios.shapes.rewards`,

@@ -8,7 +8,7 @@ code and saved with ``save_pretrained`` (nothing is downloaded).
   is not among this project's dependencies.
 * ``geneval_detector``'s rules are tested on injected detections, one correct and one incorrect
   case per GenEval category; end to end it runs on a tiny random OWLv2 (``Owlv2ForObjectDetection``)
-  and a tiny random CLIP for the colours.
+  and OWL-ViT (``OwlViTForObjectDetection``), with a tiny random CLIP for the colours.
 """
 
 from __future__ import annotations
@@ -19,9 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
+    CLIPConfig,
     CLIPImageProcessor,
+    CLIPModel,
+    CLIPProcessor,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
@@ -30,6 +33,14 @@ from transformers import (
 
 from unigrpo_env import RewardInputs, Task
 from unigrpo_env.rewards import get_reward, list_rewards
+from unigrpo_env.rewards.geneval_detector import (
+    box_iou,
+    image_boxes,
+    nms,
+    relative_position,
+    select_detections,
+    verdicts,
+)
 from unigrpo_env.rewards.vlm_judge import geneval_questions, plural, task_questions
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "prompts" / "geneval_style.jsonl"
@@ -163,7 +174,7 @@ def _judge_tasks() -> list[Task]:
 
 
 def test_the_rewards_are_registered():
-    assert "vlm_judge" in set(list_rewards())
+    assert {"vlm_judge", "geneval_detector"} <= set(list_rewards())
 
 
 def test_geneval_questions_per_category():
@@ -308,3 +319,354 @@ def test_a_folder_of_another_model_is_refused(tmp_path):
     with pytest.raises(ValueError, match="holds a 'bert' model") as caught:
         _judge(str(tmp_path))
     assert "\n" not in str(caught.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# geneval_detector: the rules, on injected detections
+# ---------------------------------------------------------------------------------------------
+
+
+def _det(name: str, box, score: float = 0.9, color: str | None = None) -> dict:
+    return {"class": name, "box": [float(v) for v in box], "score": score, "color": color}
+
+
+def _colors_of(name, found):
+    """The injected detections carry their colour."""
+    return [d["color"] for d in found]
+
+
+def _verdicts(tag: str, detections, **kwargs) -> dict[str, bool]:
+    meta = GENEVAL_META[tag]
+    return verdicts(meta["include"], detections, _colors_of, exact_counts=tag == "counting", **kwargs)
+
+
+LEFT, RIGHT = (0, 10, 20, 30), (30, 10, 50, 30)  # side by side: RIGHT is right of LEFT
+
+
+def test_rules_single_object():
+    assert _verdicts("single_object", [_det("dog", LEFT)]) == {"object:dog": True}
+    assert _verdicts("single_object", [_det("cat", LEFT)]) == {"object:dog": False}
+    assert _verdicts("single_object", [_det("dog", LEFT), _det("dog", RIGHT)]) == {"object:dog": True}  # at least one
+
+
+def test_rules_two_object():
+    both = [_det("cat", LEFT), _det("elephant", RIGHT)]
+    assert _verdicts("two_object", both) == {"object:cat": True, "object:elephant": True}
+    assert _verdicts("two_object", both[:1]) == {"object:cat": True, "object:elephant": False}
+
+
+def test_rules_counting_is_exact():
+    umbrellas = [_det("umbrella", (10 * k, 0, 10 * k + 8, 8)) for k in range(3)]
+    assert _verdicts("counting", umbrellas[:2]) == {"count:umbrella": True}
+    assert _verdicts("counting", umbrellas) == {"count:umbrella": False}  # three is not two
+    assert _verdicts("counting", umbrellas[:1]) == {"count:umbrella": False}
+    # GenEval's own counting metadata says the same with exclude {umbrella, 3}: no second check.
+    exclude = [{"class": "umbrella", "count": 3}]
+    assert _verdicts("counting", umbrellas, exclude=exclude) == {"count:umbrella": False}
+    # Without exact counts (another tag), n is a lower bound, and an exclude clause its own check.
+    include = GENEVAL_META["counting"]["include"]
+    assert verdicts(include, umbrellas, _colors_of) == {"count:umbrella": True}
+    assert verdicts(include, umbrellas, _colors_of, exclude=exclude) == {
+        "count:umbrella": True,
+        "exclude:umbrella": False,
+    }
+
+
+def test_rules_colors():
+    assert _verdicts("colors", [_det("umbrella", LEFT, color="pink")]) == {
+        "object:umbrella": True,
+        "colour:umbrella": True,
+    }
+    assert _verdicts("colors", [_det("umbrella", LEFT, color="red")]) == {
+        "object:umbrella": True,
+        "colour:umbrella": False,
+    }
+    # Only the best detection is coloured (GenEval: the clause's `count` most confident objects).
+    two = [_det("umbrella", LEFT, 0.5, "pink"), _det("umbrella", RIGHT, 0.9, "red")]
+    assert _verdicts("colors", two)["colour:umbrella"] is False
+    asked = []
+    ask = lambda name, found: asked.append(name) or [d["color"] for d in found]  # noqa: E731
+    verdicts(GENEVAL_META["single_object"]["include"], [_det("dog", LEFT, color="red")], ask)
+    verdicts(GENEVAL_META["colors"]["include"], [], ask)
+    assert asked == []  # no colour clause, or nothing found: CLIP is not asked (and the check fails)
+    assert verdicts(GENEVAL_META["colors"]["include"], [], _colors_of) == {
+        "object:umbrella": False,
+        "colour:umbrella": False,
+    }
+
+
+def test_rules_position():
+    right = [_det("boat", LEFT), _det("wine glass", RIGHT)]
+    assert _verdicts("position", right) == {"object:boat": True, "object:wine glass": True, "position:wine glass": True}
+    left = [_det("boat", RIGHT), _det("wine glass", LEFT)]
+    assert _verdicts("position", left)["position:wine glass"] is False
+    # Side by side, the relation needs |dx| > 2 m (w_A + w_B) = 8 px: 7 px is too close, unless m = 0.05.
+    near = [_det("boat", (0, 0, 20, 20)), _det("wine glass", (7, 0, 27, 20))]
+    assert _verdicts("position", near)["position:wine glass"] is False
+    assert _verdicts("position", near, position_margin=0.05)["position:wine glass"] is True
+    # The reference missing: the relation cannot hold.
+    assert _verdicts("position", right[1:]) == {
+        "object:boat": False,
+        "object:wine glass": True,
+        "position:wine glass": False,
+    }
+
+
+def test_rules_color_attr():
+    good = [_det("umbrella", LEFT, color="orange"), _det("sandwich", RIGHT, color="red")]
+    assert all(_verdicts("color_attr", good).values()) and len(_verdicts("color_attr", good)) == 4
+    swapped = [_det("umbrella", LEFT, color="red"), _det("sandwich", RIGHT, color="orange")]
+    assert _verdicts("color_attr", swapped) == {
+        "object:umbrella": True,
+        "colour:umbrella": False,
+        "object:sandwich": True,
+        "colour:sandwich": False,
+    }
+
+
+def test_relative_position_is_genevals():
+    assert relative_position(RIGHT, LEFT) == {"right of"} and relative_position(LEFT, RIGHT) == {"left of"}
+    assert relative_position((0, 40, 10, 50), (0, 0, 10, 10)) == {"below"}  # y grows downwards
+    assert relative_position((0, 0, 10, 10), (0, 40, 10, 50)) == {"above"}
+    assert relative_position((40, 40, 50, 50), (0, 0, 10, 10)) == {"right of", "below"}  # the diagonal: both
+    assert relative_position((1, 0, 11, 10), (0, 0, 10, 10)) == set()  # |d| − 0.1·20 < 0
+    assert relative_position((3, 0, 13, 10), (0, 0, 10, 10)) == set()  # (3 − 2) / 3 < 0.5
+    assert relative_position((5, 0, 15, 10), (0, 0, 10, 10)) == {"right of"}  # (5 − 2) / 5 > 0.5
+
+
+def test_selection_thresholds_nms_and_max_objects():
+    boxes = torch.tensor([[0, 0, 10, 10], [1, 0, 11, 10], [20, 0, 30, 10], [0, 0, 10, 10.0]])
+    # Per box, the scores of classes (dog, cat): box 3 is a cat where dogs 0 and 1 are.
+    scores = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.6, 0.1], [0.2, 0.7]])
+    found = select_detections(scores, boxes, ["dog", "cat"], threshold=0.3, nms_iou=0.5, max_objects=16)
+    assert [(d["class"], d["box"]) for d in found] == [
+        ("dog", [0.0, 0.0, 10.0, 10.0]),  # box 1 overlaps it (IoU 9/11): suppressed
+        ("dog", [20.0, 0.0, 30.0, 10.0]),
+        ("cat", [0.0, 0.0, 10.0, 10.0]),  # another class: not suppressed
+    ]
+    assert found[0]["score"] == pytest.approx(0.9)
+    kept = select_detections(scores, boxes, ["dog", "cat"], threshold=0.3, nms_iou=1.0, max_objects=16)
+    assert len(kept) == 4  # nms_iou = 1 keeps every box (GenEval's default)
+    assert [d["score"] for d in select_detections(scores, boxes, ["dog", "cat"], 0.65, 1.0, 16)] == pytest.approx(
+        [0.9, 0.8, 0.7]
+    )  # above 0.65
+    assert len(select_detections(scores, boxes, ["dog", "cat"], 0.3, 1.0, 1)) == 2  # the best dog, the cat
+    assert box_iou(boxes[:2], boxes[:2])[0, 1] == pytest.approx(90 / 110)
+    assert nms(boxes[:3], torch.tensor([0.1, 0.9, 0.5]), 0.5).tolist() == [1, 2]
+
+
+def test_image_boxes_undo_the_preprocessing():
+    from transformers.models.owlv2.image_processing_pil_owlv2 import Owlv2ImageProcessorPil
+    from transformers.models.owlvit.image_processing_pil_owlvit import OwlViTImageProcessorPil
+
+    whole = torch.tensor([[0.5, 0.5, 1.0, 1.0], [0.25, 0.25, 0.5, 0.5]])  # (cx, cy, w, h) of the input
+    padded = image_boxes(whole, HEIGHT, WIDTH, Owlv2ImageProcessorPil(size={"height": 32, "width": 32}))
+    # OWLv2 sees the 52 x 52 square (padded below): its whole is the image, its quarter 26 px.
+    torch.testing.assert_close(padded, torch.tensor([[0.0, 0.0, 52.0, 40.0], [0.0, 0.0, 26.0, 26.0]]))
+    stretched = image_boxes(whole, HEIGHT, WIDTH, OwlViTImageProcessorPil(size={"height": 32, "width": 32}))
+    # OWL-ViT resizes the image to its square input: relative coordinates are the image's.
+    torch.testing.assert_close(stretched, torch.tensor([[0.0, 0.0, 52.0, 40.0], [0.0, 0.0, 26.0, 20.0]]))
+
+
+# ---------------------------------------------------------------------------------------------
+# geneval_detector: end to end on a tiny random OWL detector and a tiny random CLIP
+# ---------------------------------------------------------------------------------------------
+
+DET_SPECIAL = ["<pad>", "<unk>", "<s>", "</s>"]
+DET_WORDS = (
+    "a photo of an - colored object dog cat elephant umbrella boat wine glass sandwich red orange yellow green "
+    "blue purple pink brown black white"
+).split()
+
+
+BOX_HEAD_SCALE = 0.5
+
+
+def _clip_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level, ``<s> … </s>`` like CLIP's (the text models pool at ``</s>``)."""
+    post = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 2), ("</s>", 3)])
+    return _word_tokenizer(
+        DET_WORDS,
+        DET_SPECIAL,
+        post=post,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        model_max_length=16,
+    )
+
+
+@pytest.fixture(scope="module")
+def detector_folders(tmp_path_factory):
+    """``owlv2`` and ``owlvit``: tiny random detectors (32×32 inputs, 16 patches); ``clip``: a
+    tiny random CLIPModel for the colours."""
+    from transformers import (
+        Owlv2Config,
+        Owlv2ForObjectDetection,
+        Owlv2Processor,
+        OwlViTConfig,
+        OwlViTForObjectDetection,
+        OwlViTProcessor,
+    )
+    from transformers.models.owlv2.image_processing_pil_owlv2 import Owlv2ImageProcessorPil
+    from transformers.models.owlvit.image_processing_pil_owlvit import OwlViTImageProcessorPil
+
+    root = tmp_path_factory.mktemp("detector")
+    text = dict(
+        vocab_size=len(DET_SPECIAL) + len(DET_WORDS), hidden_size=32, intermediate_size=37, num_attention_heads=4,
+        num_hidden_layers=1, max_position_embeddings=16, bos_token_id=2, eos_token_id=3, pad_token_id=0,
+    )  # fmt: skip
+    vision = dict(
+        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=1, image_size=32, patch_size=8
+    )
+    size = {"height": 32, "width": 32}
+    kinds = {
+        "owlv2": (Owlv2Config, Owlv2ForObjectDetection, Owlv2Processor, Owlv2ImageProcessorPil(size=size)),
+        "owlvit": (
+            OwlViTConfig,
+            OwlViTForObjectDetection,
+            OwlViTProcessor,
+            OwlViTImageProcessorPil(size=size, crop_size=size),
+        ),
+    }
+    for seed, (kind, (config_class, model_class, processor_class, image_processor)) in enumerate(kinds.items()):
+        torch.manual_seed(seed)
+        # projection_dim = the text width: the class head maps patches to the text embedding's size
+        model = model_class(config_class(text_config=text, vision_config=vision, projection_dim=32))
+        with torch.no_grad():  # tame the random heads: boxes around their patch priors, scores not saturated
+            for head, scale in ((model.box_head, BOX_HEAD_SCALE), (model.class_head, 0.05)):
+                for p in head.parameters():
+                    p.mul_(scale)
+        model.save_pretrained(root / kind)
+        processor_class(image_processor=image_processor, tokenizer=_clip_tokenizer()).save_pretrained(root / kind)
+    torch.manual_seed(7)
+    clip = CLIPModel(
+        CLIPConfig(
+            text_config=dict(text, num_hidden_layers=2),
+            vision_config=dict(vision, num_hidden_layers=2),
+            projection_dim=16,
+        )
+    )
+    clip.save_pretrained(root / "clip")
+    CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=size), tokenizer=_clip_tokenizer()
+    ).save_pretrained(root / "clip")
+    return {kind: str(root / kind) for kind in (*kinds, "clip")}
+
+
+def _detector(folders, kind="owlv2", **options):
+    return get_reward(
+        "geneval_detector", checkpoint=folders[kind], clip_checkpoint=folders["clip"], device="cpu", **options
+    )
+
+
+def _detector_tasks() -> list[Task]:
+    tasks = [Task(prompts=(tag,), meta=meta) for tag, meta in GENEVAL_META.items()]
+    return tasks + [
+        Task(prompts=("no metadata",)),
+        Task(prompts=("a dog",), meta={"include": [{"class": "dog", "count": 1}]}),
+    ]
+
+
+@pytest.mark.parametrize("kind", ["owlv2", "owlvit"])
+def test_detector_end_to_end(kind, detector_folders):
+    tasks = _detector_tasks()
+    inputs = _inputs(tasks)
+    reward = _detector(detector_folders, kind)
+    out = reward(inputs)
+    n = len(tasks)
+    assert out.scores.shape == (n,) and out.scores.dtype == torch.float32
+    assert math.isnan(out.scores[6])  # no include: not scored
+    scored = torch.cat([out.scores[:6], out.scores[7:]])
+    assert set(scored.tolist()) <= {0.0, 1.0}
+    torch.testing.assert_close(reward(inputs).scores, out.scores, equal_nan=True, atol=0, rtol=0)  # deterministic
+    chunked = _detector(detector_folders, kind, batch_size=2)(inputs)  # other batches: the same verdicts
+    torch.testing.assert_close(chunked.scores, out.scores, equal_nan=True, atol=0, rtol=0)
+    for key, values in out.components.items():
+        torch.testing.assert_close(chunked.components[key], values, equal_nan=True)
+
+    # The scores are the rules applied to the reward's own detections, with CLIP's colours.
+    detections = reward.detect(inputs)
+    assert detections[6] == [] and any(detections[i] for i in range(n))
+    for i, task in enumerate(tasks):
+        for d in detections[i]:
+            x0, y0, x1, y1 = d["box"]
+            assert 0 <= x0 <= x1 <= WIDTH and 0 <= y0 <= y1 <= HEIGHT and d["score"] > 0.3
+            assert d["class"] in {c["class"] for c in task.meta["include"]}
+        if not task.meta.get("include"):
+            continue
+        checks = verdicts(
+            task.meta["include"],
+            detections[i],
+            lambda name, found, i=i: reward.colours(inputs.images[i], name, found),
+            exact_counts=task.meta.get("tag") == "counting",
+        )
+        assert float(out.scores[i]) == float(all(checks.values()))
+        assert float(out.components["checks_passed"][i]) == pytest.approx(sum(checks.values()) / len(checks))
+    c = out.components
+    assert set(c) >= {"correct", "checks_passed", "object", "count", "colour", "position", "correct_counting"}
+    assert math.isnan(c["colour"][0]) and math.isfinite(c["colour"][3])  # single_object has no colour check
+    assert math.isnan(c["position"][0]) and math.isfinite(c["position"][4])
+    assert float(c["correct_counting"][2]) == float(out.scores[2]) and math.isnan(c["correct_counting"][0])
+
+
+def test_detector_thresholds_and_nms_act(detector_folders):
+    inputs = _inputs(_detector_tasks())
+    loose = _detector(detector_folders, nms_iou=1.0, threshold=0.0).detect(inputs)
+    strict = _detector(detector_folders, nms_iou=0.5, threshold=0.0).detect(inputs)
+    assert sum(map(len, strict)) < sum(map(len, loose))  # NMS drops overlapping boxes
+    # At threshold 0 with NMS off every box is a detection of its best class, but for the empty
+    # ones (clipped away in the padding below the 52 × 40 image): at most the 16 patches' boxes.
+    assert all(0 < len(d) <= 16 for d, t in zip(loose, _detector_tasks()) if t.meta.get("include"))
+    scores = sorted(d["score"] for image in loose for d in image)
+    middle = scores[len(scores) // 2]
+    some = _detector(detector_folders, nms_iou=1.0, threshold=middle).detect(inputs)
+    assert 0 < sum(map(len, some)) < sum(map(len, loose))
+    assert all(d["score"] > middle for image in some for d in image)
+    # The counting threshold applies to counting prompts only.
+    counting = _detector(detector_folders, nms_iou=1.0, threshold=0.0, counting_threshold=0.999).detect(inputs)
+    assert counting[2] == [] and counting[0] == loose[0]
+
+
+def test_colours_are_clips_zero_shot_argmax(detector_folders):
+    from unigrpo_env.rewards.clip_score import clip_pixel_values, image_embeddings, text_embeddings
+    from unigrpo_env.rewards.geneval_detector import COLOR_TEMPLATES, COLORS
+
+    reward = _detector(detector_folders)
+    image = _images(1)[0]
+    found = [_det("umbrella", (2.4, 3.6, 30.2, 25.0)), _det("umbrella", (20, 10, 52, 40))]
+    colours = reward.colours(image, "umbrella", found)
+    assert len(colours) == 2 and set(colours) <= set(COLORS)
+    # By hand: the rounded crops, the mean of each colour's three normalised template embeddings.
+    model, processor = reward.clip_model, reward.clip_processor
+    with torch.no_grad():
+        crops = [image[4:25, 2:30], image[10:40, 20:52]]
+        u = image_embeddings(
+            model, torch.cat([clip_pixel_values(c[None].contiguous(), processor.image_processor, "cpu") for c in crops])
+        )
+        prompts = [t.format(color=c, cls="umbrella") for c in COLORS for t in COLOR_TEMPLATES]
+        w = text_embeddings(model, processor.tokenizer, prompts, "cpu").view(10, 3, -1).mean(1)
+        w = w / w.norm(dim=-1, keepdim=True)
+    assert colours == [COLORS[k] for k in (u @ w.T).argmax(-1).tolist()]
+    assert prompts[:3] == ["a photo of a red umbrella", "a photo of a red-colored umbrella", "a photo of a red object"]
+
+
+def test_detector_loading(detector_folders, tmp_path):
+    a = _detector(detector_folders)
+    b = _detector(detector_folders, threshold=0.5)
+    assert a.model is b.model and a.clip_model is b.clip_model  # cached
+    assert not a.model.training and not any(p.requires_grad for p in a.model.parameters())
+    with pytest.raises(ValueError, match="checkpoint") as caught:
+        get_reward("geneval_detector", checkpoint=str(tmp_path / "missing"), device="cpu")
+    assert "\n" not in str(caught.value)
+    with pytest.raises(ValueError, match="holds a 'clip' model"):  # a CLIP folder is no detector
+        get_reward(
+            "geneval_detector",
+            checkpoint=detector_folders["clip"],
+            clip_checkpoint=detector_folders["clip"],
+            device="cpu",
+        )
+    for bad in ({"threshold": 1.5}, {"nms_iou": 0.0}, {"batch_size": 0}, {"max_objects": 0}, {"query_template": "x"}):
+        with pytest.raises(ValueError):
+            _detector(detector_folders, **bad)
