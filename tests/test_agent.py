@@ -510,3 +510,57 @@ def test_the_example_accelerate_configs_load_and_torchrun_runs_the_cli_on_two_pr
     assert done.returncode == 0, errors[-5:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["iterations"] == 1 and summary["processes"] == 2
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if fields.get("PPid", "").strip() == str(pid):
+            found.append(int(status.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds torchrun's workers through /proc")
+def test_a_two_process_run_killed_with_sigkill_resumes_to_the_same_metrics(tmp_path):
+    """torchrun, 2 processes: one worker is killed with SIGKILL after the checkpoint of iteration
+    2; `--resume` with 2 processes continues to the metrics of an uninterrupted 2-process run."""
+    import signal
+    import time
+
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "num_prompts: 2\ngroup_size: 4\neval_limit: 2\ncheckpoint_every: 1\nscenario_options:\n  num_steps: 8\n"
+    )
+
+    def command(out, port, *extra):
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                "-m", "unigrpo_env.cli.main", "run", "scenario", "t2i_reason", "--iterations", "5",
+                "--config", str(config), "--out", str(out), *extra]  # fmt: skip
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    straight = subprocess.run(
+        command(tmp_path / "straight", 29551), capture_output=True, text=True, timeout=300, env=env
+    )
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    killed = tmp_path / "killed"
+    launcher = subprocess.Popen(command(killed, 29552), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 240
+    latest = killed / "checkpoints" / "LATEST"
+    while time.monotonic() < deadline and launcher.poll() is None:
+        if latest.is_file() and latest.read_text().strip() >= "ckpt-000002":
+            break
+        time.sleep(0.05)
+    assert launcher.poll() is None, "the run ended before it could be killed"
+    workers = _children(launcher.pid)
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGKILL)
+    assert launcher.wait(timeout=120) != 0
+    assert not (killed / "summary.json").exists()
+    resumed = subprocess.run(command(killed, 29553, "--resume"), capture_output=True, text=True, timeout=300, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert _rows(tmp_path / "straight" / "metrics.jsonl") == _rows(killed / "metrics.jsonl")
+    assert json.loads((killed / "summary.json").read_text())["processes"] == 2
