@@ -11,9 +11,17 @@ Two kinds, one per phase of the interleaved MDP (docs/design.md, section 1):
 Both optionally carry the log-probability the agent's policy assigned to the action, which the
 environment records in the trajectory (the "old" log-probabilities of GRPO / Flow-GRPO).
 
-The models only coerce their inputs (lists and numpy arrays become tensors); everything that
-depends on the environment's state (phase, shape, vocabulary, device) is checked by the
-environment before it changes anything.
+The models convert their inputs without loss (lists and numpy arrays become tensors; token ids
+and lengths must already be integers — floats are refused, never truncated) and refuse what is
+not numbers. Errors come in two kinds, one per moment:
+
+* constructing a malformed action raises pydantic's ``ValidationError`` (a ``ValueError``), with a
+  message naming the field and what was expected;
+* a well-formed action that does not fit the environment's state (phase, shape, vocabulary,
+  device, budget) raises an :class:`~unigrpo_env.errors.InvalidActionError` subclass (also a
+  ``ValueError``) from ``step``, before the environment changes anything.
+
+So ``except ValueError`` catches both.
 """
 
 from __future__ import annotations
@@ -29,12 +37,40 @@ __all__ = ["TextAction", "FlowAction", "as_tensor"]
 
 def as_tensor(value: Any, *, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Coerce lists, tuples, numbers and numpy arrays to a tensor; tensors pass through as they are
-    (their dtype and device are validated later, not silently converted)."""
+    (their dtype and device are validated later, not silently converted). Anything that is not
+    numbers raises ``ValueError``."""
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "biuf":
+            raise ValueError(f"expected a numeric array, got dtype {value.dtype}")
         return torch.from_numpy(np.ascontiguousarray(value))
-    return torch.tensor(value, dtype=dtype)
+    if value is None or isinstance(value, (str, bytes, dict)):
+        raise ValueError(f"expected numbers (a tensor, a numpy array or a nested list), got {type(value).__name__}")
+    try:
+        return torch.tensor(value, dtype=dtype)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        raise ValueError(
+            f"expected numbers (a tensor, a numpy array or a nested list), got {type(value).__name__}: "
+            f"{' '.join(str(exc).split())[:120]}"
+        ) from None
+
+
+def _integers(value: Any, what: str) -> torch.Tensor:
+    """``value`` as an int64 tensor, refusing floats and booleans (nothing is truncated). A tensor
+    passes through as it is: the environment checks its dtype (``ActionDTypeError``)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{what} must be integers, got a boolean")
+    if isinstance(value, (int, np.integer)):
+        return torch.tensor([int(value)], dtype=torch.long)
+    if isinstance(value, (list, tuple)) and len(value) == 0:
+        return torch.zeros(0, dtype=torch.long)
+    tensor = as_tensor(value)
+    if tensor.dtype == torch.bool or tensor.is_floating_point() or tensor.is_complex():
+        raise ValueError(f"{what} must be integers, got {tensor.dtype} values (floats are not truncated)")
+    return tensor.to(torch.long)
 
 
 class _TensorModel(BaseModel):
@@ -59,9 +95,7 @@ class TextAction(_TensorModel):
     @field_validator("tokens", mode="before")
     @classmethod
     def _tokens(cls, value: Any) -> torch.Tensor:
-        if isinstance(value, (int, np.integer)):
-            value = [int(value)]
-        tensor = as_tensor(value, dtype=torch.long)
+        tensor = _integers(value, "token ids")
         if tensor.dim() not in (1, 2):
             raise ValueError(f"tokens must be 1-D [L] or 2-D [N, L], got shape {tuple(tensor.shape)}")
         return tensor
@@ -78,7 +112,12 @@ class TextAction(_TensorModel):
     @field_validator("lengths", mode="before")
     @classmethod
     def _lengths(cls, value: Any) -> torch.Tensor | None:
-        return None if value is None else as_tensor(value, dtype=torch.long)
+        if value is None:
+            return None
+        tensor = _integers(value, "lengths")
+        if not tensor.is_floating_point() and bool((tensor < 0).any()):
+            raise ValueError(f"lengths must be >= 0, got {tensor.tolist()}")
+        return tensor
 
     @model_validator(mode="after")
     def _consistent(self) -> TextAction:

@@ -219,6 +219,8 @@ class EpisodeBatch:
             raise ActionShapeError(f"expected tokens of shape [N={self.n}, L], got {tuple(tokens.shape)}")
         if tokens.dtype in (torch.bool,) or tokens.is_floating_point() or tokens.is_complex():
             raise ActionDTypeError(f"token ids must be an integer tensor (int64), got dtype {tokens.dtype}")
+        if lengths.dtype == torch.bool or lengths.is_floating_point() or lengths.is_complex():
+            raise ActionDTypeError(f"lengths must be an integer tensor (int64), got dtype {lengths.dtype}")
         self._check_device(tokens, "tokens")
         self._check_device(lengths, "lengths")
         width = tokens.shape[1]

@@ -280,6 +280,13 @@ class InterleavedVectorEnv(VectorEnv):
             given = [a.log_prob is not None for a in actions]
             if any(given) and not all(given):
                 raise InvalidActionError("give log_prob for every episode's FlowAction or for none")
+            sizes = sorted({a.log_prob.numel() for a in actions if a.log_prob is not None} - {1})
+            if sizes:
+                raise ActionShapeError(f"each episode's log_prob must be one number, got {sizes[0]} values")
+            if len({a.is_stochastic for a in actions}) > 1:
+                raise InvalidActionError(
+                    "the episodes' FlowActions disagree on stochastic: a step is SDE or ODE for all"
+                )
             log_prob = torch.stack([a.log_prob.reshape(()) for a in actions]) if all(given) else None
             return FlowAction(
                 x_next=torch.stack([a.x_next for a in actions]),

@@ -1,0 +1,94 @@
+"""The edges an outside fuzz found (issue: hardening): malformed actions are refused at
+construction with pydantic's ValidationError (a ValueError), never coerced (floats are not
+truncated to token ids or lengths), and the batched environment's every dtype and shape path
+raises an InvalidActionError subclass and leaves the environment unchanged."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+import unigrpo_env
+from unigrpo_env import FlowAction, TextAction
+from unigrpo_env import errors as E
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: TextAction(tokens=None),
+        lambda: TextAction(tokens=["a", "b"]),
+        lambda: TextAction(tokens="ab"),
+        lambda: TextAction(tokens=[[3.0], [5.0]]),  # floats are not token ids (were truncated)
+        lambda: TextAction(tokens=[3.7]),
+        lambda: TextAction(tokens=[True, False]),
+        lambda: TextAction(tokens=[[3], [5]], lengths=[1.5, 1]),  # fractional lengths (were truncated)
+        lambda: TextAction(tokens=[[3], [5]], lengths=[float("nan"), 1]),
+        lambda: TextAction(tokens=[[3], [5]], lengths=[-1, 1]),
+        lambda: TextAction(tokens=[3], log_probs="x"),
+        lambda: FlowAction(x_next=None),
+        lambda: FlowAction(x_next={"a": 1}),
+        lambda: FlowAction(x_next="latent"),
+        lambda: FlowAction(x_next=[[1, 2], [3]]),  # ragged
+        lambda: FlowAction(x_next=torch.zeros(1), log_prob=object()),
+    ],
+)
+def test_a_malformed_action_is_one_error_type_at_construction(build):
+    with pytest.raises(ValidationError) as raised:
+        build()
+    assert isinstance(raised.value, ValueError)
+    message = str(raised.value)
+    assert "expected" in message or "must" in message, message
+
+
+def test_integer_inputs_still_convert_without_loss():
+    assert TextAction(tokens=[[3], [5]], lengths=[1, 0]).lengths.tolist() == [1, 0]
+    assert TextAction(tokens=3).tokens.tolist() == [3] and TextAction(tokens=[]).tokens.dtype == torch.long
+    assert FlowAction(x_next=[[1, 2]]).x_next.dtype == torch.float32
+
+
+@pytest.fixture
+def envs(toy_scenario):
+    envs = unigrpo_env.make_vec(toy_scenario, num_prompts=1, group_size=2)
+    envs.reset(seed=0)
+    return envs
+
+
+def _unchanged(envs, step, error):
+    before = copy.deepcopy(envs.trajectories()), envs.phase
+    with pytest.raises(error):
+        step()
+    assert (envs.trajectories(), envs.phase) == before
+
+
+def test_batched_text_dtype_and_shape_paths(envs):
+    tokens = torch.tensor([[3], [3]])
+    _unchanged(envs, lambda: envs.step(TextAction(tokens=tokens, lengths=torch.tensor([1.5, 1.0]))), E.ActionDTypeError)
+    nan = torch.tensor([float("nan"), 1.0])
+    _unchanged(envs, lambda: envs.step(TextAction(tokens=tokens, lengths=nan)), E.ActionDTypeError)
+    _unchanged(envs, lambda: envs.step(TextAction(tokens=tokens.float())), E.ActionDTypeError)
+    _unchanged(
+        envs,
+        lambda: envs.step(TextAction(tokens=tokens, log_probs=torch.zeros(2, 1, dtype=torch.long))),
+        E.ActionDTypeError,
+    )
+    _unchanged(envs, lambda: envs.step([TextAction(tokens=[3])]), E.ActionShapeError)
+
+
+def test_a_list_of_flow_actions_with_a_vector_log_prob_is_refused(envs):
+    envs.step(TextAction(tokens=[[3, 2], [3, 2]]))
+    x = torch.zeros(3, 4, 4)
+    vector = [FlowAction(x_next=x, log_prob=torch.zeros(2)), FlowAction(x_next=x, log_prob=torch.zeros(2))]
+    _unchanged(envs, lambda: envs.step(vector), E.ActionShapeError)  # was RuntimeError: shape '[]' is invalid
+    mixed = [
+        FlowAction(x_next=x, stochastic=True, log_prob=-1.0),
+        FlowAction(x_next=x, stochastic=False, log_prob=-1.0),
+    ]
+    _unchanged(envs, lambda: envs.step(mixed), E.InvalidActionError)
+    envs.step(
+        [FlowAction(x_next=x, log_prob=-1.0), FlowAction(x_next=x, log_prob=torch.tensor([-2.0]))]
+    )  # one number each
+    assert envs.trajectory.turns[0].image.log_probs[:, 0].tolist() == [-1.0, -2.0]
