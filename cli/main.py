@@ -132,7 +132,9 @@ def run(
     ),
     old_steps: int | None = typer.Option(None, "--steps", hidden=True, help="Renamed --iterations."),
     seed: int | None = typer.Option(None, "--seed", help="Seed of prompts, sampling and updates."),
-    out: Path | None = typer.Option(None, "--out", help="Run folder (default: runs/<scenario>-<time>)."),
+    out: Path | None = typer.Option(
+        None, "--out", file_okay=False, help="Run folder (default: runs/<scenario>-<time>)."
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     train: TrainWhat | None = typer.Option(
         None, "--train", help="both (UniGRPO), text (TextGRPO only) or image (FlowGRPO only)."
@@ -376,6 +378,7 @@ def pretrain(
     out: Path = typer.Option(
         ...,
         "--out",
+        file_okay=False,
         help="Folder to write the checkpoint to (for shapes: language_model/, flow_model/, pretrain.json).",
     ),
     seed: int = typer.Option(
@@ -437,7 +440,7 @@ def eval_(
         1.0, "--cfg", min=1.0, help="Classifier-free guidance scale of the image model (1 = none)."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the text sampling and the initial noise."),
-    out: Path | None = typer.Option(None, "--out", help="Folder for eval.json and grid.png."),
+    out: Path | None = typer.Option(None, "--out", file_okay=False, help="Folder for eval.json and grid.png."),
     split: str = typer.Option("heldout", "--split", help="Task split to evaluate."),
     temperature: float = typer.Option(1.0, "--temperature", min=0.0, help="Text sampling temperature (0 = greedy)."),
     limit: int | None = typer.Option(None, "--limit", min=1, help="Evaluate only the first N tasks."),

@@ -92,3 +92,18 @@ def test_a_list_of_flow_actions_with_a_vector_log_prob_is_refused(envs):
         [FlowAction(x_next=x, log_prob=-1.0), FlowAction(x_next=x, log_prob=torch.tensor([-2.0]))]
     )  # one number each
     assert envs.trajectory.turns[0].image.log_probs[:, 0].tolist() == [-1.0, -2.0]
+
+
+@pytest.mark.parametrize(
+    "command", [["run", "scenario", "t2i_reason"], ["eval", "scenario", "t2i_reason"], ["pretrain", "shapes"]]
+)
+def test_out_on_an_existing_file_is_one_line_and_exit_2(command, tmp_path, capsys):
+    from unigrpo_env.cli.main import main
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    with pytest.raises(SystemExit) as done:
+        main([*command, "--out", str(a_file)])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and "is a file" in err and len(err.strip().splitlines()) == 1, err
+    assert a_file.read_text() == "not a folder"
