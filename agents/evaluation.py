@@ -41,13 +41,21 @@ __all__ = ["CategoryScores", "EvalReport", "EpisodeMetric", "Evaluator"]
 
 
 class CategoryScores(BaseModel):
-    """Mean dense reward and GenEval-correct rate over ``count`` tasks (NaN where not measured)."""
+    """Mean dense reward and GenEval-correct rate over ``count`` tasks (NaN where not measured).
+
+    ``unscored`` counts the tasks whose reward could not be computed (NaN): the means are over the
+    other ``count − unscored`` tasks, and a report says so rather than showing a clean number."""
 
     model_config = ConfigDict(ser_json_inf_nan="constants")
 
     reward: float
     correct: float
     count: int
+    unscored: int = 0
+
+    @property
+    def scored(self) -> int:
+        return self.count - self.unscored
 
 
 class EvalReport(BaseModel):
@@ -205,6 +213,7 @@ def _by_category(
             reward=_nanmean([rewards[i] for i in idx]),
             correct=_nanmean([correct[i] for i in idx]),
             count=len(idx),
+            unscored=sum(math.isnan(rewards[i]) for i in idx),
         )
         for c, idx in sorted(groups.items())
     }
@@ -212,6 +221,7 @@ def _by_category(
         reward=_nanmean([s.reward for s in out.values()]),
         correct=_nanmean([s.correct for s in out.values()]),
         count=len(categories),
+        unscored=sum(s.unscored for s in out.values()),
     )
     return out
 

@@ -256,6 +256,10 @@ class Trainer:
             "heldout_reward_after": after.overall("pipeline", "reward"),
             "heldout_correct_before": before.overall("pipeline", "correct"),
             "heldout_correct_after": after.overall("pipeline", "correct"),
+            # held-out tasks whose reward could not be computed (the means above leave them out)
+            "heldout_unscored_before": before.pipeline["overall"].unscored,
+            "heldout_unscored_after": after.pipeline["overall"].unscored,
+            "heldout_tasks": after.pipeline["overall"].count,
             **{
                 f"{name}_{when}": report.metrics[name]["overall"]
                 for name in before.metrics
@@ -268,6 +272,9 @@ class Trainer:
                     "reward_after": after.pipeline[category].reward,
                     "correct_before": before.pipeline[category].correct,
                     "correct_after": after.pipeline[category].correct,
+                    "unscored_before": before.pipeline[category].unscored,
+                    "unscored_after": after.pipeline[category].unscored,
+                    "tasks": after.pipeline[category].count,
                 }
                 for category in before.pipeline
             },

@@ -302,13 +302,20 @@ def run(
     for category, row in summary["per_category"].items():
         table.add_row(
             category,
-            f"{row['reward_before']:.3f}",
-            f"{row['reward_after']:.3f}",
+            _reward_cell(row["reward_before"], row.get("unscored_before", 0), row.get("tasks", 0)),
+            _reward_cell(row["reward_after"], row.get("unscored_after", 0), row.get("tasks", 0)),
             _share(row["correct_before"]),
             _share(row["correct_after"]),
             style="bold" if category == "overall" else None,
         )
     console.print(table)
+    for when in ("before", "after"):
+        unscored = summary.get(f"heldout_unscored_{when}", 0)
+        if unscored:
+            console.print(
+                f"[bold red]warning:[/bold red] the reward failed for {unscored} of {summary['heldout_tasks']} "
+                f"held-out tasks {when} training; the means are over the others"
+            )
     console.print(f"run folder: {out} ({summary['wall_seconds'] / 60:.1f} min)")
 
 
@@ -519,12 +526,23 @@ def _evaluate_and_print(
     for column in columns:
         table.add_column(column, justify="right" if column != "category" else "left")
     for category, scores in report.pipeline.items():
-        row = [category, str(scores.count), _share(scores.correct), f"{scores.reward:.3f}"]
+        row = [
+            category,
+            str(scores.count),
+            _share(scores.correct),
+            _reward_cell(scores.reward, scores.unscored, scores.count),
+        ]
         row += [_share(probe[category].correct) for probe in report.probes.values()]
         row += [_share(metric.get(category, float("nan"))) for metric in report.metrics.values()]
         table.add_row(*row, style="bold" if category == "overall" else None)
     console.print(table)
     console.print(f"{report.seconds:.0f} s" + (f"; eval.json and grid.png in {out}" if out else ""))
+
+
+def _reward_cell(value: float, unscored: int, count: int) -> str:
+    """A mean reward, and how many of the tasks it leaves out because their reward failed."""
+    shown = "–" if value != value else f"{value:.3f}"
+    return f"{shown} ({count - unscored} of {count} scored)" if unscored else shown
 
 
 def _share(value: float) -> str:

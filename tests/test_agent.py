@@ -564,3 +564,38 @@ def test_a_two_process_run_killed_with_sigkill_resumes_to_the_same_metrics(tmp_p
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert _rows(tmp_path / "straight" / "metrics.jsonl") == _rows(killed / "metrics.jsonl")
     assert json.loads((killed / "summary.json").read_text())["processes"] == 2
+
+
+@register_reward("test_half_nan", override=True)
+class HalfNaN:
+    """The verifier's score for every other sample, NaN for the rest (a scorer failing half the time)."""
+
+    def __init__(self):
+        from unigrpo_env.rewards import get_reward
+
+        self.verifier = get_reward("shapes_verifier")
+
+    def __call__(self, inputs):
+        out = self.verifier(inputs)
+        scores = out.scores.clone()
+        scores[1::2] = float("nan")
+        return RewardOutput(scores=scores)
+
+
+def test_a_half_failing_reward_is_reported_as_such_not_as_a_clean_score(small_run_config, tmp_path, capsys):
+    from unigrpo_env.cli.main import main
+
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as done:
+        main(["run", "scenario", "t2i_reason", "--iterations", "1", "--config", str(small_run_config),
+              "--reward", "test_half_nan", "--out", str(out)])  # fmt: skip
+    assert done.value.code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    tasks = summary["heldout_tasks"]
+    assert summary["heldout_unscored_before"] == summary["heldout_unscored_after"] == tasks // 2
+    assert (
+        sum(row["unscored_after"] for name, row in summary["per_category"].items() if name != "overall") == tasks // 2
+    )
+    printed = " ".join(capsys.readouterr().out.split())
+    assert f"the reward failed for {tasks // 2} of {tasks} held-out tasks" in printed
+    assert "scored" in printed  # the table's reward cells say how many tasks their means cover
