@@ -161,6 +161,11 @@ class UniGRPOConfig(BaseModel):
     )
     eval_limit: int | None = Field(default=None, ge=1, description="evaluate on the first N held-out tasks only")
     checkpoint_every: int = Field(default=10, ge=1, description="iterations between checkpoints")
+    reward_timeout: float | None = Field(
+        default=600.0,
+        gt=0.0,
+        description="seconds a reward may take for one batch; a scorer that hangs longer gives NaN scores and a warning (None: no limit)",
+    )
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_accumulation_steps: int = Field(
         default=1, ge=1, description="Accelerate's: optimizer steps accumulated into one"

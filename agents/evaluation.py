@@ -134,13 +134,15 @@ class Evaluator:
         temperature: float = 1.0,
         limit: int | None = None,
         reward: RewardFunction | None = None,
+        reward_timeout: float | None = None,
         run_probes: bool = True,
         checkpoint: str | None = None,
         out_dir: str | Path | None = None,
     ) -> EvalReport:
         """Evaluate ``policy`` on ``scenario``'s ``split``: images drawn with the deterministic ODE
         sampler (CFG scale ``cfg_scale``), text sampled at ``temperature`` with a generator seeded
-        by ``seed``. ``reward`` scores instead of the scenario's own; ``run_probes=False`` skips the
+        by ``seed``. ``reward`` scores instead of the scenario's own (``reward_timeout``: seconds per
+        batch before its scores are NaN); ``run_probes=False`` skips the
         probes' rollouts. With ``out_dir``, saves ``eval.json`` and ``grid.png`` (and ``turns.png``,
         an image strip of each turn, for multi-turn tasks)."""
         if cfg_scale < 1.0:
@@ -153,7 +155,9 @@ class Evaluator:
         rows: dict[str, list] = defaultdict(list)
         for start_index in range(0, len(tasks), self.batch_size):
             chunk = tasks[start_index : start_index + self.batch_size]
-            envs = InterleavedVectorEnv(scenario, len(chunk), 1, split=split, reward=reward)
+            envs = InterleavedVectorEnv(
+                scenario, len(chunk), 1, split=split, reward=reward, reward_timeout=reward_timeout
+            )
             options = {"task_index": [task.index for task in chunk]}
             piped = rollout(policy, envs, settings, seed=seed, options=options, generator=generator)
             rows["pipeline"] += _scores(piped)

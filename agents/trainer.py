@@ -197,6 +197,7 @@ class Trainer:
             temperature=c.temperature,
             limit=c.eval_limit,
             reward=self.reward,
+            reward_timeout=c.reward_timeout,
             run_probes=False,
             checkpoint=c.checkpoint,
             out_dir=self.out / name if self.is_main else None,

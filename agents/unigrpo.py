@@ -247,7 +247,12 @@ class UniGRPOAgent:
                     f"images_per_text > 1 needs a single-turn scenario; {self.scenario.name!r} has more turns"
                 )
         self.envs = InterleavedVectorEnv(
-            self.scenario, config.num_prompts, self.local_group_size, device=self.accelerator.device, reward=reward
+            self.scenario,
+            config.num_prompts,
+            self.local_group_size,
+            device=self.accelerator.device,
+            reward=reward,
+            reward_timeout=config.reward_timeout,
         )
         self.iteration = 0
 

@@ -107,3 +107,28 @@ def test_out_on_an_existing_file_is_one_line_and_exit_2(command, tmp_path, capsy
     err = capsys.readouterr().err
     assert done.value.code == 2 and "is a file" in err and len(err.strip().splitlines()) == 1, err
     assert a_file.read_text() == "not a folder"
+
+
+def test_a_hung_reward_times_out_to_nan_scores_and_a_warning(toy_scenario):
+    import threading
+    import time
+
+    release = threading.Event()
+
+    def hangs(inputs):
+        release.wait(30)  # a scorer stuck on a dead connection
+        raise RuntimeError("never answered")
+
+    env = unigrpo_env.InterleavedEnv(toy_scenario, reward=hangs, reward_timeout=0.3)
+    obs, _ = env.reset(seed=0)
+    started = time.monotonic()
+    terminated = False
+    with pytest.warns(RuntimeWarning, match="did not answer within 0.3 s"):
+        while not terminated:  # every turn: a short text, then the denoising steps
+            action = TextAction(tokens=[3, 2]) if obs.phase == "text" else FlowAction(x_next=obs.x_t * 0.5)
+            obs, reward, terminated, _, info = env.step(action)
+    release.set()
+    assert time.monotonic() - started < 10 and terminated
+    assert reward != reward and "TimeoutError" in info["reward_error"]  # NaN, and the reason
+    with pytest.raises(ValueError, match="reward_timeout must be > 0"):
+        unigrpo_env.InterleavedEnv(toy_scenario, reward_timeout=0)

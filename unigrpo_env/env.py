@@ -42,6 +42,8 @@ class InterleavedEnv(gym.Env[Observation, "TextAction | FlowAction"]):
         device: where latents live; actions' tensors must be on it.
         render_mode: ``"rgb_array"`` or None.
         reward: scores the finished episode instead of the scenario's own reward (None: the scenario's).
+        reward_timeout: seconds the reward may take for a finished batch; after that its scores are
+            NaN, with a warning and ``info["reward_error"]`` (None: no limit).
 
     ``reset(seed=..., options=...)`` options: ``split`` (this episode's split), ``task_index``
     (an index into the split) or ``tasks`` (a one-element list of :class:`~unigrpo_env.Task`).
@@ -56,6 +58,7 @@ class InterleavedEnv(gym.Env[Observation, "TextAction | FlowAction"]):
         device: str | torch.device = "cpu",
         render_mode: str | None = None,
         reward: RewardFunction | None = None,
+        reward_timeout: float | None = None,
     ):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
@@ -63,7 +66,7 @@ class InterleavedEnv(gym.Env[Observation, "TextAction | FlowAction"]):
         self.scenario = scenario
         self.split = split
         self.render_mode = render_mode
-        self._engine = EpisodeBatch(scenario, 1, device, reward=reward)
+        self._engine = EpisodeBatch(scenario, 1, device, reward=reward, reward_timeout=reward_timeout)
         codec = scenario.text_codec
         self.text_codec = codec
         self.image_codec = scenario.image_codec

@@ -23,8 +23,11 @@ The engine records the episodes in one :class:`~unigrpo_env.batch_trajectory.Bat
 from __future__ import annotations
 
 import math
+import threading
 import time
+import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -77,11 +80,15 @@ class EpisodeBatch:
         num_episodes: int,
         device: str | torch.device = "cpu",
         reward: RewardFunction | None = None,
+        reward_timeout: float | None = None,
     ):
         if num_episodes < 1:
             raise ValueError(f"num_episodes must be >= 1, got {num_episodes}")
+        if reward_timeout is not None and not reward_timeout > 0:
+            raise ValueError(f"reward_timeout must be > 0 seconds or None, got {reward_timeout}")
         self.scenario = scenario
         self.reward_function: RewardFunction = scenario.reward if reward is None else reward
+        self.reward_timeout = reward_timeout
         self.n = int(num_episodes)
         self.device = _normalise(torch.device(device))
         self.text_codec = scenario.text_codec
@@ -356,13 +363,14 @@ class EpisodeBatch:
         )
 
     def _score(self) -> None:
-        """Score the finished batch into the trajectory. A scorer that raises gives NaN rewards and
-        an error message (reported in ``info``) instead of breaking the environment; NaN scores
+        """Score the finished batch into the trajectory. A scorer that raises, or that has not
+        answered within ``reward_timeout`` seconds, gives NaN rewards and an error message
+        (reported in ``info``; a timeout also warns) instead of breaking the environment; NaN scores
         pass through."""
         trajectory = self.trajectory
         started = time.perf_counter()
         try:
-            out = self.reward_function(self.reward_inputs())
+            out = _call_with_timeout(self.reward_function, self.reward_inputs(), self.reward_timeout)
             scores = torch.as_tensor(out.scores, dtype=torch.float32).reshape(-1).cpu()
             if scores.shape[0] != self.n:
                 raise ValueError(f"the reward returned {scores.shape[0]} scores for {self.n} episodes")
@@ -391,6 +399,32 @@ class EpisodeBatch:
 
 
 # -- helpers shared by the single and the batched environment ----------------------------------
+
+
+def _call_with_timeout(reward: RewardFunction, inputs: RewardInputs, timeout: float | None) -> Any:
+    """``reward(inputs)``, or ``TimeoutError`` (and a warning) if it has not returned after
+    ``timeout`` seconds. The call runs in a daemon thread, which a hung scorer keeps (Python cannot
+    stop a thread), so the process can still exit; the episode goes on with NaN rewards."""
+    if timeout is None:
+        return reward(inputs)
+    result: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            result["value"] = reward(inputs)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            result["error"] = exc
+
+    worker = threading.Thread(target=call, name="reward", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        message = f"the reward did not answer within {timeout:g} s (reward_timeout); its scores are NaN"
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        raise TimeoutError(message)
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 def _normalise(device: torch.device) -> torch.device:

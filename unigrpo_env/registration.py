@@ -287,7 +287,7 @@ def register_reward(name: str, *, override: bool = False):
     return REWARDS.decorator(name, override=override)
 
 
-_ENV_OPTIONS = ("split", "device", "render_mode")
+_ENV_OPTIONS = ("split", "device", "render_mode", "reward_timeout")
 
 
 def make_scenario(name: str | Scenario, **options: Any) -> Scenario:
@@ -336,7 +336,7 @@ def _accepted_options(factory: Any) -> set[str] | None:
 def make(scenario: str | Scenario, **options: Any) -> InterleavedEnv:
     """One environment of a scenario: ``unigrpo_env.make("t2i_reason", num_steps=20, split="heldout")``.
 
-    ``split``, ``device`` and ``render_mode`` go to the environment; every other option to the
+    ``split``, ``device``, ``render_mode`` and ``reward_timeout`` go to the environment; every other option to the
     scenario. (To score with another reward than the scenario's, build the environment itself:
     ``InterleavedEnv(scenario, reward=...)``.)
     """

@@ -152,6 +152,7 @@ class InterleavedVectorEnv(VectorEnv):
         device: str | torch.device = "cpu",
         render_mode: str | None = None,
         reward: RewardFunction | None = None,
+        reward_timeout: float | None = None,
     ):
         if num_prompts < 1 or group_size < 1:
             raise ValueError(f"num_prompts and group_size must be >= 1, got {num_prompts} and {group_size}")
@@ -162,7 +163,7 @@ class InterleavedVectorEnv(VectorEnv):
         self.group_size = int(group_size)
         self.num_envs = self.num_prompts * self.group_size
         self.render_mode = render_mode
-        self._engine = EpisodeBatch(scenario, self.num_envs, device, reward=reward)
+        self._engine = EpisodeBatch(scenario, self.num_envs, device, reward=reward, reward_timeout=reward_timeout)
         self.group_ids = torch.arange(self.num_prompts).repeat_interleave(self.group_size)
         codec = scenario.text_codec
         self.single_action_space = InterleavedActionSpace(
