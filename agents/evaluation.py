@@ -263,7 +263,7 @@ def _turn_strips(tasks: list, categories: Sequence[str], rows: dict, shown: list
             tail = f" -> reward {rows['pipeline'][i][0]:.2f}" if k == num_turns - 1 else ""
             head = f"[{categories[i]}] " if k == 0 else ""
             captions.append(f"{head}{k + 1}: {tasks[i].prompts[k]}{tail}")
-    image_grid(images, captions, path, columns=num_turns, width_chars=32, caption_lines=6)
+    image_grid(images, captions, path, columns=num_turns, width_chars=32, max_caption_lines=6)
 
 
 def _scores(result: Rollout) -> list[tuple[float, float]]:
