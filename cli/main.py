@@ -8,6 +8,7 @@
     unigrpo init scenario NAME [--dir DIR]
     unigrpo pretrain shapes --out DIR [--seed S]
     unigrpo eval scenario t2i_reason [--checkpoint DIR] [--cfg SCALE] [--seed S] [--out DIR]
+    unigrpo serve reward NAME [--host 127.0.0.1] [--port 8000] [--token-file F] [--max-batch N] [--max-body-mb M]
 
 Scenario, reward, policy and evaluator names may also be ``module:Name`` references, and installed
 plugins (entry-point groups ``unigrpo.scenarios``, ``unigrpo.rewards``, ``unigrpo.policies``,
@@ -26,6 +27,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from unigrpo_env.cli.serve import serve_app
+
 app = typer.Typer(
     name="unigrpo",
     help="Gymnasium environments and UniGRPO for RL of interleaved text-and-image generation.",
@@ -34,6 +37,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
+app.add_typer(serve_app, name="serve")  # the reward service: cli/serve.py
 
 
 @app.callback()

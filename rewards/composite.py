@@ -7,11 +7,24 @@ Spec grammar (what ``--reward`` on the command line and ``get_reward`` take)::
     NAME   := a registered reward name     e.g. shapes_verifier, quality
             | "module:Attribute"           a reward factory in an importable module
 
+    or, as a whole spec (not a term):
+
+    spec   := "remote:" URL                a reward service, e.g. remote:http://judge-host:8000
+
 e.g. ``"shapes_verifier:1.0,quality:0.2"``. A ``module:Attribute`` name is told apart from
 ``name:weight`` by its last part: a term whose text after the last ``:`` reads as a number is
 ``name:weight``, so ``"my_pkg.rewards:Judge:0.5"`` is the reference ``my_pkg.rewards:Judge``
 with weight 0.5. Whitespace around names and weights is ignored. A spec of one name with no
 weight is that reward itself, not a sum.
+
+Remote rewards. ``"remote:http://HOST:PORT"`` is a
+:class:`~unigrpo_env.rewards.remote.RemoteReward` scoring on a reward service (``unigrpo serve
+reward NAME`` there); its options are the client's (``token_file``, ``timeout``, ``retries``,
+``backoff``). It is a whole reward, never a term of a sum: a URL holds ``:`` and would read as
+``name:weight``. To weight a remote reward, give it a name and use the name in the sum —
+``register_reward("judge")(lambda **kw: RemoteReward("http://judge-host:8000", **kw))`` in code,
+or an entry point of ``unigrpo.rewards`` — or serve the whole weighted sum from the service
+(``unigrpo serve reward "judge:1.0,quality:0.2"``).
 
 The sum, per episode i, with weights ``w_k`` and component rewards ``R_k``::
 
@@ -47,9 +60,20 @@ from unigrpo_env.registration import REWARDS, is_target
 from unigrpo_env.reward import RewardFunction, RewardInputs, RewardOutput
 from unigrpo_env.rewards.concurrency import ScorerPool
 
-__all__ = ["RewardTerm", "RewardSpecError", "RewardComponentError", "WeightedSum", "parse_reward_spec", "build_reward"]
+__all__ = [
+    "REMOTE_PREFIX",
+    "RewardTerm",
+    "RewardSpecError",
+    "RewardComponentError",
+    "WeightedSum",
+    "parse_reward_spec",
+    "build_reward",
+]
 
 _NAME = re.compile(r"^[A-Za-z_][\w.\-]*$")
+
+#: The prefix of a remote reward's spec, ``"remote:http://HOST:PORT"``.
+REMOTE_PREFIX = "remote:"
 
 
 class RewardSpecError(ValueError):
@@ -76,11 +100,18 @@ def parse_reward_spec(spec: str) -> list[RewardTerm]:
         raise RewardSpecError(
             f"a reward spec must be a non-empty string like 'shapes_verifier:1.0,quality:0.2', got {spec!r}"
         )
+    if spec.strip().startswith(REMOTE_PREFIX):  # a whole reward: its URL holds ':' (and must hold no ',')
+        return [RewardTerm(name=spec.strip(), weight=1.0, weighted=False)]
     terms: list[RewardTerm] = []
     for raw in spec.split(","):
         item = raw.strip()
         if not item:
             raise RewardSpecError(f"empty term in reward spec {spec!r}")
+        if item.startswith(REMOTE_PREFIX):
+            raise RewardSpecError(
+                f"bad term {item!r} in reward spec {spec!r}: a 'remote:URL' reward is a whole spec, not a term of a "
+                f"weighted sum; register it under a name to weight it, or serve the whole sum"
+            )
         head, sep, tail = item.rpartition(":")
         weight = _number(tail) if sep else None
         if weight is not None:
@@ -135,6 +166,8 @@ def build_reward(spec: str, **options: Any) -> RewardFunction:
 
 
 def _instantiate(name: str, options: Mapping[str, Any]) -> RewardFunction:
+    if name.startswith(REMOTE_PREFIX):
+        return _remote(name[len(REMOTE_PREFIX) :], options)
     factory = REWARDS.get(name)
     try:
         reward = factory(**options)
@@ -143,6 +176,19 @@ def _instantiate(name: str, options: Mapping[str, Any]) -> RewardFunction:
     if not callable(reward):
         raise RewardSpecError(f"the factory of reward {name!r} returned {type(reward).__name__}, which is not callable")
     return reward
+
+
+def _remote(url: str, options: Mapping[str, Any]) -> RewardFunction:
+    from unigrpo_env.rewards.extras import MissingExtraError
+
+    try:
+        from unigrpo_env.rewards.remote import RemoteReward
+
+        return RemoteReward(url, **options)
+    except MissingExtraError as exc:
+        raise RewardSpecError(str(exc)) from exc
+    except TypeError as exc:
+        raise RewardSpecError(f"could not build reward 'remote:{url}' with options {dict(options)}: {exc}") from exc
 
 
 class WeightedSum:

@@ -1,0 +1,237 @@
+"""The reward service's client: :class:`RemoteReward`, a reward that scores on a server.
+
+``--reward remote:http://HOST:PORT`` (or ``get_reward("remote:http://HOST:PORT",
+token_file=...)``) builds one; the server is ``unigrpo serve reward NAME`` (:mod:`.server`), the
+wire format :mod:`.wire`.
+
+Failures, by whether retrying can help:
+
+* the server is unreachable, times out, or answers 5xx — retried with exponential backoff
+  (``backoff · 2^k`` seconds before retry k + 1); after the last retry the batch scores all NaN
+  with a :class:`RemoteRewardWarning` naming the URL and the error, never an exception, so a
+  training run neither hangs nor dies (the agent leaves NaN samples out of its update and stops
+  if too large a fraction fails). One call takes at most ``(retries + 1)`` attempts, each bounded
+  by ``timeout`` per phase (connect, send, wait for the answer), plus ``backoff · (2^retries − 1)``
+  seconds of waiting.
+* the server's scorer raised on the batch — it answers all-NaN scores and the error; returned as
+  they are, with a :class:`RemoteRewardWarning`.
+* a wrong or missing token (401), a body or batch over the server's limits (413), a request the
+  server cannot read (422), any other 4xx, or an answer that is not ``unigrpo-reward/1`` —
+  configuration errors: :class:`RemoteRewardError` (a ``ValueError``) with a one-line message.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import warnings
+from typing import Any
+from urllib.parse import urlsplit
+
+import torch
+
+from unigrpo_env.reward import RewardInputs, RewardOutput
+from unigrpo_env.rewards.auth import bearer_header, read_token_file
+from unigrpo_env.rewards.extras import import_serve_dependency
+from unigrpo_env.rewards.wire import SCHEMA, WireFormatError, decode_response, encode_request
+
+__all__ = ["RemoteReward", "RemoteRewardError", "RemoteRewardWarning"]
+
+
+class RemoteRewardError(ValueError):
+    """A remote reward that is misconfigured: retrying cannot help (bad URL or token, limits, schema)."""
+
+
+class RemoteRewardWarning(RuntimeWarning):
+    """A batch that a remote reward could not score (it scores NaN)."""
+
+
+class _Unreachable(Exception):
+    """Every attempt failed with a connection error, a timeout or a 5xx."""
+
+
+class RemoteReward:
+    """A reward scored by a reward service at ``url`` (see the module docstring for failures).
+
+    Args:
+        url: the service's base URL, ``http://HOST:PORT`` (or ``https://``).
+        token: the bearer token, if the server was started with ``--token-file``.
+        token_file: a file holding the token (instead of ``token``).
+        timeout: seconds per phase of one attempt (connect, send, wait for the answer).
+        retries: attempts after the first, on connection errors, timeouts and 5xx.
+        backoff: seconds before the first retry, doubled before each next one.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        token_file: str | None = None,
+        timeout: float = 60.0,
+        retries: int = 3,
+        backoff: float = 0.5,
+    ):
+        self.url = _check_url(url)
+        if token is not None and token_file is not None:
+            raise RemoteRewardError("give the remote reward's token or its token_file, not both")
+        if token_file is not None:
+            try:
+                token = read_token_file(token_file)
+            except ValueError as exc:
+                raise RemoteRewardError(str(exc)) from exc
+        if token is not None and (not isinstance(token, str) or not token.strip()):
+            raise RemoteRewardError("the remote reward's token must be a non-empty string")
+        if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+            raise RemoteRewardError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if not (isinstance(retries, int) and retries >= 0):
+            raise RemoteRewardError(f"retries must be an integer >= 0, got {retries!r}")
+        if not (isinstance(backoff, (int, float)) and math.isfinite(backoff) and backoff >= 0):
+            raise RemoteRewardError(f"backoff must be a number of seconds >= 0, got {backoff!r}")
+        self._httpx = import_serve_dependency("httpx")
+        self._token = None if token is None else token.strip()
+        self.timeout = float(timeout)
+        self.retries = retries
+        self.backoff = float(backoff)
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    # --- scoring ---------------------------------------------------------------------------------------------
+
+    def __call__(self, inputs: RewardInputs) -> RewardOutput:
+        n = len(inputs)
+        body = encode_request(inputs)
+        try:
+            response = self._send("POST", "/score", content=body, headers={"content-type": "application/octet-stream"})
+        except _Unreachable as exc:
+            return self._unscored(n, str(exc))
+        self._raise_for_status(response)
+        try:
+            output, error = decode_response(response.json(), n)
+        except (ValueError, WireFormatError) as exc:  # JSON errors are ValueErrors too
+            raise RemoteRewardError(f"remote reward {self.url}: the answer is not {SCHEMA}: {_words(exc)}") from exc
+        if error is not None:
+            warnings.warn(
+                f"remote reward {self.url}: the scorer failed on a batch of {n}, which scores NaN: {error}",
+                RemoteRewardWarning,
+                stacklevel=2,
+            )
+        return output
+
+    def health(self) -> dict[str, Any]:
+        """The server's ``/health`` answer (raises :class:`RemoteRewardError` if unreachable)."""
+        try:
+            response = self._send("GET", "/health")
+        except _Unreachable as exc:
+            raise RemoteRewardError(f"remote reward {self.url} is unreachable: {exc}") from exc
+        self._raise_for_status(response)
+        return response.json()
+
+    def _send(self, method: str, path: str, **request: Any) -> Any:
+        httpx = self._httpx
+        client = self._http()
+        error = "no attempt made"
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                response = client.request(method, path, **request)
+            except httpx.TransportError as exc:  # connection refused or reset, timeouts, broken answers
+                error = f"{type(exc).__name__}: {_words(exc) or 'no detail'}"
+                continue
+            if response.status_code >= 500:
+                error = f"HTTP {response.status_code}: {_detail(response)}"
+                continue
+            return response
+        raise _Unreachable(f"{error} (after {self.retries + 1} attempts)")
+
+    def _raise_for_status(self, response: Any) -> None:
+        status = response.status_code
+        if status == 200:
+            return
+        hint = {
+            401: "; pass the server's token (token= or token_file=)",
+            413: "; raise the server's --max-batch / --max-body-mb or send smaller batches",
+            422: "; are client and server the same unigrpo-env version?",
+        }.get(status, "")
+        raise RemoteRewardError(f"remote reward {self.url}: HTTP {status}: {_detail(response)}{hint}")
+
+    def _unscored(self, n: int, error: str) -> RewardOutput:
+        warnings.warn(
+            f"remote reward {self.url} could not score a batch of {n}, which scores NaN: {error}",
+            RemoteRewardWarning,
+            stacklevel=3,
+        )
+        return RewardOutput(scores=torch.full((n,), math.nan))
+
+    # --- the HTTP client -------------------------------------------------------------------------------------
+
+    def _http(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                headers = bearer_header(self._token) if self._token else {}
+                self._client = self._httpx.Client(
+                    base_url=self.url, timeout=self._httpx.Timeout(self.timeout), headers=headers
+                )
+            return self._client
+
+    def close(self) -> None:
+        """Close the connections (a later call opens new ones)."""
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+    def __getstate__(self) -> dict[str, Any]:  # connections and modules cannot be copied; reopen lazily
+        state = self.__dict__.copy()
+        for key in ("_client", "_lock", "_httpx"):
+            state.pop(key)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._httpx = import_serve_dependency("httpx")
+        self._client = None
+        self._lock = threading.Lock()
+
+    def __deepcopy__(self, memo: dict) -> RemoteReward:
+        copy = RemoteReward.__new__(RemoteReward)
+        copy.__setstate__(self.__getstate__())
+        return copy
+
+    def __repr__(self) -> str:  # never the token
+        return f"RemoteReward({self.url!r}, timeout={self.timeout:g}, retries={self.retries})"
+
+
+def _check_url(url: Any) -> str:
+    if not isinstance(url, str):
+        raise RemoteRewardError(f"a remote reward's URL must be a string, got {url!r}")
+    text = url.strip().rstrip("/")
+    if "," in text:
+        raise RemoteRewardError(
+            f"bad remote reward URL {url!r}: 'remote:URL' is a whole reward, not a term of a weighted sum "
+            f"(to weight it, register it under a name, see unigrpo_env.rewards.composite)"
+        )
+    parts = urlsplit(text)
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number in 0..65535
+        port_ok = True
+    except ValueError:
+        port_ok = False
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok or parts.query or parts.fragment:
+        raise RemoteRewardError(f"bad remote reward URL {url!r}: expected http://HOST:PORT or https://HOST:PORT")
+    return text
+
+
+def _detail(response: Any) -> str:
+    try:
+        payload = response.json()
+        detail = payload.get("detail") if isinstance(payload, dict) else None
+    except ValueError:
+        detail = None
+    return _words(detail if detail is not None else response.text[:200] or response.reason_phrase)
+
+
+def _words(value: Any) -> str:
+    return " ".join(str(value).split())
