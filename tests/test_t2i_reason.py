@@ -11,13 +11,13 @@ import gymnasium as gym
 import pytest
 import torch
 from gymnasium.utils.env_checker import check_env
-from safetensors import SafetensorError
 
 import unigrpo_env
 from unigrpo_env import FlowAction, TextAction, Trajectory, flow
 from unigrpo_env._tensor_eq import tensors_equal
 from unigrpo_env.registration import gym_ids
 from unigrpo_env.scenarios.shapes import CATEGORIES, ShapesTask, render
+from unigrpo_env.trajectory import TrajectoryFileError
 
 
 def _builds_without_options(name: str) -> bool:
@@ -167,7 +167,7 @@ def test_trajectory_files_are_not_pickles(tmp_path):
     raw = path.read_bytes()
     assert b"\x80\x04" not in raw[:16] and b"unigrpo-trajectory/1" in raw
     (tmp_path / "bad.safetensors").write_bytes(b"\x80\x04not a trajectory")
-    with pytest.raises(SafetensorError):  # not a safetensors file: refused by the reader, nothing unpickled
+    with pytest.raises(TrajectoryFileError, match="not a readable safetensors file"):  # nothing unpickled
         Trajectory.load(tmp_path / "bad.safetensors")
 
 

@@ -19,16 +19,68 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from unigrpo_env._tensor_eq import TensorRecord
 from unigrpo_env.task import Task
 
-__all__ = ["TextSegment", "ImageSegment", "DenoisingStep", "Turn", "Trajectory", "TRAJECTORY_FORMAT"]
+__all__ = [
+    "TextSegment",
+    "ImageSegment",
+    "DenoisingStep",
+    "Turn",
+    "Trajectory",
+    "TRAJECTORY_FORMAT",
+    "TrajectoryFileError",
+]
 
 TRAJECTORY_FORMAT = "unigrpo-trajectory/1"
+
+
+class TrajectoryFileError(ValueError):
+    """A file that is not a well-formed trajectory file: nothing of it is returned."""
+
+
+class _SegmentHeader(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["text", "image"]
+    has_image: StrictBool
+
+
+class _TurnHeader(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: StrictStr
+    segments: list[_SegmentHeader]
+
+
+class _Header(BaseModel):
+    """The JSON header of a trajectory file, checked field by field (strict types: ``"yes"`` is
+    not a bool, ``1.0`` not a seed)."""
+
+    model_config = ConfigDict(extra="forbid")
+    scenario: StrictStr
+    task: dict[str, Any]
+    seed: StrictInt | None
+    turns: list[_TurnHeader]
+    reward: float | StrictStr | None
+    reward_components: dict[str, float | StrictStr]
+    terminated: StrictBool
+
+
+#: What each tensor of a segment must be: its dtype and number of dimensions.
+_TENSOR_SCHEMA = {
+    "text": {"tokens": (torch.int64, 1), "log_probs": (torch.float32, 1)},
+    "image": {
+        "x_t": (torch.float32, 4),
+        "x_next": (torch.float32, 4),
+        "t": (torch.float32, 1),
+        "t_next": (torch.float32, 1),
+        "log_prob": (torch.float32, 1),
+        "stochastic": (torch.bool, 1),
+    },
+}
 
 
 class TextSegment(TensorRecord):
@@ -177,33 +229,95 @@ class Trajectory(TensorRecord):
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Trajectory:
-        """Read a file written by :meth:`save`. Only tensors and JSON are read; no code runs."""
+        """Read a file written by :meth:`save`. Only tensors and JSON are read; no code runs. The
+        file is checked against the format before anything is built: the header's fields and
+        types, exactly the tensors the header announces with their dtypes and shapes, agreeing
+        lengths and step counts, finite rewards (NaN and infinities only as the strings
+        :meth:`save` writes). Anything else raises :class:`TrajectoryFileError` naming the problem."""
+        try:
+            return cls._load(path)
+        except TrajectoryFileError:
+            raise
+        except (ValidationError, KeyError, TypeError, AttributeError, RecursionError, ValueError, OSError) as exc:
+            detail = " ".join(str(exc).split())[:240]
+            raise TrajectoryFileError(
+                f"{path} is not a well-formed trajectory file: {type(exc).__name__}: {detail}"
+            ) from None
+        except Exception as exc:  # noqa: BLE001 - safetensors' own errors for corrupt files
+            detail = " ".join(str(exc).split())[:240]
+            raise TrajectoryFileError(f"{path} is not a readable safetensors file: {detail}") from None
+
+    @classmethod
+    def _load(cls, path: str | os.PathLike[str]) -> Trajectory:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             if metadata.get("format") != TRAJECTORY_FORMAT:
-                raise ValueError(
+                raise TrajectoryFileError(
                     f"{path} is not a trajectory file (expected metadata format {TRAJECTORY_FORMAT!r}, "
                     f"got {metadata.get('format')!r})"
                 )
             tensors = {key: f.get_tensor(key) for key in f.keys()}
-        header = json.loads(metadata["trajectory"])
+        header = _Header.model_validate(json.loads(metadata["trajectory"]))
+        problem = _check_tensors(header, tensors)
+        if problem:
+            raise TrajectoryFileError(f"{path}: {problem}")
         turns = []
-        for i, turn in enumerate(header["turns"]):
+        for i, turn in enumerate(header.turns):
             segments: list[TextSegment | ImageSegment] = []
-            for j, seg in enumerate(turn["segments"]):
+            for j, seg in enumerate(turn.segments):
                 prefix = f"turn{i}.seg{j}."
                 fields = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-                segments.append(TextSegment(**fields) if seg["kind"] == "text" else ImageSegment(**fields))
-            turns.append(Turn(prompt=turn["prompt"], segments=segments))
+                segments.append(TextSegment(**fields) if seg.kind == "text" else ImageSegment(**fields))
+            turns.append(Turn(prompt=turn.prompt, segments=segments))
         return cls(
-            scenario=header["scenario"],
-            task=Task.model_validate(header["task"]),
-            seed=header["seed"],
+            scenario=header.scenario,
+            task=Task.model_validate(header.task),
+            seed=header.seed,
             turns=turns,
-            reward=_from_json_float(header["reward"]),
-            reward_components={k: _from_json_float(v) for k, v in header["reward_components"].items()},
-            terminated=header["terminated"],
+            reward=_from_json_float(header.reward),
+            reward_components={k: _from_json_float(v) for k, v in header.reward_components.items()},
+            terminated=header.terminated,
         )
+
+
+def _check_tensors(header: _Header, tensors: dict[str, torch.Tensor]) -> str | None:
+    """What is wrong with a file's tensors against its header (None: nothing)."""
+    expected: set[str] = set()
+    for i, turn in enumerate(header.turns):
+        for j, seg in enumerate(turn.segments):
+            prefix = f"turn{i}.seg{j}."
+            names = {**_TENSOR_SCHEMA[seg.kind]}
+            if seg.kind == "image" and seg.has_image:
+                names["image"] = (torch.uint8, 3)
+            for name, (dtype, dims) in names.items():
+                key = prefix + name
+                expected.add(key)
+                if key not in tensors:
+                    return f"the tensor {key!r} is missing"
+                tensor = tensors[key]
+                if tensor.dtype != dtype or tensor.dim() != dims:
+                    return f"{key!r} must be a {dims}-D {dtype} tensor, got {tensor.dim()}-D {tensor.dtype}"
+            if seg.kind == "text":
+                tokens, log_probs = tensors[prefix + "tokens"], tensors[prefix + "log_probs"]
+                if tokens.shape != log_probs.shape:
+                    return f"{prefix}tokens {tuple(tokens.shape)} and log_probs {tuple(log_probs.shape)} disagree"
+                if bool((tokens < 0).any()):
+                    return f"{prefix}tokens holds negative token ids"
+            else:
+                steps = {tensors[prefix + n].shape[0] for n in _TENSOR_SCHEMA["image"]}
+                if len(steps) != 1 or tensors[prefix + "x_t"].shape != tensors[prefix + "x_next"].shape:
+                    return f"the tensors of {prefix[:-1]} disagree on the number of steps or the latent shape"
+                if seg.has_image and tensors[prefix + "image"].shape[-1] != 3:
+                    return f"{prefix}image must be [H, W, 3]"
+    extra = sorted(set(tensors) - expected)
+    if extra:
+        return f"tensors the header does not announce: {extra[:3]}"
+    for value in (header.reward, *header.reward_components.values()):
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"a reward of {value} (finite numbers only; NaN and infinities are written as strings)"
+        if isinstance(value, str) and value not in ("nan", "inf", "-inf"):
+            return f"a reward of {value!r} (expected a number, or 'nan', 'inf', '-inf')"
+    return None
 
 
 def _json_float(value: float | None) -> float | str | None:
