@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -138,13 +138,15 @@ class Evaluator:
         run_probes: bool = True,
         checkpoint: str | None = None,
         out_dir: str | Path | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> EvalReport:
         """Evaluate ``policy`` on ``scenario``'s ``split``: images drawn with the deterministic ODE
         sampler (CFG scale ``cfg_scale``), text sampled at ``temperature`` with a generator seeded
         by ``seed``. ``reward`` scores instead of the scenario's own (``reward_timeout``: seconds per
         batch before its scores are NaN); ``run_probes=False`` skips the
         probes' rollouts. With ``out_dir``, saves ``eval.json`` and ``grid.png`` (and ``turns.png``,
-        an image strip of each turn, for multi-turn tasks)."""
+        an image strip of each turn, for multi-turn tasks). ``progress(done, total)`` is called
+        after each batch of tasks (a progress bar's hook)."""
         if cfg_scale < 1.0:
             raise ValueError(f"cfg_scale must be >= 1 (1 = no guidance), got {cfg_scale}")
         start = time.perf_counter()
@@ -166,6 +168,8 @@ class Evaluator:
                 rows[name] += [float(v) for v in metric(piped, scenario)]
             for name, writer in probes.items():
                 rows[name] += _scores(rollout(policy, envs, settings, seed=seed, options=options, write_text=writer))
+            if progress is not None:
+                progress(start_index + len(chunk), len(tasks))
         categories = [task.category for task in tasks]
         pipeline = rows["pipeline"]
         report = EvalReport(

@@ -30,6 +30,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,8 @@ class Trainer:
         accelerator: an ``accelerate.Accelerator`` (None: one made from the config).
         on_iteration: called with each iteration's metrics (the CLI's progress bar).
         on_status: called with a line about what the trainer is doing.
+        on_eval_progress: called as ``(name, done, total)`` while a held-out evaluation runs
+            (``name``: "eval_before" or "eval_after"; the CLI's progress bar).
     """
 
     def __init__(
@@ -106,11 +109,13 @@ class Trainer:
         accelerator: Accelerator | None = None,
         on_iteration: Callable[[dict[str, Any]], None] | None = None,
         on_status: Callable[[str], None] | None = None,
+        on_eval_progress: Callable[[str, int, int], None] | None = None,
     ):
         self.out = Path(out_dir)
         self.resume = resume
         self.on_iteration = on_iteration
         self.on_status = on_status or (lambda message: None)
+        self.on_eval_progress = on_eval_progress
         if resume:
             saved = load_run_config(self.out, iterations=config.iterations)
             if saved != config:
@@ -201,6 +206,7 @@ class Trainer:
             run_probes=False,
             checkpoint=c.checkpoint,
             out_dir=self.out / name if self.is_main else None,
+            progress=None if self.on_eval_progress is None else partial(self.on_eval_progress, name),
         )
 
     def run(self) -> dict[str, Any]:

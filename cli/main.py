@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -286,6 +287,14 @@ def run(
                 task, completed=int(metrics["iteration"]) + 1, reward=f"{metrics.get('reward_mean', float('nan')):.3f}"
             )
 
+        evaluations: dict[str, Any] = {}
+
+        def on_eval_progress(name: str, done: int, total: int) -> None:
+            if name not in evaluations:
+                label = "held-out, before" if name == "eval_before" else "held-out, after"
+                evaluations[name] = bar.add_task(label, total=total, reward="  -  ")
+            bar.update(evaluations[name], completed=done)
+
         trainer = Trainer(
             settings,
             out,
@@ -295,6 +304,7 @@ def run(
             resume=resume,
             on_iteration=on_iteration,
             on_status=lambda m: bar.console.print(f"[dim]{m}[/dim]"),
+            on_eval_progress=on_eval_progress,
         )
         bar.update(task, completed=trainer.agent.iteration)
         summary = trainer.run()
@@ -512,17 +522,24 @@ def _evaluate_and_print(
     evaluator = build_evaluator(None, scenario=name)
     checkpoint_path = None if checkpoint is None else str(checkpoint)
     loaded = load_policy(policy, checkpoint_path, scenario=name, **(policy_options or {}))
-    report = evaluator.evaluate(
-        loaded,
-        scenario,
-        split=split,
-        cfg_scale=cfg,
-        seed=seed,
-        temperature=temperature,
-        limit=limit,
-        checkpoint=None if checkpoint is None else str(checkpoint),
-        out_dir=out,
-    )
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as bar:
+        task = bar.add_task(f"evaluating {split}", total=None)
+        report = evaluator.evaluate(
+            loaded,
+            scenario,
+            split=split,
+            cfg_scale=cfg,
+            seed=seed,
+            temperature=temperature,
+            limit=limit,
+            checkpoint=None if checkpoint is None else str(checkpoint),
+            out_dir=out,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
     table = Table(title=f"{name} · {split} · cfg {cfg} · temperature {temperature} · seed {seed}")
     columns = ["category", "tasks", "pipeline correct", "pipeline reward"]
     columns += [f"{report.labels.get(probe, probe)} correct" for probe in report.probes]
