@@ -23,6 +23,7 @@ Failures, by whether retrying can help:
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 import warnings
@@ -36,7 +37,10 @@ from unigrpo_env.rewards.auth import bearer_header, read_token_file
 from unigrpo_env.rewards.extras import import_serve_dependency
 from unigrpo_env.rewards.wire import SCHEMA, WireFormatError, decode_response, encode_request
 
-__all__ = ["RemoteReward", "RemoteRewardError", "RemoteRewardWarning"]
+__all__ = ["TOKEN_ENV", "RemoteReward", "RemoteRewardError", "RemoteRewardWarning"]
+
+#: The environment variable holding the token when neither ``token`` nor ``token_file`` is given.
+TOKEN_ENV = "UNIGRPO_REWARD_TOKEN"
 
 
 class RemoteRewardError(ValueError):
@@ -57,7 +61,9 @@ class RemoteReward:
     Args:
         url: the service's base URL, ``http://HOST:PORT`` (or ``https://``).
         token: the bearer token, if the server was started with ``--token-file``.
-        token_file: a file holding the token (instead of ``token``).
+        token_file: a file holding the token (instead of ``token``). With neither, the token is
+            the environment variable ``UNIGRPO_REWARD_TOKEN`` if set (so ``--reward
+            remote:URL`` on the command line needs no token in its text), else none.
         timeout: seconds per phase of one attempt (connect, send, wait for the answer).
         retries: attempts after the first, on connection errors, timeouts and 5xx.
         backoff: seconds before the first retry, doubled before each next one.
@@ -81,6 +87,8 @@ class RemoteReward:
                 token = read_token_file(token_file)
             except ValueError as exc:
                 raise RemoteRewardError(str(exc)) from exc
+        if token is None and token_file is None:
+            token = os.environ.get(TOKEN_ENV) or None
         if token is not None and (not isinstance(token, str) or not token.strip()):
             raise RemoteRewardError("the remote reward's token must be a non-empty string")
         if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):

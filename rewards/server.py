@@ -25,6 +25,8 @@ in constant time). ``/health`` without a token answers only ``{"status": "ok", "
 "auth": "required"}`` — enough for a liveness probe, nothing about the reward, its device or
 limits; with the right token it answers in full, with a wrong one ``401``. Without a token the
 service trusts its network: bind it to ``127.0.0.1`` (the default) or a private network.
+Clients send the token from ``token=``, ``token_file=`` or the environment variable
+``UNIGRPO_REWARD_TOKEN`` (:class:`~unigrpo_env.rewards.remote.RemoteReward`).
 
 Scoring: one batch at a time. The reward runs in a worker thread (the event loop keeps
 accepting and reading requests) under a lock, since GPU models are not re-entrant; concurrent

@@ -1,0 +1,331 @@
+"""The reward service (``unigrpo serve reward``, :class:`RemoteReward`), on loopback only.
+
+Servers run in a background thread (``uvicorn.Server.run``, stopped with ``should_exit``), or as
+a ``unigrpo serve reward`` subprocess for the kill test. Every wait has a timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+import uvicorn  # noqa: E402
+from safetensors.torch import save as save_safetensors  # noqa: E402
+
+from unigrpo_env import RewardInputs, RewardOutput, Task  # noqa: E402
+from unigrpo_env.rewards import RewardSpecError, get_reward, parse_reward_spec, register_reward  # noqa: E402
+from unigrpo_env.rewards.remote import RemoteReward, RemoteRewardError, RemoteRewardWarning  # noqa: E402
+from unigrpo_env.rewards.server import create_app, listen  # noqa: E402
+from unigrpo_env.rewards.wire import METADATA_KEY, SCHEMA, encode_request  # noqa: E402
+
+TOKEN = "s3cret-token"
+SEEN: list[RewardInputs] = []  # what the recording reward was given
+
+
+@register_reward("service_test_recorder", override=True)
+class RecorderReward:
+    """Records its inputs; scores the mean pixel value, component ``turns``."""
+
+    def __call__(self, inputs: RewardInputs) -> RewardOutput:
+        SEEN.append(inputs)
+        turns = torch.tensor([float(len(t.prompts)) for t in inputs.tasks])
+        return RewardOutput(scores=inputs.images.float().mean(dim=(1, 2, 3)), components={"turns": turns})
+
+
+@register_reward("service_test_raises", override=True)
+class RaisingReward:
+    def __call__(self, inputs: RewardInputs) -> RewardOutput:
+        raise RuntimeError("the judge ran out of memory")
+
+
+@register_reward("service_test_partial", override=True)
+class PartialReward:
+    """NaN for tasks of category 'unscorable', +inf in a component: what JSON cannot say plainly."""
+
+    def __call__(self, inputs: RewardInputs) -> RewardOutput:
+        scores = inputs.images.float().mean(dim=(1, 2, 3)) / 7.0
+        nan = torch.tensor([t.category == "unscorable" for t in inputs.tasks])
+        scores = torch.where(nan, torch.tensor(math.nan), scores)
+        return RewardOutput(scores=scores, components={"edge": torch.where(nan, torch.tensor(math.inf), -scores)})
+
+
+def batch(n: int, *, seed: int, size: int = 16, turns: int = 1, categories=None) -> RewardInputs:
+    g = torch.Generator().manual_seed(seed)
+    tasks = [
+        Task(
+            prompts=tuple(f"prompt {i} turn {k} ✓" for k in range(turns)),
+            category=(categories[i] if categories else "plain"),
+            split="train",
+            index=i,
+            meta={"shapes_task": {"objects": [{"shape": "circle", "colour": "red"}]}, "seed": seed, "f": 0.1},
+        )
+        for i in range(n)
+    ]
+    return RewardInputs(
+        images=torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=g),
+        tasks=tasks,
+        texts=[[f"thinking {i}.{k} — «ünïcode»\nline two" for k in range(turns)] for i in range(n)],
+        earlier_images=torch.randint(0, 256, (n, turns - 1, size, size, 3), dtype=torch.uint8, generator=g),
+        group_ids=torch.arange(n) // 2,
+    )
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values, NaN where NaN (exactly, not approximately)."""
+    return (
+        a.shape == b.shape
+        and a.dtype == b.dtype
+        and torch.equal(a.isnan(), b.isnan())
+        and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0))
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serving(spec: str, **options):
+    """A reward service for ``spec`` in a background thread; yields its URL."""
+    app = create_app(get_reward(spec), name=spec, **options)
+    sock = listen("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="error"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start in 10 s"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+        assert not thread.is_alive(), "the server did not stop in 10 s"
+
+
+@pytest.fixture(scope="module")
+def jpeg_url():
+    with serving("jpeg_compressibility") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def guarded_url():
+    """A service with a token and small limits: 8 episodes, 100 kB."""
+    with serving("jpeg_compressibility", token=TOKEN, max_batch=8, max_body_bytes=100_000) as url:
+        yield url
+
+
+def test_remote_spec_is_one_reward_not_a_weighted_sum():
+    (term,) = parse_reward_spec("remote:http://judge-host:8000")
+    assert term.name == "remote:http://judge-host:8000" and not term.weighted
+    reward = get_reward("remote:http://judge-host:8000/", timeout=3.0, retries=1)  # builds, connects on first use
+    assert isinstance(reward, RemoteReward) and reward.url == "http://judge-host:8000" and reward.retries == 1
+    for bad in ("remote:http://h:8000,quality:0.2", "quality:0.2,remote:http://h:8000", "remote:ftp://h", "remote:"):
+        with pytest.raises((RewardSpecError, RemoteRewardError), match="remote|URL"):
+            get_reward(bad)
+    with pytest.raises(RewardSpecError, match="could not build reward 'remote:"):
+        get_reward("remote:http://h:1", colour="red")
+
+
+def test_scores_through_remote_equal_the_local_reward_exactly_nan_included():
+    spec = "jpeg_compressibility:1.0,service_test_partial:0.5"
+    local = get_reward(spec)
+    inputs = batch(6, seed=1, categories=["plain", "unscorable", "plain", "plain", "unscorable", "plain"])
+    with serving(spec) as url:
+        remote = get_reward(f"remote:{url}", timeout=10.0)
+        got, want = remote(inputs), local(inputs)
+        assert remote.health()["reward"] == spec and remote.health()["device"] == "cpu"
+    assert same(got.scores, want.scores) and got.scores.isnan().sum() == 2
+    assert sorted(got.components) == sorted(want.components)
+    for key in want.components:
+        assert same(got.components[key], want.components[key]), key
+    assert got.components["service_test_partial/edge"].isinf().sum() == 2
+
+
+def test_turns_texts_earlier_images_and_groups_arrive_intact():
+    inputs = batch(4, seed=2, turns=3)
+    SEEN.clear()
+    with serving("service_test_recorder") as url:
+        out = RemoteReward(url)(inputs)
+    (seen,) = SEEN
+    assert seen.tasks == inputs.tasks and seen.texts == inputs.texts
+    assert torch.equal(seen.images, inputs.images) and torch.equal(seen.earlier_images, inputs.earlier_images)
+    assert seen.earlier_images.shape == (4, 2, 16, 16, 3) and torch.equal(seen.group_ids, inputs.group_ids)
+    assert out.components["turns"].tolist() == [3.0] * 4
+
+
+def test_concurrent_clients_lose_and_duplicate_nothing(jpeg_url):
+    local = get_reward("jpeg_compressibility")
+    remote = RemoteReward(jpeg_url, timeout=20.0)  # one client, shared by every thread
+    failures: list[str] = []
+
+    def client(worker: int) -> None:
+        for request in range(50):
+            inputs = batch(2, seed=1000 * worker + request, size=8)
+            if not same(remote(inputs).scores, local(inputs).scores):
+                failures.append(f"worker {worker} request {request}")
+
+    threads = [threading.Thread(target=client, args=(w,), daemon=True) for w in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a client thread hung"
+    assert failures == []
+
+
+def test_a_wrong_or_missing_token_is_refused_with_401(guarded_url, tmp_path, monkeypatch):
+    inputs = batch(2, seed=3)
+    monkeypatch.delenv("UNIGRPO_REWARD_TOKEN", raising=False)
+    for reward in (RemoteReward(guarded_url, token="wrong"), RemoteReward(guarded_url)):
+        with pytest.raises(RemoteRewardError, match="HTTP 401"):
+            reward(inputs)
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    assert RemoteReward(guarded_url, token_file=str(tmp_path / "token"))(inputs).scores.isfinite().all()
+    monkeypatch.setenv("UNIGRPO_REWARD_TOKEN", TOKEN)  # what `--reward remote:URL` on the command line uses
+    assert get_reward(f"remote:{guarded_url}")(inputs).scores.isfinite().all()
+    # health: a liveness answer without a token (nothing about the reward), details with it, 401 with a wrong one
+    assert httpx.get(f"{guarded_url}/health").json() == {"status": "ok", "schema": SCHEMA, "auth": "required"}
+    assert httpx.get(f"{guarded_url}/health", headers={"authorization": "Bearer nope"}).status_code == 401
+    assert RemoteReward(guarded_url, token=TOKEN).health()["max_batch"] == 8
+
+
+def test_an_oversized_body_or_batch_is_refused_with_413(guarded_url):
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    big = httpx.post(f"{guarded_url}/score", content=b"\0" * 200_000, headers=auth)
+    assert big.status_code == 413 and "exceeds the limit of 100000 bytes" in big.json()["detail"]
+    streamed = httpx.post(f"{guarded_url}/score", content=iter([b"\0" * 50_000] * 4), headers=auth)  # no length
+    assert streamed.status_code == 413
+    with pytest.raises(RemoteRewardError, match="HTTP 413.*100000 bytes"):
+        RemoteReward(guarded_url, token=TOKEN)(batch(4, seed=4, size=128))  # 200 kB of images
+    with pytest.raises(RemoteRewardError, match="HTTP 413: a batch of 9 episodes exceeds the limit of 8"):
+        RemoteReward(guarded_url, token=TOKEN)(batch(9, seed=4, size=4))
+
+
+def _blob(tensors=None, meta=None, raw_meta=None) -> bytes:
+    inputs = batch(2, seed=5)
+    tensors = tensors if tensors is not None else {"images": inputs.images, "earlier_images": inputs.earlier_images}
+    meta = meta if meta is not None else {"schema": SCHEMA, "tasks": [t.model_dump(mode="json") for t in inputs.tasks]}
+    meta = {"texts": inputs.texts, **meta}
+    return save_safetensors(tensors, metadata={METADATA_KEY: raw_meta if raw_meta is not None else json.dumps(meta)})
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (b"garbage, not safetensors at all", "not a safetensors blob"),
+        (encode_request(batch(2, seed=5))[:-10], "not a valid safetensors blob"),
+        (_blob(tensors={"images": torch.zeros(2, 4, 4, 3, dtype=torch.uint8)}), "missing tensor 'earlier_images'"),
+        (_blob(tensors={"images": torch.zeros(2, 4, 4, 3), "earlier_images": torch.zeros(2, 0, 4, 4, 3)}), "U8"),
+        (
+            _blob(
+                tensors={
+                    "images": torch.zeros(2, 4, 3, dtype=torch.uint8),
+                    "earlier_images": torch.zeros(2, 0, dtype=torch.uint8),
+                }
+            ),
+            "dimensions",
+        ),
+        (_blob(raw_meta="{not json"), "not JSON"),
+        (_blob(meta={"schema": "unigrpo-reward/0", "tasks": []}), "unsupported schema"),
+        (_blob(meta={"schema": SCHEMA, "tasks": [{"category": "x"}] * 2}), "invalid task: prompts"),
+        (_blob(meta={"schema": SCHEMA, "tasks": []}), "list of 2 tasks"),
+    ],
+)
+def test_a_malformed_body_is_refused_with_422(jpeg_url, body, message):
+    response = httpx.post(f"{jpeg_url}/score", content=body)
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert message in detail and "\n" not in detail
+
+
+def test_a_scorer_that_raises_scores_nan_with_the_error():
+    inputs = batch(3, seed=6)
+    with serving("service_test_raises") as url:
+        raw = httpx.post(f"{url}/score", content=encode_request(inputs))
+        with pytest.warns(RemoteRewardWarning, match="RuntimeError: the judge ran out of memory"):
+            out = RemoteReward(url)(inputs)
+    assert raw.status_code == 200 and raw.json()["error"] == "RuntimeError: the judge ran out of memory"
+    assert raw.json()["scores"] == [None] * 3 and out.scores.isnan().all() and out.scores.shape == (3,)
+
+
+def _start_cli_server(port: int) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "300"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "unigrpo_env.cli.main", "serve", "reward", "jpeg_compressibility", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+
+
+def _wait_healthy(url: str, process: subprocess.Popen, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stderr.read().decode()
+        try:
+            if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"the server at {url} was not healthy within {timeout} s")
+
+
+def test_a_killed_server_scores_nan_within_the_bound_and_a_restarted_one_recovers():
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    inputs, local = batch(3, seed=7), get_reward("jpeg_compressibility")
+    remote = RemoteReward(url, timeout=2.0, retries=2, backoff=0.1)
+    bound = (remote.retries + 1) * remote.timeout + remote.backoff * (2**remote.retries - 1)
+    server = _start_cli_server(port)
+    try:
+        _wait_healthy(url, server)
+        assert same(remote(inputs).scores, local(inputs).scores)
+        server.send_signal(signal.SIGKILL)
+        server.wait(timeout=10)
+        start = time.monotonic()
+        with pytest.warns(RemoteRewardWarning, match=f"remote reward {url} could not score a batch of 3"):
+            out = remote(inputs)
+        assert time.monotonic() - start < bound + 1.0 and out.scores.isnan().all()
+        server = _start_cli_server(port)
+        _wait_healthy(url, server)
+        assert same(remote(inputs).scores, local(inputs).scores)  # the same client, recovered
+    finally:
+        server.kill()
+        server.wait(timeout=10)
+        for stream in (server.stdout, server.stderr):
+            stream.close()
+
+
+def test_cli_unknown_reward_is_one_line_and_exit_2(capsys):
+    from unigrpo_env.cli.main import main
+
+    for args in (
+        ["serve", "reward", "no_such_reward"],
+        ["serve", "reward", "jpeg_compressibility", "--max-batch", "0"],
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.startswith("unigrpo: error:") and len(err.strip().splitlines()) == 1
