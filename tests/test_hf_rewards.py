@@ -1,6 +1,6 @@
 """The Hugging Face reward models (clip_score, pickscore, aesthetic) on a tiny random CLIPModel
 built from configs in code, with a tokenizer built locally with ``tokenizers`` and saved with
-``save_pretrained`` (nothing is downloaded): each reward equals its formula computed by hand from
+``save_pretrained`` (nothing is downloaded; the builders are in ``tiny_reward_models.py``): each reward equals its formula computed by hand from
 the model's own ``get_image_features`` / ``get_text_features``, is deterministic, and does not
 depend on how a batch is chunked."""
 
@@ -12,15 +12,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, PreTrainedTokenizerFast
+from tiny_reward_models import save_tiny_aesthetic_head, save_tiny_clip
+from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor
 
 from unigrpo_env import RewardInputs, Task
 from unigrpo_env.rewards import get_reward, list_rewards
 from unigrpo_env.rewards.aesthetic import AestheticHead
 from unigrpo_env.rewards.clip_score import clip_pixel_values
 
-WORDS = ["<pad>", "<unk>", "<s>", "</s>", "a", "red", "green", "blue", "circle", "square", "draw"]
 PROMPTS = [("draw a red circle",), ("draw a blue square",), ("draw a red circle", "a green square"), ("a blue",)]
 N, HEIGHT, WIDTH = 5, 40, 52  # not square and larger than the 32×32 input: resize and crop both act
 
@@ -32,42 +31,11 @@ PIXEL_TOL = 1.0 / 255 / min(CLIPImageProcessor().image_std) + 1e-5
 PIL_SCORE_TOL = 1e-3
 
 
-def _tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer that adds ``<s> … </s>`` like CLIP's (the text model pools at ``</s>``)."""
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 2), ("</s>", 3)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        model_max_length=16,
-    )
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """``clip``: a tiny CLIPModel and its processor; ``processor``: the processor alone."""
-    torch.manual_seed(0)
-    text = dict(
-        vocab_size=len(WORDS), hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-        max_position_embeddings=16, bos_token_id=2, eos_token_id=3, pad_token_id=0,
-    )  # fmt: skip
-    vision = dict(
-        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, image_size=32, patch_size=8
-    )
-    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
-    processor = CLIPProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-        tokenizer=_tokenizer(),
-    )
     root = tmp_path_factory.mktemp("hf_rewards")
-    model.save_pretrained(root / "clip")
-    processor.save_pretrained(root / "clip")
-    processor.save_pretrained(root / "processor")
-    return {"clip": str(root / "clip"), "processor": str(root / "processor"), "root": root}
+    return {**save_tiny_clip(root), "root": root}
 
 
 @pytest.fixture(scope="module")
@@ -77,10 +45,7 @@ def loaded(folders):
 
 @pytest.fixture(scope="module")
 def head_file(folders):
-    torch.manual_seed(1)
-    path = folders["root"] / "head.safetensors"
-    AestheticHead(16).save_safetensors(path)
-    return str(path)
+    return save_tiny_aesthetic_head(folders["root"] / "head.safetensors", input_size=16, seed=1)
 
 
 def _inputs(tasks=None) -> RewardInputs:

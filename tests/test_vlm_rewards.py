@@ -1,5 +1,6 @@
 """The VLM judge and the GenEval-style detector reward on tiny random models built from configs in
-code and saved with ``save_pretrained`` (nothing is downloaded).
+code and saved with ``save_pretrained`` (nothing is downloaded; the builders are in
+``tiny_reward_models.py``).
 
 * ``vlm_judge`` runs on a tiny random LLaVA (a CLIP vision tower and a Llama, through
   ``AutoModelForImageTextToText``) with a word-level tokenizer and a chat template built here.
@@ -19,17 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import (
-    CLIPConfig,
-    CLIPImageProcessor,
-    CLIPModel,
-    CLIPProcessor,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaProcessor,
-    PreTrainedTokenizerFast,
-)
+from tiny_reward_models import save_tiny_colour_clip, save_tiny_llava, save_tiny_owl
 
 from unigrpo_env import RewardInputs, Task
 from unigrpo_env.rewards import get_reward, list_rewards
@@ -85,79 +76,16 @@ def _inputs(tasks: list[Task], images: torch.Tensor | None = None) -> RewardInpu
     )
 
 
-def _word_tokenizer(words: list[str], special: list[str], **kwargs) -> PreTrainedTokenizerFast:
-    vocab = {w: i for i, w in enumerate(dict.fromkeys(special + words))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    if "post" in kwargs:
-        tok.post_processor = kwargs.pop("post")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
-
-
 # ---------------------------------------------------------------------------------------------
 # vlm_judge
 # ---------------------------------------------------------------------------------------------
-
-VLM_SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
-VLM_WORDS = (
-    "Yes No USER ASSISTANT : Is Are there exactly two a an the in image ? Answer yes or no . dog cat elephant "
-    "umbrella umbrellas pink orange red boat wine glass sandwich to right of left is big"
-).split()
-# A LLaVA-style template: "USER: <image> {text}\nASSISTANT:".
-VLM_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'].upper() }}: {% for content in message['content'] %}"
-    "{% if content['type'] == 'image' %}<image> {% elif content['type'] == 'text' %}{{ content['text'] }}"
-    "{% endif %}{% endfor %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
 
 
 @pytest.fixture(scope="module")
 def vlm_folder(tmp_path_factory):
     """A tiny random LLaVA: a 2-layer CLIP vision tower on 16×16 inputs (patch 8: 4 image tokens)
     and a 2-layer Llama, with a word-level tokenizer where "Yes" and "No" are single tokens."""
-    tokenizer = _word_tokenizer(
-        VLM_WORDS,
-        VLM_SPECIAL,
-        unk_token="<unk>",
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        extra_special_tokens={"image_token": "<image>"},
-    )
-    vocab = tokenizer.get_vocab()
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
-        tokenizer=tokenizer,
-        patch_size=8,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # the CLS token, which "default" drops
-        chat_template=VLM_TEMPLATE,
-    )
-    text = dict(
-        model_type="llama", vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=2,
-        eos_token_id=3,
-    )  # fmt: skip
-    vision = dict(
-        model_type="clip_vision_model", hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-        num_attention_heads=4, image_size=16, patch_size=8, projection_dim=16,
-    )  # fmt: skip
-    config = LlavaConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_index=vocab["<image>"],
-        image_seq_length=4,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-    )
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(config)
-    with torch.no_grad():  # a larger lm_head, so that P(yes) differs visibly between pairs
-        model.lm_head.weight.mul_(20)
-    root = tmp_path_factory.mktemp("vlm")
-    model.save_pretrained(root)
-    processor.save_pretrained(root)
-    return str(root)
+    return save_tiny_llava(tmp_path_factory.mktemp("vlm"))
 
 
 def _judge(folder, **options):
@@ -472,87 +400,17 @@ def test_image_boxes_undo_the_preprocessing():
 # geneval_detector: end to end on a tiny random OWL detector and a tiny random CLIP
 # ---------------------------------------------------------------------------------------------
 
-DET_SPECIAL = ["<pad>", "<unk>", "<s>", "</s>"]
-DET_WORDS = (
-    "a photo of an - colored object dog cat elephant umbrella boat wine glass sandwich red orange yellow green "
-    "blue purple pink brown black white"
-).split()
-
-
-BOX_HEAD_SCALE = 0.5
-
-
-def _clip_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level, ``<s> … </s>`` like CLIP's (the text models pool at ``</s>``)."""
-    post = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 2), ("</s>", 3)])
-    return _word_tokenizer(
-        DET_WORDS,
-        DET_SPECIAL,
-        post=post,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        model_max_length=16,
-    )
-
 
 @pytest.fixture(scope="module")
 def detector_folders(tmp_path_factory):
     """``owlv2`` and ``owlvit``: tiny random detectors (32×32 inputs, 16 patches); ``clip``: a
     tiny random CLIPModel for the colours."""
-    from transformers import (
-        Owlv2Config,
-        Owlv2ForObjectDetection,
-        Owlv2Processor,
-        OwlViTConfig,
-        OwlViTForObjectDetection,
-        OwlViTProcessor,
-    )
-    from transformers.models.owlv2.image_processing_pil_owlv2 import Owlv2ImageProcessorPil
-    from transformers.models.owlvit.image_processing_pil_owlvit import OwlViTImageProcessorPil
-
     root = tmp_path_factory.mktemp("detector")
-    text = dict(
-        vocab_size=len(DET_SPECIAL) + len(DET_WORDS), hidden_size=32, intermediate_size=37, num_attention_heads=4,
-        num_hidden_layers=1, max_position_embeddings=16, bos_token_id=2, eos_token_id=3, pad_token_id=0,
-    )  # fmt: skip
-    vision = dict(
-        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=1, image_size=32, patch_size=8
-    )
-    size = {"height": 32, "width": 32}
-    kinds = {
-        "owlv2": (Owlv2Config, Owlv2ForObjectDetection, Owlv2Processor, Owlv2ImageProcessorPil(size=size)),
-        "owlvit": (
-            OwlViTConfig,
-            OwlViTForObjectDetection,
-            OwlViTProcessor,
-            OwlViTImageProcessorPil(size=size, crop_size=size),
-        ),
+    return {
+        "owlv2": save_tiny_owl(root / "owlv2", v2=True),
+        "owlvit": save_tiny_owl(root / "owlvit", v2=False),
+        "clip": save_tiny_colour_clip(root / "clip"),
     }
-    for seed, (kind, (config_class, model_class, processor_class, image_processor)) in enumerate(kinds.items()):
-        torch.manual_seed(seed)
-        # projection_dim = the text width: the class head maps patches to the text embedding's size
-        model = model_class(config_class(text_config=text, vision_config=vision, projection_dim=32))
-        with torch.no_grad():  # tame the random heads: boxes around their patch priors, scores not saturated
-            for head, scale in ((model.box_head, BOX_HEAD_SCALE), (model.class_head, 0.05)):
-                for p in head.parameters():
-                    p.mul_(scale)
-        model.save_pretrained(root / kind)
-        processor_class(image_processor=image_processor, tokenizer=_clip_tokenizer()).save_pretrained(root / kind)
-    torch.manual_seed(7)
-    clip = CLIPModel(
-        CLIPConfig(
-            text_config=dict(text, num_hidden_layers=2),
-            vision_config=dict(vision, num_hidden_layers=2),
-            projection_dim=16,
-        )
-    )
-    clip.save_pretrained(root / "clip")
-    CLIPProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=size), tokenizer=_clip_tokenizer()
-    ).save_pretrained(root / "clip")
-    return {kind: str(root / kind) for kind in (*kinds, "clip")}
 
 
 def _detector(folders, kind="owlv2", **options):
