@@ -65,6 +65,14 @@ def load_model(auto_class: str, checkpoint: str, device: str, dtype: str, expect
     except (OSError, ValueError, TypeError, AttributeError, ImportError) as exc:
         # (a processor whose parts need a missing package, e.g. Qwen2.5-VL's video processor
         # without torchvision, fails inside transformers with one of these)
-        raise ValueError(f"the processor of checkpoint {checkpoint!r} does not load: {_one_line(exc)}") from exc
+        import importlib.util
+
+        hint = ""
+        if importlib.util.find_spec("torchvision") is None:
+            hint = (
+                "; its processor may need torchvision, which is not installed: pip install 'unigrpo-env[vlm]' "
+                "(the torchvision build that matches your torch)"
+            )
+        raise ValueError(f"the processor of checkpoint {checkpoint!r} does not load: {_one_line(exc)}{hint}") from exc
     model = model.to(device=device, dtype=DTYPES[dtype]).eval().requires_grad_(False)
     return model, processor
