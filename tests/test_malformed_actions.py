@@ -132,3 +132,81 @@ def test_a_hung_reward_times_out_to_nan_scores_and_a_warning(toy_scenario):
     assert reward != reward and "TimeoutError" in info["reward_error"]  # NaN, and the reason
     with pytest.raises(ValueError, match="reward_timeout must be > 0"):
         unigrpo_env.InterleavedEnv(toy_scenario, reward_timeout=0)
+
+
+# -- found by benchmarks/fuzz_actions.py (docs/reliability.md) ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: TextAction(tokens=[True, 3]),  # was token 1
+        lambda: TextAction(tokens=[[3], [5]], lengths=[True, 1]),  # was length 1
+        lambda: TextAction(tokens=[3], log_probs=False),  # was log-prob 0.0
+        lambda: FlowAction(x_next=[[[True, 0.5]]]),  # was 1.0
+        lambda: FlowAction(x_next=torch.zeros(3, 4, 4), log_prob=True),
+        lambda: FlowAction(x_next=torch.zeros(3, 4, 4), stochastic="yes"),  # was True
+        lambda: FlowAction(x_next=torch.zeros(3, 4, 4), stochastic=0),  # was False
+        lambda: TextAction(tokens=[3], log_prob=[-0.5]),  # a misspelled field was ignored
+        lambda: FlowAction(x_next=torch.zeros(3, 4, 4), log_probs=-1.0),
+        lambda: TextAction(tokens=bytearray(b"\x03\x05")),  # was tokens [3, 5]
+        lambda: TextAction(tokens=torch.tensor([3, 2]).to_sparse()),  # was NotImplementedError in step
+        lambda: FlowAction(x_next=torch.zeros(3, 4, 4).to_sparse()),
+        lambda: TextAction(tokens=[[3], [5]], lengths=torch.tensor([1, 1]).to_sparse()),
+    ],
+)
+def test_booleans_unknown_fields_and_sparse_tensors_are_refused_at_construction(build):
+    with pytest.raises(ValidationError) as raised:
+        build()
+    message = str(raised.value)
+    assert "expected" in message or "must" in message or "Extra inputs" in message, message
+
+
+def test_lengths_tensors_of_any_dtype_or_device_reach_the_env_checks(envs):
+    """Complex, meta and wide unsigned lengths raised NotImplementedError or RuntimeError at construction."""
+    tokens = torch.tensor([[3], [3]])
+    complex_lengths = torch.tensor([1, 1], dtype=torch.complex64)
+    _unchanged(envs, lambda: envs.step(TextAction(tokens=tokens, lengths=complex_lengths)), E.ActionDTypeError)
+    meta_lengths = torch.tensor([1, 1], device="meta")
+    _unchanged(envs, lambda: envs.step(TextAction(tokens=tokens, lengths=meta_lengths)), E.ActionDeviceError)
+    huge = torch.tensor([2**63 + 1, 1], dtype=torch.uint64)
+    _unchanged(envs, lambda: envs.step(TextAction(tokens=tokens, lengths=huge)), E.ActionShapeError)
+    envs.step(TextAction(tokens=tokens, lengths=torch.tensor([1, 0], dtype=torch.uint32)))  # valid: unsigned ints
+    assert envs.trajectory.turns[0].text.lengths.tolist() == [1, 0]
+
+
+def test_a_list_of_text_actions_is_checked_per_episode_before_it_is_stacked(envs):
+    """Float token tensors were truncated and integer or complex log-probs converted when the
+    segments were copied into one batch; a segment on another device crashed the copy."""
+    float_tokens = [TextAction(tokens=torch.tensor([3.7])), TextAction(tokens=[3])]
+    _unchanged(envs, lambda: envs.step(float_tokens), E.ActionDTypeError)
+    int_log_probs = [TextAction(tokens=[3], log_probs=torch.tensor([-1])), TextAction(tokens=[3], log_probs=[-1.0])]
+    _unchanged(envs, lambda: envs.step(int_log_probs), E.ActionDTypeError)
+    meta = [TextAction(tokens=torch.tensor([3], device="meta")), TextAction(tokens=[3])]
+    _unchanged(envs, lambda: envs.step(meta), E.ActionDeviceError)
+
+
+def test_a_list_of_flow_actions_is_checked_per_episode_before_it_is_stacked(envs):
+    """torch.stack promoted a bf16 or integer latent (or an integer log_prob) among float32 ones
+    to float32; latents on two devices raised RuntimeError."""
+    envs.step(TextAction(tokens=[[3, 2], [3, 2]]))
+    x = torch.zeros(3, 4, 4)
+    for odd in (x.bfloat16(), x.long()):
+        _unchanged(envs, lambda odd=odd: envs.step([FlowAction(x_next=odd), FlowAction(x_next=x)]), E.ActionDTypeError)
+    int_log_prob = [FlowAction(x_next=x, log_prob=torch.tensor(-1)), FlowAction(x_next=x, log_prob=-1.0)]
+    _unchanged(envs, lambda: envs.step(int_log_prob), E.ActionDTypeError)
+    meta = [FlowAction(x_next=x.to("meta")), FlowAction(x_next=x)]
+    _unchanged(envs, lambda: envs.step(meta), E.ActionDeviceError)
+
+
+def test_the_single_env_refuses_a_log_prob_with_extra_dimensions(toy_scenario):
+    env = unigrpo_env.InterleavedEnv(toy_scenario)
+    env.reset(seed=0)
+    env.step(TextAction(tokens=[3, 2]))
+    before = copy.deepcopy(env.trajectory)
+    with pytest.raises(E.ActionShapeError):  # was reshaped to [1] and accepted
+        env.step(FlowAction(x_next=torch.zeros(3, 4, 4), log_prob=torch.zeros(1, 1)))
+    assert env.trajectory == before
+    env.step(FlowAction(x_next=torch.zeros(3, 4, 4), log_prob=torch.tensor([-1.0])))  # a number or [1]: fine
+    env.step(FlowAction(x_next=torch.zeros(3, 4, 4), log_prob=-2.0))
+    assert env.trajectory.turns[0].image.log_prob[:2].tolist() == [-1.0, -2.0]

@@ -13,7 +13,8 @@ environment records in the trajectory (the "old" log-probabilities of GRPO / Flo
 
 The models convert their inputs without loss (lists and numpy arrays become tensors; token ids
 and lengths must already be integers — floats are refused, never truncated) and refuse what is
-not numbers. Errors come in two kinds, one per moment:
+not numbers (booleans included), sparse tensors, a ``stochastic`` that is not a bool and unknown
+(misspelled) fields. Errors come in two kinds, one per moment:
 
 * constructing a malformed action raises pydantic's ``ValidationError`` (a ``ValueError``), with a
   message naming the field and what was expected;
@@ -40,13 +41,17 @@ def as_tensor(value: Any, *, dtype: torch.dtype | None = None) -> torch.Tensor:
     (their dtype and device are validated later, not silently converted). Anything that is not
     numbers raises ``ValueError``."""
     if isinstance(value, torch.Tensor):
+        if value.layout != torch.strided:
+            raise ValueError(f"expected a dense tensor, got layout {value.layout} (call .to_dense() first)")
         return value
     if isinstance(value, np.ndarray):
         if value.dtype.kind not in "biuf":
             raise ValueError(f"expected a numeric array, got dtype {value.dtype}")
         return torch.from_numpy(np.ascontiguousarray(value))
-    if value is None or isinstance(value, (str, bytes, dict)):
+    if value is None or isinstance(value, (str, bytes, bytearray, memoryview, dict)):
         raise ValueError(f"expected numbers (a tensor, a numpy array or a nested list), got {type(value).__name__}")
+    if _holds_bool(value):
+        raise ValueError("expected numbers, got booleans (True and False are not converted to 1 and 0)")
     try:
         return torch.tensor(value, dtype=dtype)
     except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
@@ -56,11 +61,27 @@ def as_tensor(value: Any, *, dtype: torch.dtype | None = None) -> torch.Tensor:
         ) from None
 
 
+def _holds_bool(value: Any) -> bool:
+    """Whether ``value`` is a boolean or a (nested) list or tuple holding one (iteratively, so a
+    deeply nested list cannot exhaust the stack)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (bool, np.bool_)):
+            return True
+        if isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return False
+
+
+_SIGNED_INTEGERS = (torch.int8, torch.int16, torch.int32, torch.int64)
+
+
 def _integers(value: Any, what: str) -> torch.Tensor:
     """``value`` as an int64 tensor, refusing floats and booleans (nothing is truncated). A tensor
     passes through as it is: the environment checks its dtype (``ActionDTypeError``)."""
     if isinstance(value, torch.Tensor):
-        return value
+        return as_tensor(value)
     if isinstance(value, (bool, np.bool_)):
         raise ValueError(f"{what} must be integers, got a boolean")
     if isinstance(value, (int, np.integer)):
@@ -74,7 +95,7 @@ def _integers(value: Any, what: str) -> torch.Tensor:
 
 
 class _TensorModel(BaseModel):
-    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True, extra="forbid")  # a misspelled field raises
 
 
 class TextAction(_TensorModel):
@@ -105,7 +126,7 @@ class TextAction(_TensorModel):
     def _log_probs(cls, value: Any) -> torch.Tensor | None:
         if value is None:
             return None
-        if isinstance(value, (float, int)):
+        if isinstance(value, (float, int)) and not isinstance(value, bool):
             value = [float(value)]
         return as_tensor(value, dtype=torch.float32)
 
@@ -115,7 +136,9 @@ class TextAction(_TensorModel):
         if value is None:
             return None
         tensor = _integers(value, "lengths")
-        if not tensor.is_floating_point() and bool((tensor < 0).any()):
+        # signed integers only: the dtype of other tensors is the environment's to refuse (ActionDTypeError),
+        # and a tensor on the meta device has no values to compare
+        if tensor.dtype in _SIGNED_INTEGERS and not tensor.is_meta and bool((tensor < 0).any()):
             raise ValueError(f"lengths must be >= 0, got {tensor.tolist()}")
         return tensor
 
@@ -171,6 +194,13 @@ class FlowAction(_TensorModel):
     @classmethod
     def _log_prob(cls, value: Any) -> torch.Tensor | None:
         return None if value is None else as_tensor(value, dtype=torch.float32)
+
+    @field_validator("stochastic", mode="before")
+    @classmethod
+    def _stochastic(cls, value: Any) -> bool | None:
+        if value is None or isinstance(value, (bool, np.bool_)):
+            return None if value is None else bool(value)
+        raise ValueError(f"stochastic must be True, False or None, got {value!r} (never converted)")
 
     @property
     def is_stochastic(self) -> bool:

@@ -114,10 +114,8 @@ class InterleavedEnv(gym.Env[Observation, "TextAction | FlowAction"]):
                 raise ActionShapeError(
                     f"expected x_next of shape {engine.latent_shape}, got {tuple(action.x_next.shape)}"
                 )
-            log_prob = action.log_prob
-            if log_prob is not None and log_prob.numel() == 1:
-                log_prob = log_prob.reshape(1)
-            checked = engine.check_flow(action.x_next.unsqueeze(0), log_prob, action.is_stochastic)
+            # log_prob: a number (0-d) or [1]; check_flow refuses other shapes, [1, 1] included
+            checked = engine.check_flow(action.x_next.unsqueeze(0), action.log_prob, action.is_stochastic)
             terminated = engine.apply_flow(checked)
         else:
             raise InvalidActionError(

@@ -213,7 +213,8 @@ class EpisodeBatch:
                 f"(step {self.step_index} of {self.num_steps}, t={self.t:.4f} -> {self.t_next:.4f}); got a TextAction"
             )
 
-    def _check_device(self, tensor: torch.Tensor, what: str) -> None:
+    def check_device(self, tensor: torch.Tensor, what: str) -> None:
+        """Raise ``ActionDeviceError`` unless ``tensor`` lies on the environment's device."""
         if _normalise(tensor.device) != self.device and not (
             tensor.device.type == self.device.type and self.device.index is None
         ):
@@ -228,11 +229,14 @@ class EpisodeBatch:
             raise ActionDTypeError(f"token ids must be an integer tensor (int64), got dtype {tokens.dtype}")
         if lengths.dtype == torch.bool or lengths.is_floating_point() or lengths.is_complex():
             raise ActionDTypeError(f"lengths must be an integer tensor (int64), got dtype {lengths.dtype}")
-        self._check_device(tokens, "tokens")
-        self._check_device(lengths, "lengths")
+        self.check_device(tokens, "tokens")
+        self.check_device(lengths, "lengths")
         width = tokens.shape[1]
+        given = lengths
+        if lengths.dtype in (torch.uint16, torch.uint32, torch.uint64):  # no comparisons for these dtypes
+            lengths = lengths.to(torch.long)  # values from 2**63 wrap to negative ones, refused just below
         if bool(((lengths < 0) | (lengths > width)).any()):
-            raise ActionShapeError(f"lengths must lie in [0, {width}], got {lengths.tolist()}")
+            raise ActionShapeError(f"lengths must lie in [0, {width}], got {given.tolist()}")
         positions = torch.arange(width, device=self.device)
         real = positions.unsqueeze(0) < lengths.unsqueeze(1)
         tokens = tokens.to(torch.long)
@@ -273,7 +277,7 @@ class EpisodeBatch:
                 )
             if not log_probs.is_floating_point():
                 raise ActionDTypeError(f"log_probs must be floating point, got {log_probs.dtype}")
-            self._check_device(log_probs, "log_probs")
+            self.check_device(log_probs, "log_probs")
             given = log_probs.to(torch.float32)[real]
             if not bool(torch.isfinite(given).all()):
                 raise NonFiniteActionError("log_probs contain NaN or infinite values")
@@ -292,7 +296,7 @@ class EpisodeBatch:
             raise ActionShapeError(f"expected x_next of shape {expected}, got {tuple(x_next.shape)}")
         if x_next.dtype != torch.float32:
             raise ActionDTypeError(f"x_next must be float32 (the flow math runs in float32), got {x_next.dtype}")
-        self._check_device(x_next, "x_next")
+        self.check_device(x_next, "x_next")
         if not bool(torch.isfinite(x_next).all()):
             raise NonFiniteActionError("x_next contains NaN or infinite values")
         if log_prob is not None:
@@ -302,7 +306,7 @@ class EpisodeBatch:
                 raise ActionShapeError(f"expected log_prob of shape ({self.n},), got {tuple(log_prob.shape)}")
             if not log_prob.is_floating_point():
                 raise ActionDTypeError(f"log_prob must be floating point, got {log_prob.dtype}")
-            self._check_device(log_prob, "log_prob")
+            self.check_device(log_prob, "log_prob")
             if not bool(torch.isfinite(log_prob).all()):
                 raise NonFiniteActionError("log_prob contains NaN or infinite values")
             log_prob = log_prob.detach().to(torch.float32).clone()

@@ -31,7 +31,7 @@ from unigrpo_env.actions import FlowAction, TextAction
 from unigrpo_env.batch_trajectory import BatchTrajectory
 from unigrpo_env.codecs import TextCodec
 from unigrpo_env.episodes import EpisodeBatch, pick_tasks, seeded_generator
-from unigrpo_env.errors import ActionShapeError, InvalidActionError, WrongPhaseError
+from unigrpo_env.errors import ActionDTypeError, ActionShapeError, InvalidActionError, WrongPhaseError
 from unigrpo_env.observation import BatchObservation
 from unigrpo_env.reward import RewardFunction
 from unigrpo_env.scenario import Scenario
@@ -121,12 +121,14 @@ class BatchObservationSpace(spaces.Space[BatchObservation]):
         )
 
 
-def _stack_segments(segments: Sequence[torch.Tensor], log_probs: Sequence[torch.Tensor] | None) -> TextAction:
-    """Pad per-episode 1-D segments into one batched ``[N, L]`` action with ``lengths``."""
-    lengths = torch.tensor([s.shape[0] for s in segments], dtype=torch.long)
+def _stack_segments(
+    segments: Sequence[torch.Tensor], log_probs: Sequence[torch.Tensor] | None, device: torch.device | None = None
+) -> TextAction:
+    """Pad per-episode 1-D segments into one batched ``[N, L]`` action with ``lengths`` (on ``device``)."""
+    lengths = torch.tensor([s.shape[0] for s in segments], dtype=torch.long, device=device)
     width = int(lengths.max()) if len(segments) else 0
-    tokens = torch.zeros((len(segments), width), dtype=torch.long)
-    lp = None if log_probs is None else torch.zeros((len(segments), width), dtype=torch.float32)
+    tokens = torch.zeros((len(segments), width), dtype=torch.long, device=device)
+    lp = None if log_probs is None else torch.zeros((len(segments), width), dtype=torch.float32, device=device)
     for i, seg in enumerate(segments):
         tokens[i, : seg.shape[0]] = seg
         if lp is not None:
@@ -229,7 +231,9 @@ class InterleavedVectorEnv(VectorEnv):
                 raise ActionShapeError(
                     f"expected tokens of shape [N={self.num_envs}, L], got {tuple(actions.tokens.shape)}"
                 )
-            lengths = actions.row_lengths().to(tokens.device) if actions.batched else torch.tensor([tokens.shape[1]])
+            lengths = actions.row_lengths() if actions.batched else torch.tensor([tokens.shape[1]])
+            if lengths.device.type == "cpu":  # lengths given as a list; on another device: refused below
+                lengths = lengths.to(tokens.device)
             checked = engine.check_text(tokens, lengths, actions.log_probs)
             engine.apply_text(checked)
             terminated = False
@@ -288,6 +292,8 @@ class InterleavedVectorEnv(VectorEnv):
                 raise InvalidActionError(
                     "the episodes' FlowActions disagree on stochastic: a step is SDE or ODE for all"
                 )
+            self._check_parts(actions, "x_next", "float32")
+            self._check_parts(actions, "log_prob", "float")
             log_prob = torch.stack([a.log_prob.reshape(()) for a in actions]) if all(given) else None
             return FlowAction(
                 x_next=torch.stack([a.x_next for a in actions]),
@@ -304,10 +310,29 @@ class InterleavedVectorEnv(VectorEnv):
         given = [a is not None and a.log_probs is not None for a in actions if a is not None and a.tokens.numel()]
         if any(given) and not all(given):
             raise InvalidActionError("give log_probs for every episode's TextAction or for none")
+        self._check_parts(actions, "tokens", "int")
+        self._check_parts(actions, "log_probs", "float")
         log_probs = None
         if given and all(given):
             log_probs = [torch.zeros(0) if a is None else a.log_probs for a in actions]
-        return _stack_segments(segments, log_probs)
+        return _stack_segments(segments, log_probs, self._engine.device)
+
+    def _check_parts(self, actions: Sequence[Any], field: str, kind: str) -> None:
+        """Each per-episode action's ``field`` has a dtype of ``kind`` and lies on the env's device:
+        checked before they are stacked or copied into one batch, which would convert dtypes
+        (floats truncated into token ids, bf16 promoted to float32) or fail across devices."""
+        for i, action in enumerate(actions):
+            tensor = None if action is None else getattr(action, field)
+            if tensor is None:
+                continue
+            what = f"episode {i}'s {field}"
+            if kind == "float32" and tensor.dtype != torch.float32:
+                raise ActionDTypeError(f"{what} must be float32 (the flow math runs in float32), got {tensor.dtype}")
+            if kind == "float" and not tensor.is_floating_point():
+                raise ActionDTypeError(f"{what} must be floating point, got {tensor.dtype}")
+            if kind == "int" and (tensor.dtype == torch.bool or tensor.is_floating_point() or tensor.is_complex()):
+                raise ActionDTypeError(f"{what} must be integer token ids (int64), got dtype {tensor.dtype}")
+            self._engine.check_device(tensor, what)
 
     def _observation(self) -> BatchObservation:
         engine = self._engine
