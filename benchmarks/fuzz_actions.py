@@ -31,6 +31,7 @@ import copy
 import os
 import platform
 import random
+import resource
 import time
 import warnings
 from collections.abc import Callable
@@ -1074,7 +1075,7 @@ def _check_constants() -> None:
         codec.eot_id,
         codec.max_tokens,
         tuple(raw.image_codec.latent_shape),
-        raw._engine.num_steps,
+        raw.scenario.num_steps,
     )
     if found != (V, EOT, M, LATENT, STEPS):
         raise SystemExit(f"t2i_reason changed: (vocab, eot, max_tokens, latent, steps) = {found}; update the constants")
@@ -1259,6 +1260,8 @@ def main() -> None:
     print(f"  valid controls          {ok} of {tried} accepted (valid actions from the same generators)")
     for line in refused:
         print(f"  a valid control was refused: {line}")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(f"  peak resident memory    {peak:.0f} MiB (the fuzzer's process)")
     print(f"  wall time               {out['seconds']:.1f} s ({1e3 * out['seconds'] / max(t.tried, 1):.2f} ms a case)")
     for kind, examples in out["unexpected"].items():
         print(f"  unexpected {kind}: {len(examples)}, e.g. {examples[0]}")

@@ -101,6 +101,9 @@ def _lines_matching(pattern: re.Pattern[str], folders: tuple[str, ...]) -> list[
 def test_nothing_outside_the_core_reads_the_episode_engine():
     private = re.compile(r"\.episodes\.records|_TurnRecord|\._engine\b|\bepisodes\.(tasks|reward|records|times)\b")
     found = _lines_matching(private, ("agents", "rewards", "scenarios", "cli", "tests", "examples", "benchmarks"))
+    # the white-box fuzzer compares the engine's private state (RNG, open texts) before and after
+    # every rejected action: reading it is its purpose
+    found = [line for line in found if not line.startswith("benchmarks/fuzz_actions.py:")]
     assert not found, found
 
 
