@@ -218,11 +218,11 @@ class Trainer:
         if self.resume:
             start = self._restore()
             before = EvalReport.model_validate_json((self.out / "eval_before" / "eval.json").read_text())
-            kept = [
-                line for line in metrics_path.read_text().splitlines() if line and json.loads(line)["iteration"] < start
-            ]
-            if self.is_main:
-                metrics_path.write_text("".join(line + "\n" for line in kept))
+            kept = [line for line in metrics_path.read_text().splitlines() if _row_before(line, start)]
+            if self.is_main:  # atomically: a kill during the rewrite keeps the old file
+                rewritten = metrics_path.with_name(".metrics.jsonl.tmp")
+                rewritten.write_text("".join(line + "\n" for line in kept))
+                os.replace(rewritten, metrics_path)
             previous_seconds = (
                 json.loads((self.out / "progress.json").read_text())["seconds"]
                 if (self.out / "progress.json").exists()
@@ -292,6 +292,15 @@ class Trainer:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
             _plot_rewards(metrics_path, summary, self.out / "reward_curve.png")
         return summary
+
+
+def _row_before(line: str, start: int) -> bool:
+    """Whether a ``metrics.jsonl`` line is a whole row of an iteration before ``start`` (a line cut
+    short by a kill in the middle of its write is dropped with the iterations after the checkpoint)."""
+    try:
+        return int(json.loads(line)["iteration"]) < start
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return False
 
 
 def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:

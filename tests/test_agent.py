@@ -599,3 +599,15 @@ def test_a_half_failing_reward_is_reported_as_such_not_as_a_clean_score(small_ru
     printed = " ".join(capsys.readouterr().out.split())
     assert f"the reward failed for {tasks // 2} of {tasks} held-out tasks" in printed
     assert "scored" in printed  # the table's reward cells say how many tasks their means cover
+
+
+def test_a_row_cut_short_by_a_kill_is_dropped_on_resume(tiny_checkpoint, tmp_path):
+    """A kill in the middle of writing a metrics row leaves half a line; --resume drops it (with
+    the iterations after the checkpoint) and continues to the uninterrupted run's metrics."""
+    config = tiny_config(tiny_checkpoint, scenario_options={"num_steps": 3}, checkpoint_every=1)
+    trainer_for(config.model_copy(update={"iterations": 3}), tmp_path / "straight").run()
+    trainer_for(config.model_copy(update={"iterations": 2}), tmp_path / "killed").run()
+    with (tmp_path / "killed" / "metrics.jsonl").open("a") as f:
+        f.write('{"iteration": 2, "reward_me')  # the kill came mid-write
+    trainer_for(config.model_copy(update={"iterations": 3}), tmp_path / "killed", resume=True).run()
+    assert _rows(tmp_path / "straight" / "metrics.jsonl") == _rows(tmp_path / "killed" / "metrics.jsonl")
