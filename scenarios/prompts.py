@@ -27,6 +27,7 @@ dialogues with at least that many and plays their first ``num_turns`` turns.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -46,11 +47,15 @@ __all__ = ["read_prompt_file", "read_dialogue_file", "T2IPromptsScenario", "Edit
 TURN_SEPARATOR = " || "
 
 
-def read_prompt_file(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a prompt file: ``{"prompt": ..., **metadata}`` each (see the module docstring)."""
+def _read_lines(
+    path: str | Path, kind: str, from_text: Callable[[str], dict[str, Any]], valid: Callable[[Any], bool], expected: str
+) -> list[dict[str, Any]]:
+    """The records of a file of ``kind`` ("prompt", "dialogue"): one a line, JSON objects in a
+    ``.jsonl`` file and ``from_text(line)`` in any other; blank lines and ``#`` comments skipped;
+    every record ``valid``, else a one-line error naming the line and what was ``expected``."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"prompt file {str(path)!r} does not exist")
+        raise ValueError(f"{kind} file {str(path)!r} does not exist")
     records = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         line = line.strip()
@@ -61,41 +66,42 @@ def read_prompt_file(path: str | Path) -> list[dict[str, Any]]:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{number}: not a JSON object ({exc.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise ValueError(f"{path}:{number}: expected an object with a string 'prompt'")
         else:
-            record = {"prompt": line}
+            record = from_text(line)
+        if not valid(record):
+            raise ValueError(f"{path}:{number}: expected {expected}")
         records.append(record)
     if not records:
-        raise ValueError(f"prompt file {str(path)!r} holds no prompts")
+        raise ValueError(f"{kind} file {str(path)!r} holds no {kind}s")
     return records
+
+
+def read_prompt_file(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a prompt file: ``{"prompt": ..., **metadata}`` each (see the module docstring)."""
+    return _read_lines(
+        path,
+        "prompt",
+        lambda line: {"prompt": line},
+        lambda r: isinstance(r, dict) and isinstance(r.get("prompt"), str),
+        "an object with a string 'prompt'",
+    )
 
 
 def read_dialogue_file(path: str | Path) -> list[dict[str, Any]]:
     """The records of an edit-dialogue file: ``{"turns": [...], **metadata}`` each (see the module
     docstring); every turn a non-empty string."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"dialogue file {str(path)!r} does not exist")
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if path.suffix == ".jsonl":
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not a JSON object ({exc.msg})") from None
-        else:
-            record = {"turns": [turn.strip() for turn in line.split(TURN_SEPARATOR.strip())]}
+
+    def valid(record: Any) -> bool:
         turns = record.get("turns") if isinstance(record, dict) else None
-        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
-            raise ValueError(f"{path}:{number}: expected an object with 'turns', a list of non-empty strings")
-        records.append(record)
-    if not records:
-        raise ValueError(f"dialogue file {str(path)!r} holds no dialogues")
-    return records
+        return isinstance(turns, list) and bool(turns) and all(isinstance(t, str) and t.strip() for t in turns)
+
+    return _read_lines(
+        path,
+        "dialogue",
+        lambda line: {"turns": [turn.strip() for turn in line.split(TURN_SEPARATOR.strip())]},
+        valid,
+        "an object with 'turns', a list of non-empty strings",
+    )
 
 
 class T2IPromptsScenario(Scenario):
