@@ -100,3 +100,15 @@ def test_deep_json_and_garbage_are_the_same_error(saved, tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(TrajectoryFileError):
         Trajectory.load(tmp_path / "junk.safetensors")
+
+
+def test_an_oversized_header_is_refused_before_its_tensors_are_read(saved, tmp_path):
+    from unigrpo_env.trajectory import MAX_HEADER_BYTES
+
+    _, tensors, metadata = saved
+    path = tmp_path / "big.safetensors"
+    header = json.loads(metadata["trajectory"])
+    header["scenario"] = "x" * (MAX_HEADER_BYTES + 1)
+    save_file(tensors, str(path), metadata={**metadata, "trajectory": json.dumps(header)})
+    with pytest.raises(TrajectoryFileError, match="more than the"):
+        Trajectory.load(path)

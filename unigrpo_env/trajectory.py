@@ -39,6 +39,10 @@ __all__ = [
 TRAJECTORY_FORMAT = "unigrpo-trajectory/1"
 
 
+#: The largest JSON header a trajectory file may carry (a long episode's is a few kB).
+MAX_HEADER_BYTES = 16 * 2**20
+
+
 class TrajectoryFileError(ValueError):
     """A file that is not a well-formed trajectory file: nothing of it is returned."""
 
@@ -256,8 +260,13 @@ class Trajectory(TensorRecord):
                     f"{path} is not a trajectory file (expected metadata format {TRAJECTORY_FORMAT!r}, "
                     f"got {metadata.get('format')!r})"
                 )
+            text = metadata["trajectory"]
+            if len(text) > MAX_HEADER_BYTES:
+                raise TrajectoryFileError(
+                    f"{path}: a header of {len(text)} characters, more than the {MAX_HEADER_BYTES} a trajectory file may have"
+                )
             tensors = {key: f.get_tensor(key) for key in f.keys()}
-        header = _Header.model_validate(json.loads(metadata["trajectory"]))
+        header = _Header.model_validate(json.loads(text))
         problem = _check_tensors(header, tensors)
         if problem:
             raise TrajectoryFileError(f"{path}: {problem}")
