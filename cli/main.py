@@ -307,7 +307,11 @@ def run(
             on_eval_progress=on_eval_progress,
         )
         bar.update(task, completed=trainer.agent.iteration)
-        summary = trainer.run()
+        try:
+            summary = trainer.run()
+        finally:  # several processes: the process group destroyed before the interpreter exits
+            if trainer.accelerator.num_processes > 1:
+                trainer.accelerator.end_training()
     table = Table(
         title=f"held-out reward, before → after ({settings.iterations} iterations, train={settings.train}, seed {settings.seed})"
     )

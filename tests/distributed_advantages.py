@@ -48,3 +48,5 @@ accelerator.wait_for_everyone()
         }
     )
 )
+accelerator.wait_for_everyone()
+accelerator.end_training()  # a clean exit: the process group destroyed before the interpreter stops
