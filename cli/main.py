@@ -566,7 +566,7 @@ def _evaluate_and_print(
 
 def _reward_cell(value: float, unscored: int, count: int) -> str:
     """A mean reward, and how many of the tasks it leaves out because their reward failed."""
-    shown = "–" if value != value else f"{value:.3f}"
+    shown = _share(value)
     return f"{shown} ({count - unscored} of {count} scored)" if unscored else shown
 
 
