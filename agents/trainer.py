@@ -10,16 +10,28 @@ on, optionally a reward that replaces the scenario's and the held-out evaluator 
                            losses, clip fractions, ratio statistics, regulariser, time per phase
       eval_before/ eval_after/   held-out evaluation (eval.json, grid.png) of the start and the end
       reward_curve.png     training reward per iteration, held-out reward before and after
-      checkpoints/         ckpt-NNNNNN/ (policy in the checkpoint layout + trainer state), LATEST;
-                           with peft adapters the policy is saved merged (an ordinary checkpoint),
-                           and trained_state.safetensors holds what trained, which --resume restores
+      checkpoints/         ckpt-NNNNNN/, LATEST (the newest complete one); each checkpoint holds
+                             the policy in the checkpoint layout (with peft adapters merged into the
+                             weights: an ordinary checkpoint, which `unigrpo eval` reads),
+                             trained_state.safetensors (what trained: adapters, or a side's every
+                             weight), trainer_state.json (the iteration) and engine/ (Accelerate's
+                             save_state: the optimizer, the RNG states; under FSDP also the
+                             sharded model)
       summary.json         held-out reward before/after (overall, per category), wall time
 
 Checkpoints are written atomically (into a temporary folder, renamed when complete, then the
 ``LATEST`` pointer is replaced in one ``os.replace``), so a run killed at any moment resumes from
 its last complete checkpoint with ``resume=True`` and continues exactly as if never interrupted:
 every random choice of an iteration derives from (seed, iteration), and the trained weights and the
-optimizer state are restored.
+optimizer state are restored (``accelerator.load_state``), with the same number of processes.
+
+The engine's state goes through ``accelerator.save_state`` / ``load_state``. Model weights are
+never pickled: with one process or DDP the trainer's save hook leaves the model out of Accelerate's
+files (it is already in the checkpoint, in safetensors) and its load hook restores it from
+``trained_state.safetensors``; under FSDP Accelerate writes and reads the sharded model itself
+(torch's distributed checkpoint), the trained state is gathered for ``trained_state.safetensors``,
+and the merged policy is written from a CPU copy of the starting policy (``starting_policy``) with
+the trained state put in.
 """
 
 from __future__ import annotations
@@ -41,8 +53,9 @@ from safetensors.torch import load_file, save_file
 from unigrpo_env.agents.adapters import adapter_state, has_adapter
 from unigrpo_env.agents.config import UniGRPOConfig
 from unigrpo_env.agents.evaluation import EvalReport, Evaluator
+from unigrpo_env.agents.parts import load_policy
 from unigrpo_env.agents.policy import UnifiedPolicy
-from unigrpo_env.agents.unigrpo import RewardFailureError, UniGRPOAgent
+from unigrpo_env.agents.unigrpo import RewardFailureError, UniGRPOAgent, prepare_trained_sides
 from unigrpo_env.reward import RewardFunction
 from unigrpo_env.scenario import Scenario
 
@@ -50,6 +63,10 @@ __all__ = ["Trainer", "RunFolderError", "TRAINED_STATE_FILE", "load_run_config",
 
 #: In a checkpoint: the weights that trained (adapters, or a side's every weight), for --resume.
 TRAINED_STATE_FILE = "trained_state.safetensors"
+#: In a checkpoint: the iteration it was written after.
+TRAINER_STATE_FILE = "trainer_state.json"
+#: In a checkpoint: the folder of ``accelerator.save_state`` (optimizer, RNG states; FSDP's shards).
+ENGINE_STATE_DIR = "engine"
 
 
 class RunFolderError(ValueError):
@@ -67,12 +84,18 @@ def load_run_config(out_dir: str | Path, **overrides: Any) -> UniGRPOConfig:
 
 def trained_state(policy: UnifiedPolicy, sides: list[str]) -> dict[str, torch.Tensor]:
     """What trained of ``policy``'s ``sides`` ("text", "image"): an adapted side's adapter weights,
-    a side trained in full its whole state (names as in ``policy.state_dict()``)."""
+    a side trained in full its whole state (names as in ``policy.state_dict()``).
+
+    Under FSDP every process must call it (a sharded weight is gathered whole, in the same order
+    everywhere); each gets the whole state."""
     state: dict[str, torch.Tensor] = {}
     for side in sides:
         part = getattr(policy, side)
         weights = adapter_state(part) if has_adapter(part) else part.state_dict()
-        state.update({f"{side}.{name}": tensor.detach().cpu().clone() for name, tensor in weights.items()})
+        for name, tensor in weights.items():
+            if hasattr(tensor, "full_tensor"):  # a DTensor: this process's shard of the weight
+                tensor = tensor.full_tensor()
+            state[f"{side}.{name}"] = tensor.detach().cpu().clone()
     return state
 
 
@@ -94,6 +117,9 @@ class Trainer:
         on_status: called with a line about what the trainer is doing.
         on_eval_progress: called as ``(name, done, total)`` while a held-out evaluation runs
             (``name``: "eval_before" or "eval_after"; the CLI's progress bar).
+        starting_policy: loads the starting policy again, on the CPU (None: the config's
+            ``policy`` and ``checkpoint``); used only under FSDP, where the main process writes a
+            checkpoint's merged policy from such a copy with the trained state put in.
     """
 
     def __init__(
@@ -110,6 +136,7 @@ class Trainer:
         on_iteration: Callable[[dict[str, Any]], None] | None = None,
         on_status: Callable[[str], None] | None = None,
         on_eval_progress: Callable[[str, int, int], None] | None = None,
+        starting_policy: Callable[[], UnifiedPolicy] | None = None,
     ):
         self.out = Path(out_dir)
         self.resume = resume
@@ -134,6 +161,14 @@ class Trainer:
         self.agent = UniGRPOAgent(policy, config, scenario=scenario, reward=reward, accelerator=accelerator)
         self.accelerator = self.agent.accelerator
         self.is_main = self.accelerator.is_main_process
+        self.starting_policy = starting_policy or partial(
+            load_policy, config.policy, config.checkpoint, scenario=config.scenario
+        )
+        if not self.agent.shards_parameters:
+            # the model's weights are in the checkpoint already, in safetensors: keep them out of
+            # Accelerate's files (it would write the whole policy again) and restore them ourselves
+            self.accelerator.register_save_state_pre_hook(lambda models, weights, folder: weights.clear())
+            self.accelerator.register_load_state_pre_hook(lambda models, folder: models.clear())
 
     @property
     def trained_sides(self) -> list[str]:
@@ -146,20 +181,27 @@ class Trainer:
         return self.out / "checkpoints"
 
     def save_checkpoint(self) -> Path:
-        """Write ckpt-NNNNNN atomically and point LATEST at it; keep the two newest."""
-        self.accelerator.wait_for_everyone()
+        """Write ckpt-NNNNNN atomically and point LATEST at it; keep the two newest. Every process
+        calls it (the engine's state and, under FSDP, the gathering of the trained state are
+        collective); the main process writes the files."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
         final = self.checkpoints / f"ckpt-{self.agent.iteration:06d}"
+        tmp = self.checkpoints / f".tmp-{self.agent.iteration:06d}"
         if self.is_main:
-            tmp = self.checkpoints / f".tmp-{self.agent.iteration:06d}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            policy = self.accelerator.unwrap_model(self.agent.policy)
-            policy.save_pretrained(tmp)  # plain models: adapters are merged into the saved weights
-            save_file(trained_state(policy, self.trained_sides), str(tmp / TRAINED_STATE_FILE))
-            torch.save(
-                {"iteration": self.agent.iteration, "optimizer": self.agent.optimizer.state_dict()},
-                tmp / "trainer_state.pt",
-            )
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp / ENGINE_STATE_DIR), safe_serialization=True)
+        policy = acc.unwrap_model(self.agent.policy)
+        trained = trained_state(policy, self.trained_sides)
+        if self.is_main:
+            if self.agent.shards_parameters:
+                self._save_merged_copy(trained, tmp)
+            else:
+                policy.save_pretrained(tmp)  # plain models: adapters are merged into the saved weights
+            save_file(trained, str(tmp / TRAINED_STATE_FILE))
+            (tmp / TRAINER_STATE_FILE).write_text(json.dumps({"iteration": self.agent.iteration}))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             pointer = self.checkpoints / ".LATEST.tmp"
@@ -167,8 +209,22 @@ class Trainer:
             os.replace(pointer, self.checkpoints / "LATEST")
             for old in sorted(self.checkpoints.glob("ckpt-*"))[:-2]:
                 shutil.rmtree(old, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
+        acc.wait_for_everyone()
         return final
+
+    def _save_merged_copy(self, trained: dict[str, torch.Tensor], folder: Path) -> None:
+        """Under FSDP no process holds the policy whole: write its checkpoint layout from a CPU copy
+        of the starting policy, given the same trained sides and adapters, with ``trained`` put in."""
+        copy = self.starting_policy()
+        prepare_trained_sides(copy, self.config)
+        missing = set(trained) - set(copy.state_dict())
+        if missing:
+            raise RunFolderError(
+                f"the starting policy does not fit the trained state (no {sorted(missing)[:3]}); "
+                "pass the Trainer a starting_policy that loads the policy it trains"
+            )
+        copy.load_state_dict(trained, strict=False)
+        copy.save_pretrained(folder)
 
     def _restore(self) -> int:
         pointer = self.checkpoints / "LATEST"
@@ -176,6 +232,21 @@ class Trainer:
             raise RunFolderError(f"nothing to resume in {str(self.out)!r}: no complete checkpoint yet")
         folder = self.checkpoints / pointer.read_text().strip()
         policy = self.accelerator.unwrap_model(self.agent.policy)
+        if (folder / ENGINE_STATE_DIR).is_dir():
+            # the engine's state: the optimizer (and RNG states); under FSDP the sharded model too
+            self.accelerator.load_state(str(folder / ENGINE_STATE_DIR))
+            if not self.agent.shards_parameters:
+                self._load_trained_state(policy, folder)
+            self.agent.iteration = int(json.loads((folder / TRAINER_STATE_FILE).read_text())["iteration"])
+            return self.agent.iteration
+        # a checkpoint of an earlier release: the optimizer state in a weights-only torch file
+        self._load_trained_state(policy, folder)
+        state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
+        self.agent.optimizer.load_state_dict(state["optimizer"])
+        self.agent.iteration = int(state["iteration"])
+        return self.agent.iteration
+
+    def _load_trained_state(self, policy: UnifiedPolicy, folder: Path) -> None:
         saved = load_file(str(folder / TRAINED_STATE_FILE))
         expected = set(trained_state(policy, self.trained_sides))
         if set(saved) != expected:
@@ -184,16 +255,13 @@ class Trainer:
                 f"the checkpoint in {str(folder)!r} does not fit this policy (missing {missing[:3]}, unexpected {unexpected[:3]})"
             )
         policy.load_state_dict(saved, strict=False)
-        state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
-        self.agent.optimizer.load_state_dict(state["optimizer"])
-        self.agent.iteration = int(state["iteration"])
-        return self.agent.iteration
 
     # -- the run ---------------------------------------------------------------------------------
 
     def _evaluate(self, name: str) -> EvalReport:
         c = self.config
-        return self.evaluator.evaluate(
+        evaluate = partial(
+            self.evaluator.evaluate,
             self.accelerator.unwrap_model(self.agent.policy),
             self.agent.scenario,
             split=c.eval_split,
@@ -208,6 +276,7 @@ class Trainer:
             out_dir=self.out / name if self.is_main else None,
             progress=None if self.on_eval_progress is None else partial(self.on_eval_progress, name),
         )
+        return self.agent.with_policy(evaluate)  # under FSDP, with the policy's shards gathered
 
     def run(self) -> dict[str, Any]:
         started = time.perf_counter()

@@ -18,10 +18,14 @@ One iteration, top to bottom:
    warm-up) and gradient clipping.
 
 Under Accelerate each process runs its own rollouts. The training forward pass is one module call
-per minibatch (:class:`TrainingForward`), handed to ``accelerator.prepare``, so the engine
-Accelerate wraps — DDP for several processes — reduces the gradients itself, in buckets overlapped
-with the backward pass; ``accelerator.accumulate`` accumulates ``gradient_accumulation_steps``
-minibatches into one optimizer step, reducing once per step.
+per minibatch (:class:`TrainingForward`), handed to ``accelerator.prepare`` with the optimizer, so
+the engine Accelerate wraps reduces the gradients itself: DDP for several processes (all-reduced in
+buckets overlapped with the backward pass), or FSDP2 (parameters, gradients and optimizer state
+sharded; each transformer block of the networks one unit, the rest of the policy the root unit).
+``accelerator.accumulate`` accumulates ``gradient_accumulation_steps`` minibatches into one
+optimizer step, reducing once per step. Under FSDP every other use of the policy — the rollouts,
+the recomputed old log-probabilities, evaluation and checkpoints — also runs through that module
+(:meth:`UniGRPOAgent.with_policy`), so the sharded parameters are gathered for it.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 
 from unigrpo_env import BatchTrajectory, flow
 from unigrpo_env.agents.adapters import WithoutAdapter, attach_adapter, has_adapter
@@ -51,7 +56,14 @@ from unigrpo_env.reward import RewardFunction
 from unigrpo_env.scenario import Scenario
 from unigrpo_env.vector import InterleavedVectorEnv
 
-__all__ = ["UniGRPOAgent", "TrainingForward", "RewardFailureError", "Batch", "distributed_advantages"]
+__all__ = [
+    "UniGRPOAgent",
+    "TrainingForward",
+    "RewardFailureError",
+    "Batch",
+    "distributed_advantages",
+    "prepare_trained_sides",
+]
 
 
 class RewardFailureError(RuntimeError):
@@ -136,6 +148,23 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available()
 
 
+def prepare_trained_sides(policy: UnifiedPolicy, config: UniGRPOConfig) -> tuple[bool, bool]:
+    """Make the sides of ``policy`` that ``config.train`` names trainable, with the adapters the
+    config chooses (``text_adapter``, ``image_adapter``), and freeze the others; returns whether
+    the text and the image side train. The agent does this to the policy it trains, and a
+    checkpoint under FSDP to a fresh copy of the starting policy, so that the trained state fits it."""
+    train_text = config.train in ("both", "text")
+    train_image = config.train in ("both", "image")
+    policy.text.requires_grad_(train_text)
+    policy.image.requires_grad_(train_image)
+    lora = {"rank": config.lora_rank, "alpha": config.lora_alpha}
+    if train_text:
+        attach_adapter(policy.text, "text", config.text_adapter, targets=config.text_adapter_targets, **lora)
+    if train_image:
+        attach_adapter(policy.image, "image", config.image_adapter, targets=config.image_adapter_targets, **lora)
+    return train_text, train_image
+
+
 def _starting_model(part: Any) -> Any:
     """The frozen starting model of a policy side: its adapter disabled, or a copy made now."""
     if has_adapter(part):
@@ -152,10 +181,15 @@ class TrainingForward(torch.nn.Module):
     log-probabilities of the recorded actions of episodes ``index`` of the current batch (see
     :meth:`UniGRPOAgent._log_probs`), with gradients.
 
-    It holds the policy as its submodule, so ``accelerator.prepare`` can wrap it in the engine's
-    data-parallel module (DDP): every forward of a minibatch goes through the wrapper, and the
-    engine synchronises the gradients of the backward that follows. The batch is set beside the
-    call (``batch``), not passed through it, as engines move their inputs between devices."""
+    It holds the policy as its submodule, so ``accelerator.prepare`` can hand it to the engine:
+    DDP wraps it, and every forward of a minibatch goes through the wrapper so the engine
+    synchronises the gradients of the backward that follows; FSDP2 shards it in place, unit by
+    unit (:attr:`_no_split_modules`). The batch is set beside the call (``batch``), not passed
+    through it, as engines move their inputs between devices.
+
+    ``forward(call=fn)`` runs ``fn()`` inside the module's forward instead: under FSDP that is how
+    anything else that uses the policy (a rollout, an evaluation) gets its parameters gathered,
+    as FSDP gathers a unit's parameters only around that unit's own forward."""
 
     def __init__(self, policy: UnifiedPolicy, log_probs: Callable[[Batch, torch.Tensor], Any]):
         super().__init__()
@@ -163,9 +197,23 @@ class TrainingForward(torch.nn.Module):
         self._log_probs = log_probs
         self.batch: Batch | None = None
 
-    def forward(self, index: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[str, Any]]:
-        if self.batch is None:
-            raise RuntimeError("set the batch of the minibatch before the forward pass")
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The block classes of the policy's networks (their own ``_no_split_modules``, as
+        transformers and diffusers declare them): FSDP's transformer-based wrap makes each block
+        one unit, and Accelerate reads this attribute of the model it prepares."""
+        names: dict[str, None] = {}
+        for module in self.policy.modules():
+            names.update(dict.fromkeys(getattr(module, "_no_split_modules", None) or []))
+        return list(names)
+
+    def forward(
+        self, index: torch.Tensor | None = None, *, call: Callable[[], Any] | None = None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[str, Any]] | Any:
+        if call is not None:
+            return call()
+        if self.batch is None or index is None:
+            raise RuntimeError("set the batch of the minibatch and pass its episode indices")
         return self._log_probs(self.batch, index)
 
 
@@ -196,15 +244,7 @@ class UniGRPOAgent:
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.gradient_accumulation_steps,
         )
-        self.train_text = config.train in ("both", "text")
-        self.train_image = config.train in ("both", "image")
-        policy.text.requires_grad_(self.train_text)
-        policy.image.requires_grad_(self.train_image)
-        lora = {"rank": config.lora_rank, "alpha": config.lora_alpha}
-        if self.train_text:
-            attach_adapter(policy.text, "text", config.text_adapter, targets=config.text_adapter_targets, **lora)
-        if self.train_image:
-            attach_adapter(policy.image, "image", config.image_adapter, targets=config.image_adapter_targets, **lora)
+        self.train_text, self.train_image = prepare_trained_sides(policy, config)
         if config.gradient_checkpointing:
             for side, part, trained in (
                 ("text", policy.text, self.train_text),
@@ -213,9 +253,8 @@ class UniGRPOAgent:
                 if trained:
                     enable_gradient_checkpointing(part, side)
         self.policy = policy.to(self.accelerator.device)
-        # the training pass through the engine (DDP with several processes; itself with one)
-        self.training_forward = self.accelerator.prepare(TrainingForward(self.policy, self._log_probs))
-        # The references are the starting models: the same network with its adapter disabled, or a frozen copy.
+        # The references are the starting models: the same network with its adapter disabled, or a
+        # frozen copy (made before the engine shards the policy, so it is a whole copy).
         self.reference = None
         if self.train_image and config.regularizer != "none":
             self.reference = _starting_model(policy.image)
@@ -227,7 +266,11 @@ class UniGRPOAgent:
             groups.append({"params": policy.text_parameters(), "lr": config.lr_text, "name": "text"})
         if self.train_image:
             groups.append({"params": policy.image_parameters(), "lr": config.lr_image, "name": "image"})
-        self.optimizer = self.accelerator.prepare(torch.optim.AdamW(groups, weight_decay=config.weight_decay))
+        # the training pass and the optimizer through the engine together (DDP wraps the module;
+        # FSDP2 shards it in place and points the optimizer's groups at the shards)
+        self.training_forward, self.optimizer = self.accelerator.prepare(
+            TrainingForward(self.policy, self._log_probs), torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+        )
         self.scenario = scenario if scenario is not None else make_scenario(config.scenario, **config.scenario_options)
         self.train_tasks = self.scenario.check_split("train")
         processes = self.accelerator.num_processes
@@ -255,6 +298,20 @@ class UniGRPOAgent:
             reward_timeout=config.reward_timeout,
         )
         self.iteration = 0
+
+    @property
+    def shards_parameters(self) -> bool:
+        """Whether the engine shards the policy's parameters across processes (FSDP)."""
+        return self.accelerator.distributed_type == DistributedType.FSDP
+
+    def with_policy(self, fn: Callable[[], Any]) -> Any:
+        """``fn()``, which uses the policy outside the training pass (a rollout, an evaluation, a
+        checkpoint), with the policy's parameters whole: under FSDP it runs inside the engine's
+        module, whose forward gathers the root unit's shards (each block gathers its own when
+        called); otherwise it is called directly."""
+        if self.shards_parameters:
+            return self.training_forward(call=fn)
+        return fn()
 
     # -- 1. collect ------------------------------------------------------------------------------
 
@@ -286,13 +343,16 @@ class UniGRPOAgent:
         started = time.perf_counter()
         self.policy.eval()
         with self.accelerator.autocast():  # the rollout in the training's precision (the flow math upcasts)
-            result = rollout(
-                self.policy,
-                self.envs,
-                settings,
-                seed=seed,
-                options={"task_index": [int(i) for i in prompts]},
-                generator=torch.Generator().manual_seed(seed),
+            result = self.with_policy(
+                partial(
+                    rollout,
+                    self.policy,
+                    self.envs,
+                    settings,
+                    seed=seed,
+                    options={"task_index": [int(i) for i in prompts]},
+                    generator=torch.Generator().manual_seed(seed),
+                )
             )
         rollout_seconds = time.perf_counter() - started
         trajectory = result.trajectory
@@ -503,7 +563,7 @@ class UniGRPOAgent:
                 )
         for index in parts:
             with self.accelerator.autocast():  # as the loss's forward pass runs
-                text_lp, image_lp, extras = self._log_probs(batch, index)
+                text_lp, image_lp, extras = self.with_policy(partial(self._log_probs, batch, index))
             self._store_old(old, index, text_lp, image_lp, extras["text_index"])
         return old
 

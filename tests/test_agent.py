@@ -480,6 +480,62 @@ def test_ddp_reduces_the_gradients_in_buckets_and_two_processes_agree(tmp_path):
         assert r["weights_equal_across_processes"] and r["loss_finite"], r
 
 
+def test_fsdp_computes_what_ddp_computes_and_checkpoints_through_the_engine(tmp_path):
+    """Two real processes (gloo), once under DDP and once under Accelerate's FSDP2 (forced on the
+    CPU, where Accelerate 1.x keeps MULTI_CPU: see tests/distributed_fsdp.py): the parameters are
+    really sharded; rollouts under the sharded policy are the same; the loss, the whole gradients
+    after the engine's reduction and the weights after an iteration (two minibatches, LoRA on the
+    text side with its adapter-off reference, the flow model in full with a frozen copy, two
+    learning rates) agree with DDP's to float tolerance; the first ratio is exactly 1 on both sides;
+    a checkpoint written through accelerator.save_state restores the weights, and its merged
+    policy folder (written from a CPU copy under FSDP) holds DDP's weights."""
+    from safetensors.torch import load_file
+
+    results = {}
+    for mode, port in (("ddp", "29545"), ("fsdp", "29546")):
+        done = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+             str(HERE / "distributed_fsdp.py"), str(tmp_path), mode],
+            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[mode] = [json.loads((tmp_path / f"{mode}-{r}.json").read_text()) for r in range(2)]
+    for mode, ranks in results.items():
+        assert sorted(r["rank"] for r in ranks) == [0, 1] and all(r["world_size"] == 2 for r in ranks), mode
+        assert all(r["restored"] for r in ranks), mode
+        for r in ranks:
+            assert r["first_ratio_text_max_dev"] == 0.0 and r["first_ratio_image_max_dev"] == 0.0, (mode, r)
+    for r in results["fsdp"]:
+        assert r["distributed_type"] == "DistributedType.FSDP" and r["fsdp_units"] >= 3, r
+        assert r["sharded_parameters"] == r["trained_parameters"] > 0, r  # every trained weight split in two
+    for ddp, fsdp in zip(results["ddp"], results["fsdp"]):
+        assert ddp["rewards"] == fsdp["rewards"] and ddp["tokens"] == fsdp["tokens"]  # the same rollouts
+        assert ddp["loss"] == pytest.approx(fsdp["loss"], abs=1e-7)
+        assert ddp["iteration_loss"] == pytest.approx(fsdp["iteration_loss"], abs=1e-6)
+    for kind, tolerance in (("gradients", 1e-8), ("weights", 1e-6)):
+        ddp, fsdp = (load_file(str(tmp_path / f"{mode}-{kind}.safetensors")) for mode in ("ddp", "fsdp"))
+        assert set(ddp) == set(fsdp) and len(ddp) == results["fsdp"][0]["trained_parameters"]
+        assert any(float(t.abs().max()) > 0 for t in ddp.values()), kind
+        for name in ddp:
+            assert torch.allclose(ddp[name], fsdp[name], atol=tolerance, rtol=1e-5), (kind, name)
+    merged = {
+        mode: {
+            f.relative_to(tmp_path / f"run-{mode}" / "checkpoints" / "ckpt-000001").as_posix(): load_file(str(f))
+            for f in (tmp_path / f"run-{mode}" / "checkpoints" / "ckpt-000001").glob("*_model/*.safetensors")
+        }
+        for mode in ("ddp", "fsdp")
+    }
+    assert set(merged["ddp"]) == set(merged["fsdp"]) == {
+        "language_model/model.safetensors", "flow_model/diffusion_pytorch_model.safetensors"
+    }  # fmt: skip
+    for file, tensors in merged["ddp"].items():
+        for name, tensor in tensors.items():
+            assert torch.allclose(tensor.float(), merged["fsdp"][file][name].float(), atol=1e-6), (file, name)
+    engine = tmp_path / "run-fsdp" / "checkpoints" / "ckpt-000001" / "engine"
+    assert (engine / "pytorch_model_fsdp_0").is_dir() and (engine / "optimizer_0").is_dir()
+    assert not list((tmp_path / "run-ddp" / "checkpoints" / "ckpt-000001" / "engine").glob("model*"))
+
+
 def test_no_hand_made_gradient_reduction_is_left():
     import re
 
@@ -497,8 +553,13 @@ def test_the_example_accelerate_configs_load_and_torchrun_runs_the_cli_on_two_pr
 
     folder = HERE.parent / "examples" / "accelerate"
     loaded = {c.name: load_config_from_file(str(c)) for c in sorted(folder.glob("*.yaml"))}
-    assert set(loaded) == {"one_gpu.yaml", "eight_gpus_ddp.yaml", "two_nodes_ddp.yaml"}
+    assert set(loaded) == {
+        "one_gpu.yaml", "eight_gpus_ddp.yaml", "two_nodes_ddp.yaml", "eight_gpus_fsdp.yaml", "two_nodes_fsdp.yaml"
+    }  # fmt: skip
     assert loaded["eight_gpus_ddp.yaml"].num_processes == 8 and loaded["two_nodes_ddp.yaml"].num_machines == 2
+    for name in ("eight_gpus_fsdp.yaml", "two_nodes_fsdp.yaml"):
+        assert str(loaded[name].distributed_type) == "DistributedType.FSDP", name
+        assert loaded[name].fsdp_config["fsdp_version"] == 2, name
     out = tmp_path / "run"
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29543",

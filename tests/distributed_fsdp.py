@@ -1,0 +1,120 @@
+"""Run by test_agent.py under ``torchrun --nproc_per_node 2`` (gloo, CPU), once with DDP and once
+with FSDP2, on the same seeds: the test compares what the two engines compute.
+
+``python distributed_fsdp.py OUT MODE`` with MODE ``ddp`` or ``fsdp``. Each process rolls out its
+half of every group (the same rollouts under both engines, as the parameters are the same), takes
+one backward pass, records the whole gradients, then a whole iteration (two minibatches, so the
+old log-probabilities are recomputed under the engine) and a checkpoint written and read back
+through the trainer; it writes what it saw into OUT/MODE-RANK.*.
+
+Accelerate 1.x turns its FSDP plugin on only for GPU-type setups (``AcceleratorState`` keeps
+``MULTI_CPU`` for CPU processes), while torch's FSDP2 itself runs on the CPU with gloo; so in
+``fsdp`` mode the script sets Accelerate's state to FSDP after constructing the Accelerator, and
+Accelerate's own FSDP2 preparation (``fully_shard`` per block, the optimizer remapped to the
+shards) then runs as it would on GPUs. The policy trains both sides: the language model with
+LoRA (its reference: the adapter switched off), the flow model in full (its reference: a frozen
+copy), with different learning rates.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import write_tiny_checkpoint  # noqa: E402
+
+from unigrpo_env.agents.config import UniGRPOConfig  # noqa: E402
+from unigrpo_env.agents.trainer import Trainer  # noqa: E402
+from unigrpo_env.scenarios.shapes.policy import load_shapes_policy  # noqa: E402
+
+out, mode = Path(sys.argv[1]), sys.argv[2]
+if mode == "fsdp":
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True
+    )
+    accelerator = Accelerator(cpu=True, fsdp_plugin=plugin)
+    # what Accelerate's state does on GPUs (both shared states: AcceleratorState() re-reads PartialState's)
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+else:
+    accelerator = Accelerator(cpu=True)
+rank, world = accelerator.process_index, accelerator.num_processes
+ckpt = out / "checkpoint"
+if rank == 0 and not ckpt.exists():
+    write_tiny_checkpoint(ckpt)
+accelerator.wait_for_everyone()
+config = UniGRPOConfig(
+    num_prompts=2, group_size=4, minibatches=2, iterations=2, checkpoint=str(ckpt),
+    scenario_options={"num_steps": 3}, sde_window_size=None, cpu=True, train="both",
+    text_adapter="lora", image_adapter="full", kl_text=0.1, regularizer="mse", lr_text=1e-3, lr_image=3e-4,
+)  # fmt: skip
+trainer = Trainer(config, out / f"run-{mode}", policy=load_shapes_policy(ckpt), scenario=None, accelerator=accelerator)
+agent = trainer.agent
+named = {name: p for name, p in agent.policy.named_parameters() if p.requires_grad}
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A parameter or gradient in full (FSDP's are DTensor shards)."""
+    full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+    return full.detach().float().clone().contiguous()
+
+
+sharded = [
+    name for name, p in named.items() if hasattr(p, "to_local") and p.to_local().numel() < p.numel()
+]  # fmt: skip
+units = sum(type(m).__name__.startswith("FSDP") for m in agent.training_forward.modules())
+
+# one backward through the engine on this process's half of the groups
+batch = agent.collect(0)
+every = torch.arange(len(batch))
+old = agent._old_log_probs(batch, [every])
+agent.policy.train()
+with accelerator.autocast():
+    loss, stats = agent._loss(batch, every, old)
+accelerator.backward(loss)
+gradients = {name: whole(p.grad) for name, p in named.items() if p.grad is not None}
+agent.optimizer.zero_grad(set_to_none=True)
+
+# a whole iteration (two minibatches: the second's old log-probabilities recomputed first), then
+# the trainer's checkpoint written and read back into the sharded model
+iteration = agent.train_iteration()
+after = {name: whole(p) for name, p in named.items()}
+trainer.save_checkpoint()
+with torch.no_grad():
+    for p in named.values():
+        p.mul_(0.5)  # spoil the weights: the restore must bring them back
+trainer._restore()
+restored = all(torch.equal(whole(p), after[name]) for name, p in named.items())
+
+if rank == 0:
+    save_file(gradients, str(out / f"{mode}-gradients.safetensors"))
+    save_file(after, str(out / f"{mode}-weights.safetensors"))
+tokens = batch.trajectory.turns[0].text.padded()[0]
+(out / f"{mode}-{rank}.json").write_text(
+    json.dumps(
+        {
+            "rank": rank,
+            "world_size": world,
+            "distributed_type": str(accelerator.distributed_type),
+            "sharded_parameters": len(sharded),
+            "trained_parameters": len(named),
+            "fsdp_units": units,
+            "rewards": batch.rewards.tolist(),
+            "tokens": tokens.tolist(),
+            "loss": float(loss.detach()),
+            "iteration_loss": iteration["loss"],
+            "first_ratio_text_max_dev": iteration["first_ratio_text_max_dev"],
+            "first_ratio_image_max_dev": iteration["first_ratio_image_max_dev"],
+            "restored": restored,
+        }
+    )
+)
+accelerator.wait_for_everyone()
+dist.destroy_process_group()  # a clean exit: gloo's threads stopped before the interpreter's
