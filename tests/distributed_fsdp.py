@@ -4,8 +4,8 @@ with FSDP2, on the same seeds: the test compares what the two engines compute.
 ``python distributed_fsdp.py OUT MODE`` with MODE ``ddp`` or ``fsdp``. Each process rolls out its
 half of every group (the same rollouts under both engines, as the parameters are the same), takes
 one backward pass, records the whole gradients, then a whole iteration (two minibatches, so the
-old log-probabilities are recomputed under the engine) and a checkpoint written and read back
-through the trainer; it writes what it saw into OUT/MODE-RANK.*.
+old log-probabilities are recomputed under the engine), a checkpoint written and read back
+through the trainer and a held-out evaluation; it writes what it saw into OUT/MODE-RANK.*.
 
 Accelerate 1.x turns its FSDP plugin on only for GPU-type setups (``AcceleratorState`` keeps
 ``MULTI_CPU`` for CPU processes), while torch's FSDP2 itself runs on the CPU with gloo; so in
@@ -54,6 +54,7 @@ config = UniGRPOConfig(
     num_prompts=2, group_size=4, minibatches=2, iterations=2, checkpoint=str(ckpt),
     scenario_options={"num_steps": 3}, sde_window_size=None, cpu=True, train="both",
     text_adapter="lora", image_adapter="full", kl_text=0.1, regularizer="mse", lr_text=1e-3, lr_image=3e-4,
+    eval_limit=6,
 )  # fmt: skip
 trainer = Trainer(config, out / f"run-{mode}", policy=load_shapes_policy(ckpt), scenario=None, accelerator=accelerator)
 agent = trainer.agent
@@ -92,6 +93,8 @@ with torch.no_grad():
         p.mul_(0.5)  # spoil the weights: the restore must bring them back
 trainer._restore()
 restored = all(torch.equal(whole(p), after[name]) for name, p in named.items())
+# a held-out evaluation of the restored policy (under FSDP: inside the engine's module)
+report = trainer._evaluate("eval_check")
 
 if rank == 0:
     save_file(gradients, str(out / f"{mode}-gradients.safetensors"))
@@ -113,6 +116,8 @@ tokens = batch.trajectory.turns[0].text.padded()[0]
             "first_ratio_text_max_dev": iteration["first_ratio_text_max_dev"],
             "first_ratio_image_max_dev": iteration["first_ratio_image_max_dev"],
             "restored": restored,
+            "eval_reward": report.overall("pipeline", "reward"),
+            "eval_tasks": report.pipeline["overall"].count,
         }
     )
 )

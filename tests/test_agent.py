@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -298,6 +299,21 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tiny_checkpoint, tm
         trainer_for(config, tmp_path / "straight")
 
 
+def test_a_checkpoint_of_the_earlier_layout_still_resumes(tiny_checkpoint, tmp_path):
+    """Run folders written before checkpoints went through accelerator.save_state hold the
+    optimizer in a weights-only ``trainer_state.pt``; --resume still continues them exactly."""
+    config = tiny_config(tiny_checkpoint, scenario_options={"num_steps": 3})
+    trainer_for(config.model_copy(update={"iterations": 3}), tmp_path / "straight").run()
+    trainer_for(config.model_copy(update={"iterations": 2}), tmp_path / "old").run()
+    folder = tmp_path / "old" / "checkpoints" / (tmp_path / "old" / "checkpoints" / "LATEST").read_text()
+    optimizer = torch.load(folder / "engine" / "optimizer.bin", weights_only=True)
+    torch.save({"iteration": 2, "optimizer": optimizer}, folder / "trainer_state.pt")  # the earlier layout
+    shutil.rmtree(folder / "engine")
+    (folder / "trainer_state.json").unlink()
+    trainer_for(config.model_copy(update={"iterations": 3}), tmp_path / "old", resume=True).run()
+    assert _rows(tmp_path / "straight" / "metrics.jsonl") == _rows(tmp_path / "old" / "metrics.jsonl")
+
+
 calls = {"n": 0}
 
 
@@ -488,7 +504,8 @@ def test_fsdp_computes_what_ddp_computes_and_checkpoints_through_the_engine(tmp_
     text side with its adapter-off reference, the flow model in full with a frozen copy, two
     learning rates) agree with DDP's to float tolerance; the first ratio is exactly 1 on both sides;
     a checkpoint written through accelerator.save_state restores the weights, and its merged
-    policy folder (written from a CPU copy under FSDP) holds DDP's weights."""
+    policy folder (written from a CPU copy under FSDP) holds DDP's weights; a held-out evaluation
+    under FSDP scores what DDP's does."""
     from safetensors.torch import load_file
 
     results = {}
@@ -512,6 +529,7 @@ def test_fsdp_computes_what_ddp_computes_and_checkpoints_through_the_engine(tmp_
         assert ddp["rewards"] == fsdp["rewards"] and ddp["tokens"] == fsdp["tokens"]  # the same rollouts
         assert ddp["loss"] == pytest.approx(fsdp["loss"], abs=1e-7)
         assert ddp["iteration_loss"] == pytest.approx(fsdp["iteration_loss"], abs=1e-6)
+        assert ddp["eval_tasks"] == fsdp["eval_tasks"] == 6 and ddp["eval_reward"] == fsdp["eval_reward"]
     for kind, tolerance in (("gradients", 1e-8), ("weights", 1e-6)):
         ddp, fsdp = (load_file(str(tmp_path / f"{mode}-{kind}.safetensors")) for mode in ("ddp", "fsdp"))
         assert set(ddp) == set(fsdp) and len(ddp) == results["fsdp"][0]["trained_parameters"]
