@@ -51,7 +51,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from unigrpo_env.rewards.clip_score import ClipRewardBase, _one_line, image_embeddings
+from unigrpo_env.rewards.clip_score import ClipRewardBase, image_embeddings
+from unigrpo_env.rewards.hf_models import _one_line
 
 __all__ = ["AestheticReward", "AestheticHead", "resolve_head", "DEFAULT_HEAD"]
 

@@ -23,10 +23,11 @@ This module also holds the plumbing the CLIP-based rewards share (:mod:`.picksco
   Embeddings are normalised, and scores computed, in float32.
 * ``batch_size`` — episodes per model call (default 32); a batch is scored chunk by chunk.
 
-Models are loaded once per process: :func:`load_clip` caches them by (checkpoint, processor,
-device, dtype), so two rewards on the same CLIP model (``clip_score`` and ``aesthetic`` both
-default to ``openai/clip-vit-large-patch14``) share one copy. The cached model is frozen and in
-eval mode; do not change it in place.
+Models are loaded once per process by :func:`load_clip`, a call of
+:func:`~unigrpo_env.rewards.hf_models.load_model` (the loader of every model-based reward), cached
+by (checkpoint, processor, device, dtype), so two rewards on the same CLIP model (``clip_score``
+and ``aesthetic`` both default to ``openai/clip-vit-large-patch14``) share one copy. The cached
+model is frozen and in eval mode; do not change it in place.
 
 Preprocessing is batched on the device (:func:`clip_pixel_values`): the uint8 images of a chunk
 are resized in one ``F.interpolate`` call (bicubic, antialiased, as the processor's PIL resize),
@@ -38,7 +39,6 @@ padding and truncation to the text model's ``max_position_embeddings`` (77 for C
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from unigrpo_env.reward import RewardInputs, RewardOutput
+from unigrpo_env.rewards.hf_models import DTYPES, load_model
 
 __all__ = [
     "ClipScoreReward",
@@ -58,9 +59,6 @@ __all__ = [
     "resolve_device",
     "DTYPES",
 ]
-
-#: The ``dtype`` option's values.
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # PIL's resampling filters (as image processors store them) → F.interpolate's modes.
 _RESAMPLE_MODES = {0: "nearest-exact", 2: "bilinear", 3: "bicubic"}
@@ -82,51 +80,33 @@ def _check_dtype(dtype: str) -> str:
     return dtype
 
 
-def _one_line(exc: BaseException, limit: int = 200) -> str:
-    return " ".join(str(exc).split())[:limit]
+#: What a CLIP checkpoint should be, for :func:`load_clip`'s error messages.
+CLIP_EXPECTED = "a CLIPModel folder saved with save_pretrained or a hub id such as 'openai/clip-vit-large-patch14'"
 
 
-@functools.lru_cache(maxsize=8)
 def load_clip(checkpoint: str, processor: str, device: str, dtype: str) -> tuple[Any, Any]:
     """The ``CLIPModel`` at ``checkpoint`` (frozen, eval mode, on ``device`` in ``dtype``) and the
-    ``CLIPProcessor`` at ``processor``, loaded once per process for each distinct argument tuple.
+    ``CLIPProcessor`` at ``processor``: :func:`~unigrpo_env.rewards.hf_models.load_model` with a
+    ``'clip'`` model type and a processor with an image processor and a tokenizer, cached there
+    (``load_clip.cache_clear`` is ``load_model``'s).
 
     Raises :class:`ValueError` (one line) if ``checkpoint`` is not a CLIP model folder or hub id,
     lacks some of the model's weights, or ``processor`` is not a processor with an image
     processor and a tokenizer.
     """
-    from transformers import AutoConfig, AutoProcessor, CLIPModel
+    return load_model(
+        "CLIPModel",
+        checkpoint,
+        device,
+        dtype,
+        CLIP_EXPECTED,
+        processor=processor,
+        model_types=("clip",),
+        processor_parts=("image_processor", "tokenizer"),
+    )
 
-    expected = "a CLIPModel folder saved with save_pretrained or a hub id such as 'openai/clip-vit-large-patch14'"
-    try:
-        config = AutoConfig.from_pretrained(checkpoint)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"checkpoint {checkpoint!r} does not load; expected {expected}: {_one_line(exc)}") from exc
-    if config.model_type != "clip":  # CLIPModel would load anything else with random weights
-        raise ValueError(f"checkpoint {checkpoint!r} holds a {config.model_type!r} model; expected {expected}")
-    try:
-        model, info = CLIPModel.from_pretrained(checkpoint, output_loading_info=True)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ValueError(f"checkpoint {checkpoint!r} does not load; expected {expected}: {_one_line(exc)}") from exc
-    if info["missing_keys"]:
-        missing = sorted(info["missing_keys"])
-        raise ValueError(
-            f"checkpoint {checkpoint!r} lacks {len(missing)} of the CLIP model's weights (e.g. {missing[0]!r}); "
-            f"expected {expected}"
-        )
-    try:
-        loaded = AutoProcessor.from_pretrained(processor)
-    except (OSError, ValueError) as exc:
-        raise ValueError(
-            f"processor {processor!r} does not load; expected a CLIPProcessor folder or hub id: {_one_line(exc)}"
-        ) from exc
-    if getattr(loaded, "image_processor", None) is None or getattr(loaded, "tokenizer", None) is None:
-        raise ValueError(
-            f"processor {processor!r} is a {type(loaded).__name__}; expected a CLIPProcessor "
-            "(an image processor and a tokenizer)"
-        )
-    model = model.to(device=device, dtype=DTYPES[dtype]).eval().requires_grad_(False)
-    return model, loaded
+
+load_clip.cache_clear = load_model.cache_clear  # type: ignore[attr-defined]  # one cache: load_model's
 
 
 def _size_field(size: Any, key: str) -> int | None:

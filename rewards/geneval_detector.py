@@ -359,12 +359,13 @@ class GenEvalDetectorReward:
 
         expected = "an OWLv2 or OWL-ViT folder or hub id such as 'google/owlv2-base-patch16-ensemble'"
         self.model, self.processor = load_model(
-            "AutoModelForZeroShotObjectDetection", self.checkpoint, self.device, self.dtype, expected
+            "AutoModelForZeroShotObjectDetection",
+            self.checkpoint,
+            self.device,
+            self.dtype,
+            expected,
+            model_types=("owlv2", "owlvit"),
         )
-        if self.model.config.model_type not in ("owlv2", "owlvit"):
-            raise ValueError(
-                f"checkpoint {self.checkpoint!r} holds a {self.model.config.model_type!r} model; expected {expected}"
-            )
         self.clip_model, self.clip_processor = load_clip(
             self.clip_checkpoint, str(clip_processor or self.clip_checkpoint), self.device, self.dtype
         )

@@ -209,8 +209,30 @@ def test_a_folder_of_another_model_is_refused(folders, tmp_path):
     BertModel(
         BertConfig(vocab_size=11, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=1)
     ).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="holds a 'bert' model"):
+    with pytest.raises(ValueError, match="holds a 'bert' model, not 'clip'; expected a CLIPModel folder"):
         get_reward("clip_score", checkpoint=str(tmp_path), device="cpu")
+
+
+def test_a_hub_id_not_cached_without_network_is_a_one_line_value_error(folders, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match="checkpoint 'unigrpo-test/no-such-clip' does not load; expected") as caught:
+        get_reward("clip_score", checkpoint="unigrpo-test/no-such-clip", device="cpu")
+    assert "\n" not in str(caught.value)
+
+
+def test_a_processor_without_a_tokenizer_or_that_does_not_load_is_refused(folders, tmp_path):
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    with pytest.raises(
+        ValueError,
+        match=r"processor .* is a CLIPImageProcessor\w* without image_processor and tokenizer; expected a processor",
+    ):
+        get_reward("clip_score", checkpoint=folders["clip"], processor=str(tmp_path), device="cpu")
+    with pytest.raises(ValueError, match=r"processor .*missing.* does not load; expected a processor") as caught:
+        get_reward("pickscore", checkpoint=folders["clip"], processor=str(tmp_path / "missing"), device="cpu")
+    assert "\n" not in str(caught.value)
 
 
 def test_bad_options_are_refused(folders, head_file):
