@@ -109,3 +109,14 @@ def trainer_for(config, out_dir, **options):
 
     parts = build_parts(config)
     return Trainer(config, out_dir, policy=parts.policy, scenario=parts.scenario, evaluator=parts.evaluator, **options)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps one state per process, fixed by its first Accelerator: start a test that
+    needs its own (bf16, fp16) from scratch and leave none behind."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

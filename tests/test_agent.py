@@ -554,6 +554,50 @@ def test_fsdp_computes_what_ddp_computes_and_checkpoints_through_the_engine(tmp_
     assert not list((tmp_path / "run-ddp" / "checkpoints" / "ckpt-000001" / "engine").glob("model*"))
 
 
+def _fp16_agent(tiny_checkpoint, init_scale: float) -> UniGRPOAgent:
+    """An agent in fp16 autocast with Accelerate's gradient scaler. Accelerate makes neither on a
+    CPU (its fp16 needs a GPU), while torch has both for the CPU: the test gives the Accelerator
+    torch's CPU scaler, and Accelerate's own fp16 machinery (scaled backward, unscale before
+    clipping, skipped steps) does the rest, as it does on a GPU."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True, mixed_precision="fp16")
+    accelerator.native_amp = True
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    config = tiny_config(tiny_checkpoint, scenario_options={"num_steps": 3}, sde_window_size=None, minibatches=2)
+    return UniGRPOAgent(load_shapes_policy(tiny_checkpoint), config, accelerator=accelerator)
+
+
+def test_fp16_trains_through_the_engines_gradient_scaler(tiny_checkpoint, fresh_accelerate_state):
+    """fp16 autocast with the gradient scaler: the first minibatch is exactly on policy; the loss
+    is scaled for the backward pass and the gradients unscaled before clipping and the step, so
+    scales of 2^8 and 2^12 give the same gradient norm (powers of two are exact in fp16, while the
+    norm before unscaling would differ 16-fold) and both step; an overflowing scale skips the
+    step, leaves the weights as they were and shrinks."""
+    results = {}
+    for scale in (2.0**8, 2.0**12):
+        agent = _fp16_agent(tiny_checkpoint, scale)
+        start = [p.detach().clone() for p in agent._trained_parameters()]
+        with agent.accelerator.autocast():
+            assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.float16
+        stats = agent.train_iteration()
+        assert stats["first_ratio_text_max_dev"] == 0.0 and stats["first_ratio_image_max_dev"] == 0.0
+        assert not agent.optimizer.step_was_skipped and agent.accelerator.scaler.get_scale() == scale
+        results[scale] = (stats["grad_norm"], [p.detach().clone() for p in agent._trained_parameters()])
+    (norm_low, weights_low), (norm_high, weights_high) = results[2.0**8], results[2.0**12]
+    assert 0 < norm_low < 100 and norm_high == pytest.approx(norm_low, rel=1e-6)
+    # both stepped: their weights moved, by the same amounts but for the few gradient elements small
+    # enough to underflow in fp16 at the lower scale (Adam's first step is about lr·sign(g) for each)
+    moved = [not torch.equal(a, b) for a, b in zip(weights_low, start)]
+    assert any(moved) and sum(not torch.equal(a, b) for a, b in zip(weights_low, weights_high)) < len(start)
+    agent = _fp16_agent(tiny_checkpoint, 2.0**100)  # inf gradients in fp16
+    before = [p.detach().clone() for p in agent._trained_parameters()]
+    stats = agent.train_iteration()
+    assert agent.optimizer.step_was_skipped and agent.accelerator.scaler.get_scale() < 2.0**100
+    assert not math.isfinite(stats["grad_norm"])
+    assert all(torch.equal(a, p) for a, p in zip(before, agent._trained_parameters()))
+
+
 def test_no_hand_made_gradient_reduction_is_left():
     import re
 

@@ -57,17 +57,6 @@ def test_one_iteration_on_a_chat_model_and_sd3_is_on_policy_and_moves_only_the_a
     assert agent.envs.trajectory.turns[0].image.latents.shape == (4, 4, 4, 8, 8)  # x_1 and 3 steps of [4, 8, 8] latents
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """Accelerate keeps one state per process, fixed by its first Accelerator: start this test's
-    (bf16) from scratch and leave none behind."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def test_in_bf16_autocast_every_on_policy_ratio_is_exactly_1_and_the_rollout_agrees(
     chat_folder,  # noqa: F811
     fresh_accelerate_state,
