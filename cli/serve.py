@@ -30,7 +30,12 @@ def reward(
         dir_okay=False,
         help="A file holding a token every request must carry as 'Authorization: Bearer <token>'.",
     ),
-    max_batch: int = typer.Option(256, "--max-batch", min=1, help="The largest batch scored at once (larger: 413)."),
+    max_batch: int = typer.Option(
+        256,
+        "--max-batch",
+        min=1,
+        help="The largest batch scored at once (larger: 413; remote:URL clients split to fit).",
+    ),
     max_body_mb: float = typer.Option(
         256.0, "--max-body-mb", min=0.001, help="The largest request body in MB of 10^6 bytes (larger: 413)."
     ),

@@ -20,8 +20,10 @@ weight is that reward itself, not a sum.
 Remote rewards. ``"remote:http://HOST:PORT"`` is a
 :class:`~unigrpo_env.rewards.remote.RemoteReward` scoring on a reward service (``unigrpo serve
 reward NAME`` there); its options are the client's (``token_file``, ``timeout``, ``retries``,
-``backoff``). It is a whole reward, never a term of a sum: a URL holds ``:`` and would read as
-``name:weight``. To weight a remote reward, give it a name and use the name in the sum —
+``backoff``, ``max_batch``: the most episodes a request holds, by default the server's, read from
+its ``/health``; a larger batch is split into requests), given as options (``get_reward(spec,
+max_batch=16)``, ``reward_options`` in a config), not in the spec string. It is a whole reward,
+never a term of a sum: a URL holds ``:`` and would read as ``name:weight``. To weight a remote reward, give it a name and use the name in the sum —
 ``register_reward("judge")(lambda **kw: RemoteReward("http://judge-host:8000", **kw))`` in code,
 or an entry point of ``unigrpo.rewards`` — or serve the whole weighted sum from the service
 (``unigrpo serve reward "judge:1.0,quality:0.2"``).

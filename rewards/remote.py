@@ -4,20 +4,38 @@
 token_file=...)``) builds one; the server is ``unigrpo serve reward NAME`` (:mod:`.server`), the
 wire format :mod:`.wire`.
 
+Batches larger than the server takes. A server scores at most ``max_batch`` episodes a request
+(``unigrpo serve reward NAME --max-batch K``, default 256; a larger batch is answered 413). The
+client splits a larger batch into requests of at most that many episodes and puts the scores and
+components back in batch order, so they are those of one call of the reward on the whole batch
+(for any scorer whose scores depend only on each episode or on its prompt group). The limit is
+read once, on the first call, from the server's ``GET /health`` (its ``max_batch``); the
+client's own ``max_batch`` option is used instead when given (a server that answers
+``/health`` without ``max_batch`` — an older one, one whose token this client lacks, or one with
+no ``/health`` (a 4xx other than 401) — gets the whole batch in one request). A request holds whole prompt groups (``group_ids``) where they fit:
+groups are packed, in order of their first episode, into requests of at most ``max_batch``
+episodes, so a group-level reward on the server sees each group whole; a group larger than the
+limit is split, with a :class:`RemoteRewardWarning`. A batch without ``group_ids`` is cut into
+consecutive runs. The body limit (``--max-body-mb``) is not split for: a request over it is 413.
+
 Failures, by whether retrying can help:
 
 * the server is unreachable, times out, or answers 5xx — retried with exponential backoff
-  (``backoff · 2^k`` seconds before retry k + 1); after the last retry the batch scores all NaN
-  with a :class:`RemoteRewardWarning` naming the URL and the error, never an exception, so a
-  training run neither hangs nor dies (the agent leaves NaN samples out of its update and stops
-  if too large a fraction fails). One call takes at most ``(retries + 1)`` attempts, each bounded
-  by ``timeout`` per phase (connect, send, wait for the answer), plus ``backoff · (2^retries − 1)``
-  seconds of waiting.
-* the server's scorer raised on the batch — it answers all-NaN scores and the error; returned as
+  (``backoff · 2^k`` seconds before retry k + 1); after the last retry the request's episodes
+  score NaN with a :class:`RemoteRewardWarning` naming the URL and the error, never an
+  exception, so a training run neither hangs nor dies (the agent leaves NaN samples out of its
+  update and stops if too large a fraction fails). The requests of a split batch after such a
+  failure are not sent (they score NaN too): the requests already answered keep their scores.
+  One request takes at most ``(retries + 1)`` attempts, each bounded by ``timeout`` per phase
+  (connect, send, wait for the answer), plus ``backoff · (2^retries − 1)`` seconds of waiting; so
+  a call to a server that is down costs one request's bound (on the first call, the ``/health``
+  request is that one).
+* the server's scorer raised on a request — it answers all-NaN scores and the error; returned as
   they are, with a :class:`RemoteRewardWarning`.
 * a wrong or missing token (401), a body or batch over the server's limits (413), a request the
-  server cannot read (422), any other 4xx, or an answer that is not ``unigrpo-reward/1`` —
-  configuration errors: :class:`RemoteRewardError` (a ``ValueError``) with a one-line message.
+  server cannot read (422), any other 4xx, an answer that is not ``unigrpo-reward/1``, or a
+  ``/health`` whose ``max_batch`` is not a positive integer — configuration errors:
+  :class:`RemoteRewardError` (a ``ValueError``) with a one-line message.
 """
 
 from __future__ import annotations
@@ -34,7 +52,9 @@ import torch
 
 from unigrpo_env.reward import RewardInputs, RewardOutput
 from unigrpo_env.rewards.auth import bearer_header, read_token_file
+from unigrpo_env.rewards.concurrency import merge_outputs
 from unigrpo_env.rewards.extras import import_serve_dependency
+from unigrpo_env.rewards.group import group_rows
 from unigrpo_env.rewards.wire import SCHEMA, WireFormatError, decode_response, encode_request
 
 __all__ = ["TOKEN_ENV", "RemoteReward", "RemoteRewardError", "RemoteRewardWarning"]
@@ -48,7 +68,8 @@ class RemoteRewardError(ValueError):
 
 
 class RemoteRewardWarning(RuntimeWarning):
-    """A batch that a remote reward could not score (it scores NaN)."""
+    """A batch that a remote reward could not score (it scores NaN), or a prompt group larger than
+    the server's ``max_batch``, split across requests."""
 
 
 class _Unreachable(Exception):
@@ -67,6 +88,9 @@ class RemoteReward:
         timeout: seconds per phase of one attempt (connect, send, wait for the answer).
         retries: attempts after the first, on connection errors, timeouts and 5xx.
         backoff: seconds before the first retry, doubled before each next one.
+        max_batch: the most episodes sent in one request (a larger batch is split, see the
+            module docstring); ``None`` (default): the server's ``max_batch``, read from its
+            ``/health`` on the first call. A value above the server's limit gets 413.
     """
 
     def __init__(
@@ -78,6 +102,7 @@ class RemoteReward:
         timeout: float = 60.0,
         retries: int = 3,
         backoff: float = 0.5,
+        max_batch: int | None = None,
     ):
         self.url = _check_url(url)
         if token is not None and token_file is not None:
@@ -97,23 +122,108 @@ class RemoteReward:
             raise RemoteRewardError(f"retries must be an integer >= 0, got {retries!r}")
         if not (isinstance(backoff, (int, float)) and math.isfinite(backoff) and backoff >= 0):
             raise RemoteRewardError(f"backoff must be a number of seconds >= 0, got {backoff!r}")
+        if max_batch is not None and not _positive_int(max_batch):
+            raise RemoteRewardError(f"max_batch must be an integer >= 1 or None (the server's), got {max_batch!r}")
         self._httpx = import_serve_dependency("httpx")
         self._token = None if token is None else token.strip()
         self.timeout = float(timeout)
         self.retries = retries
         self.backoff = float(backoff)
+        self.max_batch = max_batch
+        self._server_max_batch: int | None = None  # the server's limit, once read
+        self._limit_read = False  # whether /health was read for it (with an answer)
         self._client: Any = None
         self._lock = threading.Lock()
+        self._limit_lock = threading.Lock()
 
     # --- scoring ---------------------------------------------------------------------------------------------
 
     def __call__(self, inputs: RewardInputs) -> RewardOutput:
         n = len(inputs)
-        body = encode_request(inputs)
         try:
-            response = self._send("POST", "/score", content=body, headers={"content-type": "application/octet-stream"})
+            limit = self.batch_limit()
         except _Unreachable as exc:
             return self._unscored(n, str(exc))
+        if limit is None or n <= limit:
+            try:
+                return self._score(inputs, f"a batch of {n}")
+            except _Unreachable as exc:
+                return self._unscored(n, str(exc))
+        requests = self._split(inputs, limit)
+        parts: list[tuple[list[int], RewardOutput]] = []
+        for k, rows in enumerate(requests):
+            try:
+                what = f"request {k + 1} of {len(requests)} ({len(rows)} episodes of a batch of {n})"
+                parts.append((rows, self._score(inputs.select(rows), what)))
+            except _Unreachable as exc:
+                unscored = sum(len(r) for r in requests[k:])
+                warnings.warn(
+                    f"remote reward {self.url} could not score {unscored} of a batch of {n} (requests {k + 1} to "
+                    f"{len(requests)} of {len(requests)}, at most {limit} episodes each), which score NaN: {exc}",
+                    RemoteRewardWarning,
+                    stacklevel=2,
+                )
+                break
+        return merge_outputs(n, parts)
+
+    def batch_limit(self) -> int | None:
+        """The most episodes one request holds: the ``max_batch`` option, else the server's
+        ``max_batch`` from ``/health`` (read on the first call only), else ``None`` (no limit known:
+        the server did not say)."""
+        if self.max_batch is not None:
+            return self.max_batch
+        with self._limit_lock:  # one /health request, however many threads call at once
+            if not self._limit_read:
+                self._server_max_batch = self._read_limit()
+                self._limit_read = True
+            return self._server_max_batch
+
+    def _read_limit(self) -> int | None:
+        response = self._send("GET", "/health")  # _Unreachable: not cached, asked again next call
+        if response.status_code == 401:
+            self._raise_for_status(response)
+        if response.status_code != 200:
+            return None  # no health endpoint: send whole batches, as before
+        try:
+            payload = response.json()
+        except ValueError as exc:
+            raise RemoteRewardError(f"remote reward {self.url}: /health is not JSON: {_words(exc)}") from exc
+        limit = payload.get("max_batch") if isinstance(payload, dict) else None
+        if limit is not None and not _positive_int(limit):
+            raise RemoteRewardError(
+                f"remote reward {self.url}: /health says max_batch={limit!r}; expected an integer >= 1"
+            )
+        return limit
+
+    def _split(self, inputs: RewardInputs, limit: int) -> list[list[int]]:
+        """The rows of each request: whole groups packed in order into requests of at most
+        ``limit`` rows; a group over ``limit`` (or a batch without ids) cut into runs of ``limit``."""
+        requests: list[list[int]] = []
+        current: list[int] = []
+        for group in group_rows(inputs):
+            if len(group) > limit and inputs.group_ids is not None:
+                warnings.warn(
+                    f"remote reward {self.url}: a prompt group of {len(group)} episodes is larger than the "
+                    f"max_batch of {limit} and is split across requests; a group-level reward on the server sees "
+                    "it in parts (raise the server's --max-batch, or the client's max_batch, to the group size)",
+                    RemoteRewardWarning,
+                    stacklevel=3,
+                )
+            for start in range(0, len(group), limit):
+                piece = group[start : start + limit]
+                if len(current) + len(piece) > limit:
+                    requests.append(current)
+                    current = []
+                current = current + piece
+        if current:
+            requests.append(current)
+        return requests
+
+    def _score(self, inputs: RewardInputs, what: str) -> RewardOutput:
+        """One ``POST /score`` of ``inputs`` (raises :class:`_Unreachable` after the retries)."""
+        n = len(inputs)
+        body = encode_request(inputs)
+        response = self._send("POST", "/score", content=body, headers={"content-type": "application/octet-stream"})
         self._raise_for_status(response)
         try:
             output, error = decode_response(response.json(), n)
@@ -121,9 +231,9 @@ class RemoteReward:
             raise RemoteRewardError(f"remote reward {self.url}: the answer is not {SCHEMA}: {_words(exc)}") from exc
         if error is not None:
             warnings.warn(
-                f"remote reward {self.url}: the scorer failed on a batch of {n}, which scores NaN: {error}",
+                f"remote reward {self.url}: the scorer failed on {what}, which scores NaN: {error}",
                 RemoteRewardWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         return output
 
@@ -160,7 +270,7 @@ class RemoteReward:
             return
         hint = {
             401: "; pass the server's token (token= or token_file=)",
-            413: "; raise the server's --max-batch / --max-body-mb or send smaller batches",
+            413: "; raise the server's --max-batch / --max-body-mb, or send smaller batches (a lower max_batch)",
             422: "; are client and server the same unigrpo-env version?",
         }.get(status, "")
         raise RemoteRewardError(f"remote reward {self.url}: HTTP {status}: {_detail(response)}{hint}")
@@ -193,7 +303,7 @@ class RemoteReward:
 
     def __getstate__(self) -> dict[str, Any]:  # connections and modules cannot be copied; reopen lazily
         state = self.__dict__.copy()
-        for key in ("_client", "_lock", "_httpx"):
+        for key in ("_client", "_lock", "_limit_lock", "_httpx"):
             state.pop(key)
         return state
 
@@ -202,6 +312,7 @@ class RemoteReward:
         self._httpx = import_serve_dependency("httpx")
         self._client = None
         self._lock = threading.Lock()
+        self._limit_lock = threading.Lock()
 
     def __deepcopy__(self, memo: dict) -> RemoteReward:
         copy = RemoteReward.__new__(RemoteReward)
@@ -209,7 +320,12 @@ class RemoteReward:
         return copy
 
     def __repr__(self) -> str:  # never the token
-        return f"RemoteReward({self.url!r}, timeout={self.timeout:g}, retries={self.retries})"
+        limit = "" if self.max_batch is None else f", max_batch={self.max_batch}"
+        return f"RemoteReward({self.url!r}, timeout={self.timeout:g}, retries={self.retries}{limit})"
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _check_url(url: Any) -> str:

@@ -18,7 +18,9 @@ Endpoints:
 * ``GET /health`` — ``{"status": "ok", "schema", "reward", "device", "max_batch",
   "max_body_bytes", "version"}``: the reward's name, the device of its model (its ``device``
   attribute, or its ``model``'s, else ``"cpu"``; a weighted sum lists its terms' devices), the
-  limits and this package's version.
+  limits and this package's version. :class:`~unigrpo_env.rewards.remote.RemoteReward` reads
+  ``max_batch`` from it once and splits larger batches into requests of at most that many
+  episodes.
 
 Authentication: with a token, every ``/score`` needs ``Authorization: Bearer <token>`` (compared
 in constant time). ``/health`` without a token answers only ``{"status": "ok", "schema",

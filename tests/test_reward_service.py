@@ -64,7 +64,7 @@ class PartialReward:
         return RewardOutput(scores=scores, components={"edge": torch.where(nan, torch.tensor(math.inf), -scores)})
 
 
-def batch(n: int, *, seed: int, size: int = 16, turns: int = 1, categories=None) -> RewardInputs:
+def batch(n: int, *, seed: int, size: int = 16, turns: int = 1, categories=None, group_ids=None) -> RewardInputs:
     g = torch.Generator().manual_seed(seed)
     tasks = [
         Task(
@@ -81,7 +81,7 @@ def batch(n: int, *, seed: int, size: int = 16, turns: int = 1, categories=None)
         tasks=tasks,
         texts=[[f"thinking {i}.{k} — «ünïcode»\nline two" for k in range(turns)] for i in range(n)],
         earlier_images=torch.randint(0, 256, (n, turns - 1, size, size, 3), dtype=torch.uint8, generator=g),
-        group_ids=torch.arange(n) // 2,
+        group_ids=torch.arange(n) // 2 if group_ids is None else torch.tensor(group_ids),
     )
 
 
@@ -218,8 +218,120 @@ def test_an_oversized_body_or_batch_is_refused_with_413(guarded_url):
     assert streamed.status_code == 413
     with pytest.raises(RemoteRewardError, match="HTTP 413.*100000 bytes"):
         RemoteReward(guarded_url, token=TOKEN)(batch(4, seed=4, size=128))  # 200 kB of images
+    inputs = batch(9, seed=4, size=4)  # over max_batch: split to fit, unless the client is forced to send it whole
+    assert same(
+        RemoteReward(guarded_url, token=TOKEN)(inputs).scores, get_reward("jpeg_compressibility")(inputs).scores
+    )
     with pytest.raises(RemoteRewardError, match="HTTP 413: a batch of 9 episodes exceeds the limit of 8"):
-        RemoteReward(guarded_url, token=TOKEN)(batch(9, seed=4, size=4))
+        RemoteReward(guarded_url, token=TOKEN, max_batch=9)(inputs)
+
+
+SPLIT_SPEC = "jpeg_compressibility:1.0,service_test_partial:0.5,service_test_recorder:0"  # the recorder counts
+
+
+def counted(reward: RemoteReward) -> list[tuple[str, str]]:
+    """The (method, path) of every HTTP request ``reward`` sends from now on."""
+    sent: list[tuple[str, str]] = []
+    reward._http().event_hooks["request"] = [lambda request: sent.append((request.method, request.url.path))]
+    return sent
+
+
+@pytest.fixture(scope="module")
+def split_url():
+    """A service that scores at most 2 episodes a request (``--max-batch 2``)."""
+    with serving(SPLIT_SPEC, max_batch=2) as url:
+        yield url
+
+
+def _assert_same_output(got: RewardOutput, want: RewardOutput) -> None:
+    assert same(got.scores, want.scores)
+    assert sorted(got.components) == sorted(want.components)
+    for key in want.components:
+        assert same(got.components[key], want.components[key]), key
+
+
+def test_a_batch_over_the_servers_max_batch_is_split_and_scores_as_one_local_call(split_url):
+    inputs = batch(5, seed=8, categories=["plain", "unscorable", "plain", "plain", "unscorable"])  # groups 0 0 1 1 2
+    want = get_reward(SPLIT_SPEC)(inputs)
+    remote = RemoteReward(split_url)
+    sent = counted(remote)
+    assert sent == []  # the limit is read lazily, on the first call
+    SEEN.clear()
+    _assert_same_output(remote(inputs), want)
+    assert sent == [("GET", "/health")] + [("POST", "/score")] * 3 and remote.batch_limit() == 2
+    assert [len(seen) for seen in SEEN] == [2, 2, 1]  # the server scored 3 requests, groups whole
+    assert [seen.group_ids.tolist() for seen in SEEN] == [[0, 0], [1, 1], [2]]
+    _assert_same_output(remote(inputs), want)  # the limit is read once
+    assert sent.count(("GET", "/health")) == 1 and sent.count(("POST", "/score")) == 6
+
+
+def test_a_split_keeps_prompt_groups_whole_and_puts_scores_back_in_batch_order(split_url):
+    categories = ["plain", "plain", "unscorable", "plain", "plain"]
+    inputs = batch(5, seed=9, categories=categories, group_ids=[7, 3, 7, 5, 3])  # groups not contiguous
+    want = get_reward(SPLIT_SPEC)(inputs)
+    SEEN.clear()
+    _assert_same_output(get_reward(f"remote:{split_url}")(inputs), want)
+    assert [seen.group_ids.tolist() for seen in SEEN] == [[7, 7], [3, 3], [5]]
+    assert [[t.index for t in seen.tasks] for seen in SEEN] == [[0, 2], [1, 4], [3]]
+
+
+def test_a_group_over_the_limit_is_split_with_a_warning(split_url):
+    inputs = batch(5, seed=10, group_ids=[0] * 5)
+    want = get_reward(SPLIT_SPEC)(inputs)
+    SEEN.clear()
+    with pytest.warns(RemoteRewardWarning, match="a prompt group of 5 episodes is larger than the max_batch of 2"):
+        got = RemoteReward(split_url)(inputs)
+    _assert_same_output(got, want)
+    assert [len(seen) for seen in SEEN] == [2, 2, 1]
+
+
+def test_the_clients_max_batch_overrides_the_servers(split_url):
+    inputs = batch(5, seed=11)
+    want = get_reward(SPLIT_SPEC)(inputs)
+    one = get_reward(f"remote:{split_url}", max_batch=1)
+    sent = counted(one)
+    SEEN.clear()
+    with pytest.warns(RemoteRewardWarning, match="a prompt group of 2 episodes is larger than the max_batch of 1"):
+        _assert_same_output(one(inputs), want)
+    assert sent == [("POST", "/score")] * 5 and [len(seen) for seen in SEEN] == [1] * 5  # /health not asked
+    forced = RemoteReward(split_url, max_batch=5)  # more than the server takes: 413, as before
+    with pytest.raises(RemoteRewardError, match="HTTP 413: a batch of 5 episodes exceeds the limit of 2"):
+        forced(inputs)
+    assert repr(forced).endswith("max_batch=5)")
+    for bad in (0, -1, True, 2.0, "2"):
+        with pytest.raises(RemoteRewardError, match="max_batch must be an integer >= 1"):
+            RemoteReward(split_url, max_batch=bad)
+
+
+def test_a_request_of_a_split_batch_that_fails_leaves_it_and_the_rest_nan(split_url, monkeypatch):
+    from unigrpo_env.rewards.remote import _Unreachable
+
+    inputs = batch(5, seed=12)
+    want = get_reward(SPLIT_SPEC)(inputs)
+    remote = RemoteReward(split_url)
+    real_send, posts = remote._send, []
+
+    def send(method, path, **request):
+        if method == "POST":
+            posts.append(path)
+            if len(posts) == 2:  # the server is gone for the second request, after its retries
+                raise _Unreachable("ConnectError: connection refused (after 4 attempts)")
+        return real_send(method, path, **request)
+
+    monkeypatch.setattr(remote, "_send", send)
+    with pytest.warns(RemoteRewardWarning, match=r"could not score 3 of a batch of 5 \(requests 2 to 3 of 3"):
+        out = remote(inputs)
+    assert len(posts) == 2  # the third request is not sent
+    assert same(out.scores[:2], want.scores[:2]) and out.scores[2:].isnan().all()
+    assert out.components["jpeg_compressibility"][2:].isnan().all()
+
+
+def test_a_server_that_does_not_advertise_max_batch_gets_whole_batches(monkeypatch, guarded_url):
+    monkeypatch.delenv("UNIGRPO_REWARD_TOKEN", raising=False)
+    remote = RemoteReward(guarded_url)  # no token: /health answers only its liveness, no max_batch
+    with pytest.raises(RemoteRewardError, match="HTTP 401"):
+        remote(batch(2, seed=13))
+    assert remote.batch_limit() is None
 
 
 def _blob(tensors=None, meta=None, raw_meta=None) -> bytes:
