@@ -20,6 +20,7 @@ from torch import nn
 
 from unigrpo_env import flow
 from unigrpo_env.agents.adapters import merged_model
+from unigrpo_env.agents.decoding import all_finished
 from unigrpo_env.agents.policy import TextSample, TurnContext
 
 __all__ = ["CausalLMTextPolicy", "ConditionedFlowPolicy", "PromptBuilder", "PromptText"]
@@ -96,20 +97,25 @@ class CausalLMTextPolicy(nn.Module):
         finished = torch.zeros(n, dtype=torch.bool, device=device)
         position = positions[:, -1:]
         for k in range(max_new_tokens):
-            logits = out.logits[:, -1].float()
-            logp = F.log_softmax(logits / (temperature or 1.0), dim=-1)
-            if temperature == 0:
-                nxt = logp.argmax(-1)
+            if bool(finished.all()):
+                # done here, not yet in another process (synchronised decoding): keep joining the
+                # sharded model's calls with padding, drawing no random numbers
+                nxt = torch.full((n,), self.pad_id, dtype=torch.long, device=device)
             else:
-                nxt = torch.multinomial(logp.exp().cpu(), 1, generator=generator).squeeze(1).to(device)
-            nxt = torch.where(finished, torch.full_like(nxt, self.pad_id), nxt)
-            tokens[:, k] = nxt
-            log_probs[:, k] = torch.where(
-                finished, torch.zeros_like(logits[:, 0]), logp.gather(1, nxt[:, None]).squeeze(1)
-            )
-            lengths += (~finished).long()
-            finished |= nxt == self.eot_id
-            if bool(finished.all()) or k + 1 == max_new_tokens:
+                logits = out.logits[:, -1].float()
+                logp = F.log_softmax(logits / (temperature or 1.0), dim=-1)
+                if temperature == 0:
+                    nxt = logp.argmax(-1)
+                else:
+                    nxt = torch.multinomial(logp.exp().cpu(), 1, generator=generator).squeeze(1).to(device)
+                nxt = torch.where(finished, torch.full_like(nxt, self.pad_id), nxt)
+                tokens[:, k] = nxt
+                log_probs[:, k] = torch.where(
+                    finished, torch.zeros_like(logits[:, 0]), logp.gather(1, nxt[:, None]).squeeze(1)
+                )
+                lengths += (~finished).long()
+                finished |= nxt == self.eot_id
+            if all_finished(finished) or k + 1 == max_new_tokens:  # under FSDP: in every process
                 break
             mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
             position = position + 1

@@ -314,10 +314,10 @@ class Trainer:
                     self.on_iteration(metrics)
                 if self.agent.iteration % c.checkpoint_every == 0 or self.agent.iteration == c.iterations:
                     self.save_checkpoint()
-                    if self.is_main:
-                        (self.out / "progress.json").write_text(
-                            json.dumps({"seconds": previous_seconds + time.perf_counter() - started})
-                        )
+                    if self.is_main:  # atomically: a kill during the write keeps the previous file
+                        progress = self.out / ".progress.json.tmp"
+                        progress.write_text(json.dumps({"seconds": previous_seconds + time.perf_counter() - started}))
+                        os.replace(progress, self.out / "progress.json")
         except RewardFailureError:
             self.save_checkpoint()
             raise

@@ -47,6 +47,7 @@ from unigrpo_env import BatchTrajectory, flow
 from unigrpo_env.agents.adapters import WithoutAdapter, attach_adapter, has_adapter
 from unigrpo_env.agents.checkpointing import enable_gradient_checkpointing
 from unigrpo_env.agents.config import UniGRPOConfig
+from unigrpo_env.agents.decoding import synchronized_decoding
 from unigrpo_env.agents.losses import flow_grpo_loss, group_advantages, text_grpo_loss, text_kl
 from unigrpo_env.agents.policy import TurnContext, UnifiedPolicy
 from unigrpo_env.agents.rollout import Rollout, RolloutSettings, rollout
@@ -308,9 +309,11 @@ class UniGRPOAgent:
         """``fn()``, which uses the policy outside the training pass (a rollout, an evaluation, a
         checkpoint), with the policy's parameters whole: under FSDP it runs inside the engine's
         module, whose forward gathers the root unit's shards (each block gathers its own when
-        called); otherwise it is called directly."""
+        called), with decoding loops synchronised across processes
+        (:mod:`unigrpo_env.agents.decoding`); otherwise it is called directly."""
         if self.shards_parameters:
-            return self.training_forward(call=fn)
+            with synchronized_decoding():  # every process decodes until all are done (FSDP gathers per call)
+                return self.training_forward(call=fn)
         return fn()
 
     # -- 1. collect ------------------------------------------------------------------------------

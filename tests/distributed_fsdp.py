@@ -9,9 +9,10 @@ through the trainer and a held-out evaluation; it writes what it saw into OUT/MO
 
 Accelerate 1.x turns its FSDP plugin on only for GPU-type setups (``AcceleratorState`` keeps
 ``MULTI_CPU`` for CPU processes), while torch's FSDP2 itself runs on the CPU with gloo; so in
-``fsdp`` mode the script sets Accelerate's state to FSDP after constructing the Accelerator, and
-Accelerate's own FSDP2 preparation (``fully_shard`` per block, the optimizer remapped to the
-shards) then runs as it would on GPUs. The policy trains both sides: the language model with
+``fsdp`` mode the script sets Accelerate's state to FSDP after constructing the Accelerator
+(:func:`forced_fsdp.fsdp_accelerator`), and Accelerate's own FSDP2 preparation (``fully_shard``
+per block, the optimizer remapped to the shards) then runs as it would on GPUs. The policy is ShapesWorld's shipped checkpoint (its
+reasoning ends at different lengths in the two processes) and trains both sides: the language model with
 LoRA (its reference: the adapter switched off), the flow model in full (its reference: a frozen
 copy), with different learning rates.
 """
@@ -22,41 +23,27 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from accelerate import Accelerator
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import write_tiny_checkpoint  # noqa: E402
+from forced_fsdp import fsdp_accelerator  # noqa: E402
 
 from unigrpo_env.agents.config import UniGRPOConfig  # noqa: E402
+from unigrpo_env.agents.decoding import all_finished, synchronized_decoding  # noqa: E402
 from unigrpo_env.agents.trainer import Trainer  # noqa: E402
 from unigrpo_env.scenarios.shapes.policy import load_shapes_policy  # noqa: E402
 
 out, mode = Path(sys.argv[1]), sys.argv[2]
-if mode == "fsdp":
-    plugin = FullyShardedDataParallelPlugin(
-        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True
-    )
-    accelerator = Accelerator(cpu=True, fsdp_plugin=plugin)
-    # what Accelerate's state does on GPUs (both shared states: AcceleratorState() re-reads PartialState's)
-    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-    accelerator.state.distributed_type = DistributedType.FSDP
-    accelerator.state.fsdp_plugin = plugin
-else:
-    accelerator = Accelerator(cpu=True)
+accelerator = fsdp_accelerator() if mode == "fsdp" else Accelerator(cpu=True)
 rank, world = accelerator.process_index, accelerator.num_processes
-ckpt = out / "checkpoint"
-if rank == 0 and not ckpt.exists():
-    write_tiny_checkpoint(ckpt)
-accelerator.wait_for_everyone()
 config = UniGRPOConfig(
-    num_prompts=2, group_size=4, minibatches=2, iterations=2, checkpoint=str(ckpt),
+    num_prompts=2, group_size=4, minibatches=2, iterations=2, temperature=1.5,
     scenario_options={"num_steps": 3}, sde_window_size=None, cpu=True, train="both",
     text_adapter="lora", image_adapter="full", kl_text=0.1, regularizer="mse", lr_text=1e-3, lr_image=3e-4,
     eval_limit=6,
 )  # fmt: skip
-trainer = Trainer(config, out / f"run-{mode}", policy=load_shapes_policy(ckpt), scenario=None, accelerator=accelerator)
+trainer = Trainer(config, out / f"run-{mode}", policy=load_shapes_policy(), scenario=None, accelerator=accelerator)
 agent = trainer.agent
 named = {name: p for name, p in agent.policy.named_parameters() if p.requires_grad}
 
@@ -72,7 +59,14 @@ sharded = [
 ]  # fmt: skip
 units = sum(type(m).__name__.startswith("FSDP") for m in agent.training_forward.modules())
 
-# one backward through the engine on this process's half of the groups
+# decoding stops when every process is done: here rank 0 is done, rank 1 is not
+done_here = torch.tensor([rank == 0])
+with synchronized_decoding():
+    synchronized_stop = all_finished(done_here)
+local_stop = all_finished(done_here)
+
+# one backward through the engine on this process's half of the groups (the processes' reasoning
+# ends after different numbers of tokens: under FSDP decoding must go on until both are done)
 batch = agent.collect(0)
 every = torch.arange(len(batch))
 old = agent._old_log_probs(batch, [every])
@@ -116,6 +110,9 @@ tokens = batch.trajectory.turns[0].text.padded()[0]
             "first_ratio_text_max_dev": iteration["first_ratio_text_max_dev"],
             "first_ratio_image_max_dev": iteration["first_ratio_image_max_dev"],
             "restored": restored,
+            "decoded_tokens": int(batch.trajectory.turns[0].text.lengths.max()),
+            "synchronized_stop": synchronized_stop,
+            "local_stop": local_stop,
             "eval_reward": report.overall("pipeline", "reward"),
             "eval_tasks": report.pipeline["overall"].count,
         }

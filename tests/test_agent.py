@@ -499,7 +499,9 @@ def test_ddp_reduces_the_gradients_in_buckets_and_two_processes_agree(tmp_path):
 def test_fsdp_computes_what_ddp_computes_and_checkpoints_through_the_engine(tmp_path):
     """Two real processes (gloo), once under DDP and once under Accelerate's FSDP2 (forced on the
     CPU, where Accelerate 1.x keeps MULTI_CPU: see tests/distributed_fsdp.py): the parameters are
-    really sharded; rollouts under the sharded policy are the same; the loss, the whole gradients
+    really sharded; rollouts under the sharded policy are the same, though the processes' reasoning
+    ends after different numbers of tokens (decoding goes on, drawing nothing, until every
+    process is done, as every block's forward is a collective under FSDP); the loss, the whole gradients
     after the engine's reduction and the weights after an iteration (two minibatches, LoRA on the
     text side with its adapter-off reference, the flow model in full with a frozen copy, two
     learning rates) agree with DDP's to float tolerance; the first ratio is exactly 1 on both sides;
@@ -522,6 +524,9 @@ def test_fsdp_computes_what_ddp_computes_and_checkpoints_through_the_engine(tmp_
         assert all(r["restored"] for r in ranks), mode
         for r in ranks:
             assert r["first_ratio_text_max_dev"] == 0.0 and r["first_ratio_image_max_dev"] == 0.0, (mode, r)
+    for ranks in results.values():  # the two processes' reasoning ends after different numbers of tokens
+        assert ranks[0]["decoded_tokens"] != ranks[1]["decoded_tokens"]
+        assert [r["local_stop"] for r in ranks] == [True, False] and not any(r["synchronized_stop"] for r in ranks)
     for r in results["fsdp"]:
         assert r["distributed_type"] == "DistributedType.FSDP" and r["fsdp_units"] >= 3, r
         assert r["sharded_parameters"] == r["trained_parameters"] > 0, r  # every trained weight split in two
