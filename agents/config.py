@@ -166,7 +166,11 @@ class UniGRPOConfig(BaseModel):
         gt=0.0,
         description="seconds a reward may take for one batch; a scorer that hangs longer gives NaN scores and a warning (None: no limit)",
     )
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = Field(
+        default=None,
+        description="Accelerate's mixed precision (the flow math stays float32); None: the launcher's "
+        "(accelerate launch's config file, ACCELERATE_MIXED_PRECISION), else no",
+    )
     gradient_accumulation_steps: int = Field(
         default=1, ge=1, description="Accelerate's: optimizer steps accumulated into one"
     )

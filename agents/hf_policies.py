@@ -181,6 +181,10 @@ class ConditionedFlowPolicy(nn.Module):
 
     def condition(self, context: TurnContext) -> dict[str, Any]:
         device = next(self.model.parameters()).device
+        place = getattr(self.conditioner, "to", None)  # a conditioner with networks runs beside the model
+        if place is not None and getattr(self, "_conditioner_device", None) != device:
+            place(device)
+            self._conditioner_device = device
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.conditioner(context).items()}
 
     def velocity(

@@ -55,6 +55,20 @@ class PromptConditioner:
         self.max_sequence_length = int(max_sequence_length or self.default_max_sequence_length)
         self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    #: The pipeline's frozen networks the conditioner uses, moved with :meth:`to`.
+    frozen_components = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae")
+
+    def to(self, device: str | torch.device) -> PromptConditioner:
+        """Put the pipeline's text encoders and VAE, and the cached conditions, on ``device`` (the
+        image policy keeps them on its transformer's device, so a GPU run encodes on the GPU);
+        returns the conditioner."""
+        for name in self.frozen_components:
+            module = getattr(self.pipeline, name, None)
+            if isinstance(module, torch.nn.Module):
+                module.to(device)
+        self.cache = {text: (embeds.to(device), pooled.to(device)) for text, (embeds, pooled) in self.cache.items()}
+        return self
+
     def encode_new(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(prompt_embeds [n, L, D], pooled_prompt_embeds [n, P])`` of ``texts`` by the pipeline."""
         raise NotImplementedError

@@ -167,10 +167,13 @@ def prepare_trained_sides(policy: UnifiedPolicy, config: UniGRPOConfig) -> tuple
 
 
 def _starting_model(part: Any) -> Any:
-    """The frozen starting model of a policy side: its adapter disabled, or a copy made now."""
+    """The frozen starting model of a policy side: its adapter disabled, or a copy made now. The
+    copy shares the side's plain attributes (a conditioner with its pipeline's text encoders, a
+    tokenizer): only the modules and tensors that train are copied."""
     if has_adapter(part):
         return WithoutAdapter(part)
-    return copy.deepcopy(part).requires_grad_(False).eval()
+    shared = {id(v): v for v in vars(part).values() if not isinstance(v, (torch.nn.Module, torch.Tensor, dict))}
+    return copy.deepcopy(part, memo=shared).requires_grad_(False).eval()
 
 
 def _select(condition: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:

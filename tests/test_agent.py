@@ -603,6 +603,30 @@ def test_fp16_trains_through_the_engines_gradient_scaler(tiny_checkpoint, fresh_
     assert all(torch.equal(a, p) for a, p in zip(before, agent._trained_parameters()))
 
 
+def test_the_launchers_mixed_precision_applies_unless_the_config_names_one(tiny_checkpoint, tmp_path):
+    """`accelerate launch` with a config file's `mixed_precision: bf16` sets
+    ACCELERATE_MIXED_PRECISION; a run whose config leaves `mixed_precision` unset trains in it,
+    and one that names a precision keeps its own."""
+    script = (
+        "import sys; sys.path.insert(0, {tests!r})\n"
+        "from unigrpo_env.agents.config import UniGRPOConfig\n"
+        "from unigrpo_env.agents.unigrpo import UniGRPOAgent\n"
+        "from unigrpo_env.scenarios.shapes.policy import load_shapes_policy\n"
+        "config = UniGRPOConfig(checkpoint={ckpt!r}, num_prompts=1, group_size=2, cpu=True{extra})\n"
+        "print(UniGRPOAgent(load_shapes_policy({ckpt!r}), config).accelerator.mixed_precision)\n"
+    )
+    seen = []
+    for extra in ("", ", mixed_precision='no'"):
+        code = script.format(tests=str(HERE), ckpt=str(tiny_checkpoint), extra=extra)
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+            env={**os.environ, "ACCELERATE_MIXED_PRECISION": "bf16", "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        seen.append(done.stdout.strip().splitlines()[-1])
+    assert seen == ["bf16", "no"]
+
+
 def test_no_hand_made_gradient_reduction_is_left():
     import re
 

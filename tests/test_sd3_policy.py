@@ -140,3 +140,26 @@ def test_saves_the_mmdit_and_loads_from_a_pipeline_folder(pipe, tmp_path):
     loaded.save_pretrained(str(tmp_path / "flow_model"))
     again = SD3Transformer2DModel.from_pretrained(tmp_path / "flow_model")
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), pipe.transformer.state_dict().values()))
+
+
+def test_the_frozen_text_encoders_and_vae_follow_the_transformer_and_the_reference_shares_them():
+    """On a GPU the transformer is moved to it with the policy; the pipeline's text encoders and
+    VAE (not the policy's parameters) follow on the first condition, so prompts are encoded there
+    (shown with the meta device, which every machine has). The frozen reference copy of a side
+    trained in full shares the conditioner (no second host copy of T5) and copies the MMDiT."""
+    from unigrpo_env.agents.unigrpo import _starting_model
+
+    pipe = tiny_pipeline()
+    policy = _policy(pipe)
+    reference = _starting_model(policy)
+    assert reference.conditioner is policy.conditioner and reference.model is not policy.model
+    assert all(p.device.type == "cpu" for p in pipe.text_encoder_3.parameters())
+    policy.model.to("meta")
+    policy.conditioner.encode = lambda texts: (  # no real encoding on the meta device
+        torch.zeros(len(texts), 3, 8, device="meta"),
+        torch.zeros(len(texts), 8, device="meta"),
+    )
+    condition = policy.condition(_context(2))
+    assert condition["encoder_hidden_states"].device.type == "meta"
+    for part in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, pipe.vae):
+        assert all(p.device.type == "meta" for p in part.parameters()), type(part).__name__

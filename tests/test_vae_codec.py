@@ -115,3 +115,21 @@ def test_an_environment_denoises_vae_latents_and_scores_decoded_images():
     obs, _ = envs.reset(seed=1)
     obs, *_ = envs.step(TextAction(tokens=[[2]] * 4))
     assert obs.x_t.shape == (4, 4, 8, 8)
+
+
+def test_the_codec_moves_its_vae_and_an_environment_puts_it_on_its_device():
+    from unigrpo_env.codecs import PixelCodec
+
+    codec = VAECodec(tiny_vae(), 16, sample=False)
+    assert codec.to("meta") is codec and codec.device.type == "meta"
+    pixel = PixelCodec(8)
+    assert pixel.to("meta") is pixel  # nothing to move
+
+    import unigrpo_env
+    from unigrpo_env.registration import make_scenario
+
+    scenario = make_scenario("t2i_reason")
+    moved = []
+    scenario.image_codec.to = lambda device: moved.append(str(device)) or scenario.image_codec
+    unigrpo_env.make_vec(scenario, num_prompts=1, group_size=2)
+    assert moved == ["cpu"]

@@ -77,6 +77,11 @@ class ImageCodec(ABC):
     @abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
 
+    def to(self, device: str | torch.device) -> ImageCodec:
+        """Run on ``device`` from now on (a codec with a network moves it; this one has none);
+        returns the codec. An environment puts its scenario's codec on its own device."""
+        return self
+
 
 class PixelCodec(ImageCodec):
     """Pixel space: the latent is the image itself, channels first, scaled to ``[-1, 1]``.

@@ -92,7 +92,7 @@ class EpisodeBatch:
         self.n = int(num_episodes)
         self.device = _normalise(torch.device(device))
         self.text_codec = scenario.text_codec
-        self.image_codec = scenario.image_codec
+        self.image_codec = scenario.image_codec.to(self.device)  # a VAE decodes where the latents are
         self.latent_shape = tuple(scenario.image_codec.latent_shape)
         grid = scenario.timesteps().to(torch.float32)
         self.time_grid = grid.cpu()

@@ -93,6 +93,11 @@ class VAECodec(ImageCodec):
     def device(self) -> torch.device:
         return next(self.vae.parameters()).device
 
+    def to(self, device: str | torch.device) -> VAECodec:
+        """Move the VAE to ``device`` (encoding and decoding then run there); returns the codec."""
+        self.vae.to(device)
+        return self
+
     @property
     def dtype(self) -> torch.dtype:
         return next(self.vae.parameters()).dtype
