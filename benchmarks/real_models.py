@@ -15,14 +15,24 @@ Sizes:
   the widths SD3 concatenates): a prompt's embedding is computed once and cached, so their size
   does not enter the step cost. ``--layers`` overrides the MMDiT's depth (a smoke test on the CPU).
 
+``--engine ddp`` or ``--engine fsdp`` trains through that engine (Accelerate's DDP, or its FSDP2
+plugin with the networks' blocks as units); run it under ``torchrun``, e.g. one GPU with DDP
+against FSDP::
+
+    torchrun --nproc_per_node 1 benchmarks/real_models.py --size medium --engine ddp --json ddp.json
+    torchrun --nproc_per_node 1 benchmarks/real_models.py --size medium --engine fsdp --json fsdp.json
+
+(on the CPU, where Accelerate declines FSDP, ``fsdp`` is forced as in ``tests/forced_fsdp.py``).
+
 Run: ``python benchmarks/real_models.py [--size tiny|medium] [--iterations 6] [--threads 2]
-[--adapter lora] [--gradient-checkpointing off|on|both]``.
+[--adapter lora] [--gradient-checkpointing off|on|both] [--engine none|ddp|fsdp]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -132,7 +142,12 @@ def measure(paths: dict[str, str], args: argparse.Namespace, checkpointing: bool
                           "heldout_fraction": 0.2},
     )  # fmt: skip
     parts = build_parts(config)
-    agent = UniGRPOAgent(parts.policy, config, scenario=parts.scenario)
+    accelerator = None
+    if args.engine == "fsdp":
+        from forced_fsdp import fsdp_accelerator
+
+        accelerator = fsdp_accelerator(mixed_precision=config.mixed_precision)
+    agent = UniGRPOAgent(parts.policy, config, scenario=parts.scenario, accelerator=accelerator)
     agent.train_iteration()  # warm-up
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -141,6 +156,8 @@ def measure(paths: dict[str, str], args: argparse.Namespace, checkpointing: bool
     images = config.num_prompts * config.group_size
     train_seconds = split["old_log_probs"] + split["loss_backward"] + split["optimizer"]
     result: dict[str, Any] = {
+        "engine": f"{agent.accelerator.distributed_type.value} × {agent.accelerator.num_processes}",
+        "is_main": agent.accelerator.is_main_process,
         "gradient_checkpointing": checkpointing,
         "split": split,
         "iteration_seconds": sum(split.values()),
@@ -167,13 +184,18 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", default="off", choices=["off", "on", "both"])
     parser.add_argument("--layers", type=int, default=24, help="the medium MMDiT's depth (24: SD3 medium)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this file")
+    parser.add_argument("--engine", default="none", choices=["none", "ddp", "fsdp"], help="run under torchrun")
     args = parser.parse_args()
+    if args.engine != "none" and "LOCAL_RANK" not in os.environ:
+        raise SystemExit(f"--engine {args.engine} runs under torchrun: torchrun --nproc_per_node N {sys.argv[0]} ...")
     torch.set_num_threads(args.threads)
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     settings = {"off": [False], "on": [True], "both": [False, True]}[args.gradient_checkpointing]
     with tempfile.TemporaryDirectory() as tmp:
         paths = save_medium_models(Path(tmp), args.layers) if args.size == "medium" else save_tiny_models(Path(tmp))
         results = [measure(paths, args, checkpointing) for checkpointing in settings]
+    if not results[0]["is_main"]:
+        return
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, {gpu}")
     shape = "512×512 images, 16×64×64 latents" if args.size == "medium" else "16×16 images, 4×8×8 latents"
     print(f"t2i_prompts, size {args.size} ({shape}, 10 steps, SDE window 3), {args.prompts}×{args.group_size} "
@@ -181,7 +203,7 @@ def main() -> None:
           f"text side {results[0]['parameters_text'] / 1e6:.1f} M")  # fmt: skip
     for result in results:
         total = result["iteration_seconds"]
-        print(f"gradient checkpointing {'on' if result['gradient_checkpointing'] else 'off'}: "
+        print(f"engine {result['engine']}, gradient checkpointing {'on' if result['gradient_checkpointing'] else 'off'}: "
               f"one iteration, median of {args.iterations}: {total:.3f} s")  # fmt: skip
         for name, seconds in result["split"].items():
             print(f"  {name:<16} {seconds:7.3f} s  {seconds / total:6.1%}")
