@@ -229,3 +229,31 @@ def test_the_shipped_prompt_files_are_valid_and_regenerate_exactly(tmp_path):
         assert dialogue["tag"] in {"recolor", "add", "remove", "replace", "move", "background", "style"}
         if "include" in dialogue:
             well_formed(dialogue["include"])
+
+
+def test_the_pipelines_frozen_networks_load_in_their_own_dtype(models):
+    """``frozen_dtype``: the text encoders and the VAE in bf16 beside a transformer trained in fp32;
+    the conditions they make reach the transformer in its dtype."""
+    import torch
+
+    from unigrpo_env.agents.parts import load_policy
+    from unigrpo_env.agents.policy import CheckpointError
+
+    policy = load_policy(
+        "hf", text_model=models["text"], image_model=models["image"], frozen_dtype="bfloat16", max_sequence_length=16
+    )
+    pipeline = policy.image.conditioner.pipeline
+    dtypes = {
+        name: next(m.parameters()).dtype for name, m in pipeline.components.items() if isinstance(m, torch.nn.Module)
+    }
+    assert dtypes.pop("transformer") == torch.float32 and set(dtypes.values()) == {torch.bfloat16}
+    assert {"text_encoder", "text_encoder_3", "vae"} <= set(dtypes)
+    assert next(policy.text.model.parameters()).dtype == torch.float32  # the chat model is trained: dtype's
+    embeds, pooled = policy.image.conditioner.encode(["draw a red circle", "draw a blue square"])
+    assert embeds.dtype == torch.bfloat16
+    v = policy.image.predict(
+        torch.randn(2, 4, 8, 8), torch.full((2,), 0.5), {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+    )
+    assert v.dtype == torch.float32 and v.shape == (2, 4, 8, 8) and torch.isfinite(v).all()
+    with pytest.raises(CheckpointError, match="frozen_dtype must name a floating-point torch dtype"):
+        load_policy("hf", text_model=models["text"], image_model=models["image"], frozen_dtype="int8")
