@@ -6,6 +6,7 @@ raises an InvalidActionError subclass and leaves the environment unchanged."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -160,6 +161,21 @@ def test_booleans_unknown_fields_and_sparse_tensors_are_refused_at_construction(
         build()
     message = str(raised.value)
     assert "expected" in message or "must" in message or "Extra inputs" in message, message
+
+
+@pytest.mark.parametrize(
+    ("build", "example"),
+    [
+        (lambda: TextAction([3]), "TextAction(tokens=...)"),  # was a bare TypeError from pydantic
+        (lambda: TextAction([3], [-0.5]), "TextAction(tokens=...)"),
+        (lambda: FlowAction(torch.zeros(3, 4, 4)), "FlowAction(x_next=...)"),
+        (lambda: FlowAction(torch.zeros(3, 4, 4), log_prob=-1.0), "FlowAction(x_next=...)"),
+    ],
+)
+def test_positional_arguments_are_the_same_error_type_naming_the_keyword(build, example):
+    with pytest.raises(ValidationError, match=re.escape(example)) as raised:
+        build()
+    assert isinstance(raised.value, ValueError)
 
 
 def test_lengths_tensors_of_any_dtype_or_device_reach_the_env_checks(envs):

@@ -27,11 +27,12 @@ So ``except ValueError`` catches both.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 __all__ = ["TextAction", "FlowAction", "as_tensor"]
 
@@ -96,6 +97,19 @@ def _integers(value: Any, what: str) -> torch.Tensor:
 
 class _TensorModel(BaseModel):
     model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True, extra="forbid")  # a misspelled field raises
+
+    if not TYPE_CHECKING:  # type checkers keep pydantic's signature of the fields
+
+        def __init__(self, /, *args: Any, **fields: Any) -> None:
+            if args:  # pydantic's own refusal is a bare TypeError: say it as the one documented error
+                name, first = type(self).__name__, next(iter(type(self).model_fields))
+                error = PydanticCustomError(
+                    "keyword_arguments",
+                    "{name} takes its fields by name, e.g. {name}({first}=...); got {count} positional argument(s)",
+                    {"name": name, "first": first, "count": len(args)},
+                )
+                raise ValidationError.from_exception_data(name, [InitErrorDetails(type=error, loc=(), input=args)])
+            super().__init__(**fields)
 
 
 class TextAction(_TensorModel):
