@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -48,6 +50,7 @@ from unigrpo_env.agents.adapters import WithoutAdapter, attach_adapter, has_adap
 from unigrpo_env.agents.checkpointing import enable_gradient_checkpointing
 from unigrpo_env.agents.config import UniGRPOConfig
 from unigrpo_env.agents.decoding import synchronized_decoding
+from unigrpo_env.agents.iteration_metrics import across_processes, reward_metrics
 from unigrpo_env.agents.losses import flow_grpo_loss, group_advantages, text_grpo_loss, text_kl
 from unigrpo_env.agents.policy import TurnContext, UnifiedPolicy
 from unigrpo_env.agents.rollout import Rollout, RolloutSettings, rollout
@@ -139,6 +142,23 @@ def distributed_advantages(
     n = rewards.shape[0]
     start = accelerator.process_index * n
     return all_advantages[start : start + n].cpu(), float(torch.isnan(all_rewards).float().mean())
+
+
+def warn_if_the_launchers_engine_is_off(accelerator: Accelerator) -> None:
+    """Warn when ``accelerate launch``'s config asked for FSDP or DeepSpeed (it sets
+    ``ACCELERATE_USE_FSDP`` / ``ACCELERATE_USE_DEEPSPEED``) but the Accelerator runs another engine:
+    Accelerate 1.x turns those plugins on only for GPUs, so CPU processes would train with DDP."""
+    for variable, engine, kind in (
+        ("ACCELERATE_USE_FSDP", "FSDP", DistributedType.FSDP),
+        ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed", DistributedType.DEEPSPEED),
+    ):
+        if os.environ.get(variable, "false").lower() in ("1", "true", "yes") and accelerator.distributed_type != kind:
+            warnings.warn(
+                f"the launcher's config asks for {engine}, but Accelerate enables it only on GPUs: these "
+                f"{accelerator.num_processes} process(es) train with {accelerator.distributed_type.value} instead",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
 
 def _has_accelerator() -> bool:
@@ -248,6 +268,8 @@ class UniGRPOAgent:
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.gradient_accumulation_steps,
         )
+        if accelerator is None:
+            warn_if_the_launchers_engine_is_off(self.accelerator)
         self.train_text, self.train_image = prepare_trained_sides(policy, config)
         if config.gradient_checkpointing:
             for side, part, trained in (
@@ -372,21 +394,14 @@ class UniGRPOAgent:
         )
         if c.images_per_text > 1:
             self._text_and_image_advantages(batch, prompts)
-        rewards = trajectory.rewards.numpy()
         batch.stats = {
-            "reward_mean": float(np.nanmean(rewards)) if bool(valid.any()) else math.nan,
-            "reward_std": float(np.nanstd(rewards)) if bool(valid.any()) else math.nan,
-            "reward_failed": float((~valid).sum()),
+            **reward_metrics(trajectory.rewards, trajectory.reward_components, batch.categories),  # this process's
             "reward_failed_fraction": failed_fraction,
             "sde_window_start": float(settings.sde_window[0]) if settings.sde_window else 0.0,
             "network_calls_per_image": result.network_calls / max(1, len(trajectory.turns)),
             "time_rollout": rollout_seconds - trajectory.reward_seconds,
             "time_reward": trajectory.reward_seconds,
         }
-        for name, values in trajectory.reward_components.items():
-            batch.stats[f"reward/{name}"] = (
-                float(np.nanmean(values.numpy())) if bool((~torch.isnan(values)).any()) else math.nan
-            )
         if trajectory.reward_error is not None:
             batch.stats["reward_error"] = trajectory.reward_error  # type: ignore[assignment]
         if failed_fraction > c.max_failed_fraction:
@@ -668,14 +683,15 @@ class UniGRPOAgent:
     # -- one iteration -----------------------------------------------------------------------------
 
     def train_iteration(self) -> dict[str, float]:
-        """One iteration: collect a batch and update on it; returns the iteration's metrics."""
+        """One iteration: collect a batch and update on it; returns the iteration's metrics, those
+        of the whole batch over every process (:mod:`~unigrpo_env.agents.iteration_metrics`)."""
         batch = self.collect(self.iteration)
         stats = dict(batch.stats)
         stats.update(self.update(batch))
-        for category in sorted(set(batch.categories)):
-            rows = [i for i, c in enumerate(batch.categories) if c == category and bool(batch.valid[i])]
-            if rows:
-                stats[f"reward_category/{category}"] = float(batch.rewards[rows].mean())
+        trajectory = batch.trajectory
+        stats = across_processes(
+            self.accelerator, stats, trajectory.rewards, trajectory.reward_components, batch.categories
+        )
         stats["iteration"] = float(self.iteration)
         self.iteration += 1
         return stats

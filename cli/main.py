@@ -267,7 +267,7 @@ def run(
     _check_scenario(settings.scenario, settings.scenario_options)
     out = out or Path("runs") / f"{name}-{_time.strftime('%Y%m%d-%H%M%S')}"
     parts = build_parts(settings)
-    with Progress(
+    bar = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -275,43 +275,48 @@ def run(
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
-    ) as bar:
-        task = bar.add_task(
-            "UniGRPO" if settings.train == "both" else f"{settings.train}-only GRPO",
-            total=settings.iterations,
-            reward="  -  ",
+    )
+    task = bar.add_task(
+        "UniGRPO" if settings.train == "both" else f"{settings.train}-only GRPO",
+        total=settings.iterations,
+        reward="  -  ",
+    )
+
+    def on_iteration(metrics: dict) -> None:
+        bar.update(
+            task, completed=int(metrics["iteration"]) + 1, reward=f"{metrics.get('reward_mean', float('nan')):.3f}"
         )
 
-        def on_iteration(metrics: dict) -> None:
-            bar.update(
-                task, completed=int(metrics["iteration"]) + 1, reward=f"{metrics.get('reward_mean', float('nan')):.3f}"
-            )
+    evaluations: dict[str, Any] = {}
 
-        evaluations: dict[str, Any] = {}
+    def on_eval_progress(name: str, done: int, total: int) -> None:
+        if name not in evaluations:
+            label = "held-out, before" if name == "eval_before" else "held-out, after"
+            evaluations[name] = bar.add_task(label, total=total, reward="  -  ")
+        bar.update(evaluations[name], completed=done)
 
-        def on_eval_progress(name: str, done: int, total: int) -> None:
-            if name not in evaluations:
-                label = "held-out, before" if name == "eval_before" else "held-out, after"
-                evaluations[name] = bar.add_task(label, total=total, reward="  -  ")
-            bar.update(evaluations[name], completed=done)
-
-        trainer = Trainer(
-            settings,
-            out,
-            policy=parts.policy,
-            scenario=parts.scenario,
-            evaluator=parts.evaluator,
-            resume=resume,
-            on_iteration=on_iteration,
-            on_status=lambda m: bar.console.print(f"[dim]{m}[/dim]"),
-            on_eval_progress=on_eval_progress,
-        )
-        bar.update(task, completed=trainer.agent.iteration)
+    trainer = Trainer(
+        settings,
+        out,
+        policy=parts.policy,
+        scenario=parts.scenario,
+        evaluator=parts.evaluator,
+        resume=resume,
+        on_iteration=on_iteration,
+        on_status=lambda m: bar.console.print(f"[dim]{m}[/dim]") if not bar.disable else None,
+        on_eval_progress=on_eval_progress,
+    )
+    main_process = trainer.accelerator.is_main_process
+    bar.disable = not main_process  # several processes: one progress display and one table, the main's
+    bar.update(task, completed=trainer.agent.iteration)
+    with bar:
         try:
             summary = trainer.run()
         finally:  # several processes: the process group destroyed before the interpreter exits
             if trainer.accelerator.num_processes > 1:
                 trainer.accelerator.end_training()
+    if not main_process:
+        return
     table = Table(
         title=f"held-out reward, before → after ({settings.iterations} iterations, train={settings.train}, seed {settings.seed})"
     )

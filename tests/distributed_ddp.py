@@ -70,8 +70,18 @@ gradients_match = all(torch.allclose(a, b, atol=1e-6, rtol=1e-5) for a, b in zip
 differ_locally = any(not torch.allclose(a, b) for a, b in zip(synced, own))
 agent.optimizer.zero_grad(set_to_none=True)
 
-# a whole iteration: the same weights in both processes afterwards
+# a whole iteration: the same weights in both processes afterwards, and the same metrics, those of
+# the whole batch (the rewards of both processes' shares gathered)
+collected = []
+collect = agent.collect
+agent.collect = lambda iteration: collected.append(collect(iteration)) or collected[-1]
 stats = agent.train_iteration()
+share = collected[0]
+every_reward = accelerator.gather(share.rewards)
+every_correct = accelerator.gather(share.trajectory.reward_components["correct"])
+every_stats = [None] * world
+dist.all_gather_object(every_stats, stats)
+own_reward_mean = float(share.rewards.mean())
 flat = torch.cat([p.detach().flatten() for p in params])
 gathered = [torch.zeros_like(flat) for _ in range(world)]
 dist.all_gather(gathered, flat)
@@ -89,6 +99,14 @@ accelerator.wait_for_everyone()
             "trained_tensors": len(params),
             "weights_equal_across_processes": bool(torch.equal(gathered[0], gathered[1])),
             "loss_finite": bool(torch.isfinite(torch.tensor(stats["loss"]))),
+            "metrics_equal_across_processes": every_stats[0] == every_stats[1],
+            "reward_mean": stats["reward_mean"],
+            "whole_batch_reward_mean": float(every_reward.mean()),
+            "own_reward_mean": own_reward_mean,
+            "reward_correct": stats["reward/correct"],
+            "whole_batch_correct": float(every_correct.mean()),
+            "episodes": len(share),
+            "whole_batch_episodes": int(every_reward.numel()),
         }
     )
 )

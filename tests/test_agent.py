@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -494,6 +495,11 @@ def test_ddp_reduces_the_gradients_in_buckets_and_two_processes_agree(tmp_path):
         assert 1 <= r["buckets_per_backward"] < r["trained_tensors"], r  # buckets, not a reduce per tensor
         assert r["gradients_in_buckets"] == r["trained_tensors"], r  # every trained gradient was reduced
         assert r["weights_equal_across_processes"] and r["loss_finite"], r
+        # the logged metrics are the whole batch's, the same on both processes
+        assert r["metrics_equal_across_processes"] and r["whole_batch_episodes"] == 2 * r["episodes"] == 8, r
+        assert r["reward_mean"] == pytest.approx(r["whole_batch_reward_mean"], abs=1e-6), r
+        assert r["reward_correct"] == pytest.approx(r["whole_batch_correct"], abs=1e-6), r
+    assert any(abs(r["own_reward_mean"] - r["whole_batch_reward_mean"]) > 1e-4 for r in results), results
 
 
 def test_fsdp_computes_what_ddp_computes_and_checkpoints_through_the_engine(tmp_path):
@@ -627,6 +633,22 @@ def test_the_launchers_mixed_precision_applies_unless_the_config_names_one(tiny_
     assert seen == ["bf16", "no"]
 
 
+def test_a_launcher_asking_for_an_engine_accelerate_does_not_run_here_is_a_warning(tiny_checkpoint):
+    """`accelerate launch` with an FSDP config on a machine without GPUs: Accelerate runs the
+    processes without FSDP, and the agent says so instead of training with another engine silently."""
+    from unigrpo_env.agents.unigrpo import warn_if_the_launchers_engine_is_off
+
+    config = UniGRPOConfig(checkpoint=str(tiny_checkpoint), num_prompts=1, group_size=2, cpu=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ACCELERATE_USE_FSDP", "true")
+        with pytest.warns(RuntimeWarning, match="asks for FSDP, but Accelerate enables it only on GPUs"):
+            agent = UniGRPOAgent(load_shapes_policy(str(tiny_checkpoint)), config)
+        patch.setenv("ACCELERATE_USE_FSDP", "false")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            warn_if_the_launchers_engine_is_off(agent.accelerator)
+
+
 def test_no_hand_made_gradient_reduction_is_left():
     import re
 
@@ -635,11 +657,13 @@ def test_no_hand_made_gradient_reduction_is_left():
         assert not pattern.search(path.read_text()), path
 
 
-def test_the_example_accelerate_configs_load_and_torchrun_runs_the_cli_on_two_processes(tmp_path, small_run_config):
-    """Every config in examples/accelerate/ is one Accelerate reads (they are for GPUs: Accelerate
-    launches several CPU processes only through MPI, so here the CLI runs under torchrun, the
-    other launcher the docs name), and `unigrpo run` under `torchrun --nproc_per_node 2` trains
-    with two processes end to end."""
+def test_the_example_accelerate_configs_load_and_both_launchers_run_the_cli_on_two_processes(
+    tmp_path, small_run_config
+):
+    """Every config in examples/accelerate/ is one Accelerate reads; `unigrpo run` trains with two
+    processes end to end under `accelerate launch --config_file` (the 8-GPU DDP config, with
+    `--num_processes 2`: on a machine without GPUs Accelerate's launcher starts CPU processes) and
+    under `torchrun --nproc_per_node 2`; only the main process prints the progress and the table."""
     from accelerate.commands.config.config_args import load_config_from_file
 
     folder = HERE.parent / "examples" / "accelerate"
@@ -651,17 +675,31 @@ def test_the_example_accelerate_configs_load_and_torchrun_runs_the_cli_on_two_pr
     for name in ("eight_gpus_fsdp.yaml", "two_nodes_fsdp.yaml"):
         assert str(loaded[name].distributed_type) == "DistributedType.FSDP", name
         assert loaded[name].fsdp_config["fsdp_version"] == 2, name
-    out = tmp_path / "run"
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29543",
-         "-m", "unigrpo_env.cli.main", "run", "scenario", "t2i_reason", "--iterations", "1",
-         "--config", str(small_run_config), "--out", str(out)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
-    errors = [line for line in done.stderr.splitlines() if "Error" in line and "File " not in line]
-    assert done.returncode == 0, errors[-5:]
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["iterations"] == 1 and summary["processes"] == 2
+    accelerate = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(folder / "eight_gpus_ddp.yaml"),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        "29543",
+    ]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29544"]
+    for name, launcher in (("accelerate", accelerate), ("torchrun", torchrun)):
+        out = tmp_path / name
+        done = subprocess.run(
+            [*launcher, "-m", "unigrpo_env.cli.main", "run", "scenario", "t2i_reason", "--iterations", "1",
+             "--config", str(small_run_config), "--out", str(out)],
+            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        errors = [line for line in done.stderr.splitlines() if "Error" in line and "File " not in line]
+        assert done.returncode == 0, (name, errors[-5:])
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["iterations"] == 1 and summary["processes"] == 2, name
+        printed = done.stdout + done.stderr
+        assert printed.count("run folder:") == 1 and printed.count("held-out reward, before") == 1, (name, printed)
 
 
 def _children(pid: int) -> list[int]:
