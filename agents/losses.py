@@ -14,6 +14,13 @@
   each sequence's tokens and divides by the token budget, the same for every sequence.
 * Image (Flow-GRPO): per-step ratio of the Gaussian transition densities, the same surrogate,
   averaged over the trained steps, then over rollouts; optionally RatioNorm (GRPO-Guard).
+* Several processes: each process's loss is a mean over its share of the minibatch, and the data-
+  parallel engine averages the W processes' gradients. That average is the gradient of the whole
+  minibatch's mean only if every process divides by the same number, the whole minibatch's count
+  over W (its shares can differ: sequences without tokens, samples whose reward failed, tokens
+  under ``bnpo``). Every batch-level mean here takes ``denominator``, a function from this
+  process's count of averaged units to the number to divide by: the agent passes
+  ``all-reduce(count) / W``; alone, the count itself (the default).
 * Regularisers against the frozen reference model: velocity MSE (UniGRPO) or latent KL
   (Flow-GRPO), from :mod:`unigrpo_env.flow`; on the text, GRPO's per-token KL to the reference
   language model with the k3 estimator ``exp(ref − θ) − (ref − θ) − 1`` (DeepSeekMath, TRL's
@@ -22,9 +29,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-__all__ = ["TEXT_LOSS_TYPES", "group_advantages", "clipped_surrogate", "text_grpo_loss", "text_kl", "flow_grpo_loss"]
+#: This process's count of the units a mean is over → the number to divide by (see the module docstring).
+Denominator = Callable[[torch.Tensor], torch.Tensor]
+
+__all__ = [
+    "TEXT_LOSS_TYPES",
+    "Denominator",
+    "group_advantages",
+    "clipped_surrogate",
+    "text_grpo_loss",
+    "text_kl",
+    "flow_grpo_loss",
+    "masked_batch_mean",
+]
 
 # How a per-token value [N, L] is reduced to one number (TRL's ``loss_type`` names).
 TEXT_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
@@ -71,9 +92,18 @@ def clipped_surrogate(
     return torch.minimum(unclipped, clipped), (clipped < unclipped)
 
 
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+def _masked_mean(
+    values: torch.Tensor, mask: torch.Tensor, dim: int, denominator: Denominator | None = None
+) -> torch.Tensor:
     mask = mask.to(values.dtype)
-    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
+    count = mask.sum(dim)
+    return (values * mask).sum(dim) / (count if denominator is None else denominator(count)).clamp(min=1.0)
+
+
+def masked_batch_mean(values: torch.Tensor, mask: torch.Tensor, denominator: Denominator | None = None) -> torch.Tensor:
+    """The mean of ``values [N]`` over the entries ``mask`` selects, divided by
+    ``denominator(count)`` when given (several processes); 0 when none is selected."""
+    return _masked_mean(values, mask, 0, denominator)
 
 
 def _text_mean(
@@ -82,6 +112,7 @@ def _text_mean(
     sample_mask: torch.Tensor | None,
     loss_type: str = "grpo",
     max_tokens: int | None = None,
+    denominator: Denominator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reduce a per-token value ``[N, L]`` over the sequences that have tokens (and pass
     ``sample_mask``); also returns those sequences.
@@ -92,16 +123,17 @@ def _text_mean(
       then the mean over the sequences.
     """
     sequences = token_mask.any(dim=1) if sample_mask is None else (sample_mask & token_mask.any(dim=1))
+    divide = denominator or (lambda count: count)
     if loss_type == "grpo":
-        return _masked_mean(_masked_mean(per_token, token_mask, dim=1), sequences, dim=0), sequences
+        return _masked_mean(_masked_mean(per_token, token_mask, dim=1), sequences, 0, denominator), sequences
     tokens = token_mask & sequences[:, None]
     total = (per_token * tokens.to(per_token.dtype)).sum()
     if loss_type == "bnpo":
-        return total / tokens.sum().clamp(min=1).to(per_token.dtype), sequences
+        return total / divide(tokens.sum().to(per_token.dtype)).clamp(min=1), sequences
     if loss_type == "dr_grpo":
         if not max_tokens or max_tokens < 1:
             raise ValueError("loss_type 'dr_grpo' needs max_tokens, the token budget of a sequence")
-        return total / (sequences.sum().clamp(min=1).to(per_token.dtype) * max_tokens), sequences
+        return total / (divide(sequences.sum().to(per_token.dtype)).clamp(min=1) * max_tokens), sequences
     raise ValueError(f"loss_type must be one of {TEXT_LOSS_TYPES}, got {loss_type!r}")
 
 
@@ -128,13 +160,14 @@ def text_grpo_loss(
     *,
     loss_type: str = "grpo",
     max_tokens: int | None = None,
+    denominator: Denominator | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """GRPO's text loss: −(the clipped surrogate reduced by ``loss_type``: by default the mean over
     sequences of the mean over their tokens). Shapes: ``[N, L]`` log-probs and ``token_mask``,
     ``[N]`` advantages; ``max_tokens`` is the token budget ``dr_grpo`` divides by."""
     log_ratio = log_probs - old_log_probs
     surrogate, clipped = clipped_surrogate(log_ratio, advantages[:, None], clip_range)
-    mean, sequences = _text_mean(surrogate, token_mask, sample_mask, loss_type, max_tokens)
+    mean, sequences = _text_mean(surrogate, token_mask, sample_mask, loss_type, max_tokens, denominator)
     return -mean, _ratio_stats("text", log_ratio, clipped, token_mask & sequences[:, None])
 
 
@@ -146,12 +179,13 @@ def text_kl(
     *,
     loss_type: str = "grpo",
     max_tokens: int | None = None,
+    denominator: Denominator | None = None,
 ) -> torch.Tensor:
     """GRPO's KL penalty to the reference language model on the sampled tokens, with the
     unbiased, non-negative k3 estimator ``KL ≈ exp(ref − θ) − (ref − θ) − 1`` per token,
     reduced like the text surrogate (``loss_type``)."""
     delta = ref_log_probs - log_probs
-    return _text_mean(torch.exp(delta) - delta - 1.0, token_mask, sample_mask, loss_type, max_tokens)[0]
+    return _text_mean(torch.exp(delta) - delta - 1.0, token_mask, sample_mask, loss_type, max_tokens, denominator)[0]
 
 
 def flow_grpo_loss(
@@ -160,6 +194,8 @@ def flow_grpo_loss(
     advantages: torch.Tensor,
     clip_range: float,
     sample_mask: torch.Tensor | None = None,
+    *,
+    denominator: Denominator | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Flow-GRPO's image loss: −mean over rollouts of the mean over trained steps of the clipped
     surrogate of the per-step ratio. Shapes: ``[N, S]`` log-probs (S trained steps, already
@@ -168,5 +204,5 @@ def flow_grpo_loss(
     surrogate, clipped = clipped_surrogate(log_ratio, advantages[:, None], clip_range)
     per_rollout = surrogate.mean(dim=1)
     mask = torch.ones_like(per_rollout, dtype=torch.bool) if sample_mask is None else sample_mask
-    loss = -_masked_mean(per_rollout, mask, dim=0)
+    loss = -_masked_mean(per_rollout, mask, 0, denominator)
     return loss, _ratio_stats("image", log_ratio, clipped, mask)

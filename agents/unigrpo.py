@@ -51,7 +51,7 @@ from unigrpo_env.agents.checkpointing import enable_gradient_checkpointing
 from unigrpo_env.agents.config import UniGRPOConfig
 from unigrpo_env.agents.decoding import synchronized_decoding
 from unigrpo_env.agents.iteration_metrics import across_processes, reward_metrics
-from unigrpo_env.agents.losses import flow_grpo_loss, group_advantages, text_grpo_loss, text_kl
+from unigrpo_env.agents.losses import flow_grpo_loss, group_advantages, masked_batch_mean, text_grpo_loss, text_kl
 from unigrpo_env.agents.policy import TurnContext, UnifiedPolicy
 from unigrpo_env.agents.rollout import Rollout, RolloutSettings, rollout
 from unigrpo_env.lr_schedule import warmup_decay
@@ -517,6 +517,8 @@ class UniGRPOAgent:
             self._store_old(old, index, text_lp, image_lp, text_index)
         stats: dict[str, float] = {}
         loss = torch.zeros((), device=self.accelerator.device)
+        # several processes: every mean divides by the whole minibatch's count over W (losses.py)
+        divide = self._shared_denominator if self.accelerator.num_processes > 1 else None
         text_advantages, text_valid = advantages, valid
         if batch.text_advantages is not None:  # images_per_text > 1: the texts' own advantages
             text_advantages = batch.text_advantages[text_index].to(self.accelerator.device)
@@ -525,7 +527,7 @@ class UniGRPOAgent:
             text = batch.trajectory.turns[k].text
             lengths = text.lengths[text_index].to(log_probs.device)
             mask = torch.arange(log_probs.shape[1], device=log_probs.device)[None] < lengths[:, None]
-            reduction = {"loss_type": c.text_loss_type, "max_tokens": text.max_tokens}
+            reduction = {"loss_type": c.text_loss_type, "max_tokens": text.max_tokens, "denominator": divide}
             text_loss, s = text_grpo_loss(
                 log_probs, old["text"][k][text_index], mask, text_advantages, c.clip_range_text, text_valid, **reduction
             )
@@ -544,19 +546,28 @@ class UniGRPOAgent:
                     for j, (mean, mean_old, std) in enumerate(extras["image"][k]["ratio_norm"])
                 ]
                 log_probs = old_lp + torch.stack(normed, dim=1)
-            image_loss, s = flow_grpo_loss(log_probs, old_lp, advantages, c.clip_range_image, valid)
+            image_loss, s = flow_grpo_loss(log_probs, old_lp, advantages, c.clip_range_image, valid, denominator=divide)
             loss = loss + c.image_loss_weight * image_loss / len(image_lp)
             stats.update(s)
             stats["loss_image"] = stats.get("loss_image", 0.0) + float(image_loss.detach()) / len(image_lp)
             reg = extras["image"][k]["reg"]
             if reg is not None:
-                reg_value = reg.mean(dim=1)[valid].mean() if bool(valid.any()) else reg.sum() * 0.0
+                if divide is not None:
+                    reg_value = masked_batch_mean(reg.mean(dim=1), valid, divide)
+                else:
+                    reg_value = reg.mean(dim=1)[valid].mean() if bool(valid.any()) else reg.sum() * 0.0
                 loss = loss + c.regularizer_coef * reg_value / len(image_lp)
                 stats[f"regularizer_{c.regularizer}"] = stats.get(f"regularizer_{c.regularizer}", 0.0) + float(
                     reg_value.detach()
                 ) / len(image_lp)
         stats["loss"] = float(loss.detach())
         return loss, stats
+
+    def _shared_denominator(self, count: torch.Tensor) -> torch.Tensor:
+        """``Σ_processes count / W``: what each of the W processes divides its share's sum by, so
+        that the engine's mean of their gradients is the gradient of the whole minibatch's mean."""
+        total = self.accelerator.reduce(count.detach().to(torch.float32).reshape(1), reduction="sum")
+        return (total[0] / self.accelerator.num_processes).to(count.dtype)
 
     @torch.no_grad()
     def _old_log_probs(self, batch: Batch, parts: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:

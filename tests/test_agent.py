@@ -502,6 +502,42 @@ def test_ddp_reduces_the_gradients_in_buckets_and_two_processes_agree(tmp_path):
     assert any(abs(r["own_reward_mean"] - r["whole_batch_reward_mean"]) > 1e-4 for r in results), results
 
 
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo"])
+def test_two_processes_with_half_of_each_group_compute_what_one_process_with_the_whole_batch_does(tmp_path, loss_type):
+    """`train both` (LoRA text with its KL reference, the flow model in full with the velocity
+    MSE): one process takes an optimizer step on a batch of 2 groups × 4; two DDP processes take it
+    with half of each group each. One episode's reward failed, so the halves hold 3 and 4 scored
+    episodes: the losses' means divide by the whole minibatch's count over the processes
+    (losses.py), and the loss, the gradients and the updated weights are one process's."""
+    from safetensors.torch import load_file
+
+    script = str(HERE / "distributed_whole_batch.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launches = {
+        "one": [sys.executable, script, str(tmp_path), "one", loss_type],
+        "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
+                script, str(tmp_path), "two", loss_type],
+    }  # fmt: skip
+    for mode, command in launches.items():
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, (mode, done.stderr[-3000:])
+    one = json.loads((tmp_path / f"one-{loss_type}-0.json").read_text())
+    two = [json.loads((tmp_path / f"two-{loss_type}-{r}.json").read_text()) for r in range(2)]
+    assert one["world_size"] == 1 and all(r["world_size"] == 2 for r in two)
+    assert sorted(r["scored"] for r in two) == [3, 4] and sum(r["episodes"] for r in two) == one["episodes"] == 8
+    assert sum(two[0]["losses"]) / 2 == pytest.approx(one["losses"][0], abs=1e-6)
+    for what, tolerance in (("gradients", 1e-7), ("weights", 1e-6)):
+        a = load_file(str(tmp_path / f"one-{loss_type}-{what}.safetensors"))
+        b = load_file(str(tmp_path / f"two-{loss_type}-{what}.safetensors"))
+        assert a.keys() == b.keys() and len(a) == one["trained_tensors"] > 0
+        worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+        assert worst < tolerance, (what, worst)
+    assert (
+        max(float(g.abs().max()) for g in load_file(str(tmp_path / f"one-{loss_type}-gradients.safetensors")).values())
+        > 1e-3
+    )
+
+
 def test_fsdp_computes_what_ddp_computes_and_checkpoints_through_the_engine(tmp_path):
     """Two real processes (gloo), once under DDP and once under Accelerate's FSDP2 (forced on the
     CPU, where Accelerate 1.x keeps MULTI_CPU: see tests/distributed_fsdp.py): the parameters are
