@@ -149,11 +149,13 @@ def merged_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def adapter_state(policy: nn.Module) -> dict[str, torch.Tensor]:
-    """The trained adapter weights of ``policy`` (names as in its ``state_dict``)."""
+def adapter_state(policy: nn.Module, *, keep_vars: bool = False) -> dict[str, torch.Tensor]:
+    """The trained adapter weights of ``policy`` (names as in its ``state_dict``): CPU copies, or
+    with ``keep_vars`` the parameters themselves (as ``state_dict(keep_vars=True)``, for an engine
+    that must gather them first)."""
     return {
-        name: tensor.detach().cpu().contiguous()
-        for name, tensor in policy.state_dict().items()
+        name: tensor if keep_vars else tensor.detach().cpu().contiguous()
+        for name, tensor in policy.state_dict(keep_vars=keep_vars).items()
         if any(key in name for key in ("lora_", "ln_tuning_layers"))
     }
 

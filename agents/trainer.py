@@ -16,7 +16,7 @@ on, optionally a reward that replaces the scenario's and the held-out evaluator 
                              trained_state.safetensors (what trained: adapters, or a side's every
                              weight), trainer_state.json (the iteration) and engine/ (Accelerate's
                              save_state: the optimizer, the RNG states; under FSDP also the
-                             sharded model)
+                             sharded model; under DeepSpeed the engine's own checkpoint)
       summary.json         held-out reward before/after (overall, per category), wall time
 
 Checkpoints are written atomically (into a temporary folder, renamed when complete, then the
@@ -31,7 +31,10 @@ files (it is already in the checkpoint, in safetensors) and its load hook restor
 ``trained_state.safetensors``; under FSDP Accelerate writes and reads the sharded model itself
 (torch's distributed checkpoint), the trained state is gathered for ``trained_state.safetensors``,
 and the merged policy is written from a CPU copy of the starting policy (``starting_policy``) with
-the trained state put in.
+the trained state put in. Under DeepSpeed ``engine/`` is the engine's own checkpoint
+(``save_checkpoint``: the trained weights of the module and each process's optimizer partition,
+fp32 master weights included, as torch pickles; the frozen weights left out); ZeRO-3's partitioned
+weights are gathered for ``trained_state.safetensors`` and the merged policy written as under FSDP.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -86,17 +90,47 @@ def trained_state(policy: UnifiedPolicy, sides: list[str]) -> dict[str, torch.Te
     """What trained of ``policy``'s ``sides`` ("text", "image"): an adapted side's adapter weights,
     a side trained in full its whole state (names as in ``policy.state_dict()``).
 
-    Under FSDP every process must call it (a sharded weight is gathered whole, in the same order
-    everywhere); each gets the whole state."""
+    Under FSDP and DeepSpeed ZeRO-3 every process must call it (a partitioned weight is gathered
+    whole, one at a time, in the same order everywhere); each gets the whole state."""
     state: dict[str, torch.Tensor] = {}
     for side in sides:
         part = getattr(policy, side)
-        weights = adapter_state(part) if has_adapter(part) else part.state_dict()
+        weights = adapter_state(part, keep_vars=True) if has_adapter(part) else part.state_dict(keep_vars=True)
         for name, tensor in weights.items():
-            if hasattr(tensor, "full_tensor"):  # a DTensor: this process's shard of the weight
-                tensor = tensor.full_tensor()
-            state[f"{side}.{name}"] = tensor.detach().cpu().clone()
+            state[f"{side}.{name}"] = _whole_copy(tensor)
     return state
+
+
+@contextmanager
+def _loading_whole(accelerator: Accelerator) -> Iterator[None]:
+    """Models loaded inside the block come whole. Under DeepSpeed ZeRO-3 Accelerate points
+    transformers at its DeepSpeed config (transformers' ``HfDeepSpeedConfig``), and
+    ``from_pretrained`` then loads partitioned (``deepspeed.zero.Init``, a collective): a copy that
+    the main process alone loads would wait for the others forever."""
+    kept = getattr(accelerator.state.deepspeed_plugin, "dschf", None)  # None unless DeepSpeed
+    if kept is None:
+        yield
+        return
+    from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(kept)
+
+
+def _whole_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of a weight in full: a DTensor (FSDP) is this process's shard of it, and a ZeRO-3
+    parameter (it has DeepSpeed's ``ds_id``) holds only its partition until gathered."""
+    if hasattr(tensor, "full_tensor"):
+        tensor = tensor.full_tensor()
+    elif hasattr(tensor, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([tensor]):  # whole on every process inside the block
+            return tensor.detach().cpu().clone()
+    return tensor.detach().cpu().clone()
 
 
 class Trainer:
@@ -118,8 +152,8 @@ class Trainer:
         on_eval_progress: called as ``(name, done, total)`` while a held-out evaluation runs
             (``name``: "eval_before" or "eval_after"; the CLI's progress bar).
         starting_policy: loads the starting policy again, on the CPU (None: the config's
-            ``policy`` and ``checkpoint``); used only under FSDP, where the main process writes a
-            checkpoint's merged policy from such a copy with the trained state put in.
+            ``policy`` and ``checkpoint``); used only under FSDP and ZeRO-3, where the main process
+            writes a checkpoint's merged policy from such a copy with the trained state put in.
     """
 
     def __init__(
@@ -192,7 +226,7 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp / ENGINE_STATE_DIR), safe_serialization=True)
+        acc.save_state(str(tmp / ENGINE_STATE_DIR), safe_serialization=True, **self._engine_save_options())
         policy = acc.unwrap_model(self.agent.policy)
         trained = trained_state(policy, self.trained_sides)
         if self.is_main:
@@ -212,10 +246,23 @@ class Trainer:
         acc.wait_for_everyone()
         return final
 
+    def _engine_save_options(self) -> dict[str, Any]:
+        """What ``save_state`` passes to the engine. DeepSpeed's checkpoint holds the module's
+        weights (torch pickles, beside its optimizer partitions): the frozen ones are left out,
+        being the starting policy's, in the checkpoint's policy folder already."""
+        return {"exclude_frozen_parameters": True} if self.agent.zero_stage is not None else {}
+
+    def _engine_load_options(self) -> dict[str, Any]:
+        """What ``load_state`` passes to the engine: DeepSpeed's module state without the frozen
+        weights (see :meth:`_engine_save_options`) loads non-strictly; the trained weights come
+        from the optimizer's fp32 partitions, and with ZeRO-2 also from ``trained_state.safetensors``."""
+        return {"load_module_strict": False} if self.agent.zero_stage is not None else {}
+
     def _save_merged_copy(self, trained: dict[str, torch.Tensor], folder: Path) -> None:
-        """Under FSDP no process holds the policy whole: write its checkpoint layout from a CPU copy
-        of the starting policy, given the same trained sides and adapters, with ``trained`` put in."""
-        copy = self.starting_policy()
+        """Under FSDP or ZeRO-3 no process holds the policy whole: write its checkpoint layout from a
+        CPU copy of the starting policy, given the same trained sides and adapters, with ``trained`` put in."""
+        with _loading_whole(self.accelerator):
+            copy = self.starting_policy()
         prepare_trained_sides(copy, self.config)
         missing = set(trained) - set(copy.state_dict())
         if missing:
@@ -234,7 +281,7 @@ class Trainer:
         policy = self.accelerator.unwrap_model(self.agent.policy)
         if (folder / ENGINE_STATE_DIR).is_dir():
             # the engine's state: the optimizer (and RNG states); under FSDP the sharded model too
-            self.accelerator.load_state(str(folder / ENGINE_STATE_DIR))
+            self.accelerator.load_state(str(folder / ENGINE_STATE_DIR), **self._engine_load_options())
             if not self.agent.shards_parameters:
                 self._load_trained_state(policy, folder)
             self.agent.iteration = int(json.loads((folder / TRAINER_STATE_FILE).read_text())["iteration"])

@@ -26,6 +26,16 @@ sharded; each transformer block of the networks one unit, the rest of the policy
 optimizer step, reducing once per step. Under FSDP every other use of the policy — the rollouts,
 the recomputed old log-probabilities, evaluation and checkpoints — also runs through that module
 (:meth:`UniGRPOAgent.with_policy`), so the sharded parameters are gathered for it.
+
+Under DeepSpeed (Accelerate's DeepSpeed plugin, ZeRO stage 2 or 3) ``accelerator.prepare`` makes the
+module and the optimizer one ``DeepSpeedEngine``; ``accelerator.backward`` is the engine's backward
+and, at the last minibatch of a step, its ``step`` (clipping to the config's ``gradient_clipping``,
+which the agent sets to ``max_grad_norm``, the optimizer step, zeroing the gradients), so the
+optimizer's own ``step``/``zero_grad`` are no-ops and ``clip_grad_norm_`` returns the norm the
+engine clipped. ZeRO-2 partitions the gradients and the optimizer's state, the weights stay whole;
+ZeRO-3 partitions the weights too, and gathers each submodule's around that submodule's forward
+(DeepSpeed's hooks), wherever it is called from: the rollouts decode in step across processes
+(:func:`~unigrpo_env.agents.decoding.synchronized_decoding`), as under FSDP.
 """
 
 from __future__ import annotations
@@ -67,6 +77,7 @@ __all__ = [
     "Batch",
     "distributed_advantages",
     "prepare_trained_sides",
+    "configure_deepspeed",
 ]
 
 
@@ -192,8 +203,45 @@ def _starting_model(part: Any) -> Any:
     tokenizer): only the modules and tensors that train are copied."""
     if has_adapter(part):
         return WithoutAdapter(part)
+    if any(hasattr(p, "ds_id") for p in part.parameters()):
+        raise ValueError(
+            "the policy was loaded with its parameters already partitioned by DeepSpeed ZeRO-3 (deepspeed.zero.Init: "
+            "transformers' from_pretrained does so once an Accelerator with a ZeRO-3 plugin exists), so the agent "
+            "cannot copy the frozen reference of a side trained in full: load the policy before making the "
+            "Accelerator, as the CLI does (the engine partitions it when the agent prepares it)"
+        )
     shared = {id(v): v for v in vars(part).values() if not isinstance(v, (torch.nn.Module, torch.Tensor, dict))}
     return copy.deepcopy(part, memo=shared).requires_grad_(False).eval()
+
+
+def configure_deepspeed(ds_config: dict[str, Any], config: UniGRPOConfig, accelerator: Accelerator) -> None:
+    """Fill DeepSpeed's config (Accelerate's DeepSpeed plugin's, in place) with what the agent
+    decides, before ``accelerator.prepare`` hands it to the engine:
+
+    * ``gradient_clipping``: the engine clips in its ``step``, so it is ``max_grad_norm`` (``auto``
+      or absent: set; another number: an error, as the run would clip at a norm its config does not say);
+    * ``train_micro_batch_size_per_gpu`` (``auto``): the episodes of one minibatch in one process,
+      ``num_prompts · group_size / processes / minibatches`` (rounded up); there is no data loader,
+      so the engine only records it (``train_batch_size`` follows from it);
+    * no ``scheduler`` section: the agent sets each group's learning rate itself every iteration
+      (``warmup_iterations``, ``lr_schedule``), and an engine scheduler would overwrite them at every
+      step. An ``optimizer`` section is refused by Accelerate (the agent passes its own AdamW)."""
+    if "scheduler" in ds_config:
+        raise ValueError(
+            "the DeepSpeed config has a scheduler section: leave it out, the agent sets the learning rates itself "
+            "(warmup_iterations, lr_schedule)"
+        )
+    clipping = ds_config.get("gradient_clipping", "auto")
+    if clipping == "auto":
+        ds_config["gradient_clipping"] = config.max_grad_norm
+    elif float(clipping) != config.max_grad_norm:
+        raise ValueError(
+            f"the DeepSpeed config clips gradients to {clipping} but max_grad_norm is {config.max_grad_norm}: "
+            "set gradient_clipping to auto (the engine then clips to max_grad_norm) or make them equal"
+        )
+    if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        episodes = config.num_prompts * config.group_size // accelerator.num_processes
+        ds_config["train_micro_batch_size_per_gpu"] = max(1, math.ceil(episodes / config.minibatches))
 
 
 def _select(condition: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
@@ -287,13 +335,16 @@ class UniGRPOAgent:
         self.reference_text = None
         if self.train_text and config.kl_text > 0:
             self.reference_text = _starting_model(policy.text)
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            configure_deepspeed(self.accelerator.state.deepspeed_plugin.deepspeed_config, config, self.accelerator)
         groups = []
         if self.train_text:
             groups.append({"params": policy.text_parameters(), "lr": config.lr_text, "name": "text"})
         if self.train_image:
             groups.append({"params": policy.image_parameters(), "lr": config.lr_image, "name": "image"})
         # the training pass and the optimizer through the engine together (DDP wraps the module;
-        # FSDP2 shards it in place and points the optimizer's groups at the shards)
+        # FSDP2 shards it in place and points the optimizer's groups at the shards; DeepSpeed makes
+        # both one engine, whose optimizer keeps the groups, their names and learning rates)
         self.training_forward, self.optimizer = self.accelerator.prepare(
             TrainingForward(self.policy, self._log_probs), torch.optim.AdamW(groups, weight_decay=config.weight_decay)
         )
@@ -326,20 +377,31 @@ class UniGRPOAgent:
         self.iteration = 0
 
     @property
+    def zero_stage(self) -> int | None:
+        """DeepSpeed's ZeRO stage (0 to 3), or None when the engine is not DeepSpeed."""
+        if self.accelerator.distributed_type != DistributedType.DEEPSPEED:
+            return None
+        return int(self.accelerator.state.deepspeed_plugin.zero_stage)
+
+    @property
     def shards_parameters(self) -> bool:
-        """Whether the engine shards the policy's parameters across processes (FSDP)."""
-        return self.accelerator.distributed_type == DistributedType.FSDP
+        """Whether the engine partitions the policy's parameters across processes (FSDP, ZeRO-3)."""
+        return self.accelerator.distributed_type == DistributedType.FSDP or self.zero_stage == 3
 
     def with_policy(self, fn: Callable[[], Any]) -> Any:
         """``fn()``, which uses the policy outside the training pass (a rollout, an evaluation, a
         checkpoint), with the policy's parameters whole: under FSDP it runs inside the engine's
         module, whose forward gathers the root unit's shards (each block gathers its own when
-        called), with decoding loops synchronised across processes
-        (:mod:`unigrpo_env.agents.decoding`); otherwise it is called directly."""
-        if self.shards_parameters:
-            with synchronized_decoding():  # every process decodes until all are done (FSDP gathers per call)
-                return self.training_forward(call=fn)
-        return fn()
+        called); under ZeRO-3 it is called directly, as DeepSpeed's hooks gather every submodule's
+        parameters around its forward wherever it is called from; under both, decoding loops are
+        synchronised across processes (:mod:`unigrpo_env.agents.decoding`), as every gather is a
+        collective. Otherwise it is called directly."""
+        if not self.shards_parameters:
+            return fn()
+        with synchronized_decoding():  # every process decodes until all are done (the engine gathers per call)
+            if self.zero_stage == 3:
+                return fn()
+            return self.training_forward(call=fn)
 
     # -- 1. collect ------------------------------------------------------------------------------
 
@@ -645,13 +707,16 @@ class UniGRPOAgent:
                         loss, step_stats = self._loss(batch, index, old, fill_old=first)
                     if first:
                         stats.update(self._drift(batch, old))
-                    acc.backward(loss)  # divided by gradient_accumulation_steps, as Accelerate does
+                    # divided by gradient_accumulation_steps, as Accelerate does; under DeepSpeed the
+                    # engine's backward, and at the step's last minibatch its step (clip, step, zero)
+                    acc.backward(loss)
                     t1 = time.perf_counter()
                     if acc.sync_gradients:
+                        # the norm before clipping (under DeepSpeed: the one the engine clipped in its step)
                         step_stats["grad_norm"] = float(
                             acc.clip_grad_norm_(self._trained_parameters(), c.max_grad_norm)
                         )
-                    self.optimizer.step()  # a no-op until the step's last minibatch
+                    self.optimizer.step()  # a no-op until the step's last minibatch (under DeepSpeed: always)
                     self.optimizer.zero_grad(set_to_none=True)
                     optimizer_seconds += time.perf_counter() - t1
                     loss_seconds += t1 - t0

@@ -601,6 +601,102 @@ def test_fsdp_computes_what_ddp_computes_and_checkpoints_through_the_engine(tmp_
     assert not list((tmp_path / "run-ddp" / "checkpoints" / "ckpt-000001" / "engine").glob("model*"))
 
 
+def _deepspeed_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+@pytest.mark.skipif(
+    not _deepspeed_importable(), reason='DeepSpeed is not installed (pip install "unigrpo-env[deepspeed]")'
+)
+def test_deepspeed_zero2_and_zero3_compute_what_ddp_computes_and_checkpoint_through_the_engine(tmp_path):
+    """Two real processes (gloo), under DDP and under Accelerate's DeepSpeed plugin with ZeRO-2 and
+    ZeRO-3 (DeepSpeed's CPU accelerator: see tests/distributed_deepspeed.py): ZeRO-2 partitions the
+    optimizer's fp32 weights, ZeRO-3 every trained weight too; the engine clips to max_grad_norm
+    (the agent's gradient_clipping); the rollouts are the same (under ZeRO-3 the processes' reasoning
+    ends after different numbers of tokens and decoding goes on in step); the loss, the whole
+    gradients after the engine's reduction, the gradient norms and the weights after an iteration
+    (two minibatches, two learning rates warmed up) agree with DDP's to float tolerance; the
+    first ratio is exactly 1; a checkpoint written through the engine restores the weights and
+    the optimizer's fp32 copies, and its trained state and merged policy folder (gathered under
+    ZeRO-3) hold DDP's weights; a held-out evaluation scores what DDP's does."""
+    from safetensors.torch import load_file
+
+    results = {}
+    for mode, port in (("ddp", "29547"), ("zero2", "29548"), ("zero3", "29549")):
+        done = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+             str(HERE / "distributed_deepspeed.py"), str(tmp_path), mode],
+            capture_output=True, text=True, timeout=400,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"},
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[mode] = [json.loads((tmp_path / f"{mode}-{r}.json").read_text()) for r in range(2)]
+    for mode, ranks in results.items():
+        assert sorted(r["rank"] for r in ranks) == [0, 1] and all(r["world_size"] == 2 for r in ranks), mode
+        for r in ranks:
+            assert r["spoiled"] and r["restored"] and r["restored_master"], (mode, r)
+            assert r["first_ratio_text_max_dev"] == 0.0 and r["first_ratio_image_max_dev"] == 0.0, (mode, r)
+            assert r["first_grad_norm"] > 0.05, (mode, r)  # every step clips
+            assert r["learning_rates"] == pytest.approx({"text": 1e-3 / 4, "image": 3e-4 / 4}), (mode, r)
+    for stage, mode in ((2, "zero2"), (3, "zero3")):
+        for r in results[mode]:
+            assert r["distributed_type"] == "DistributedType.DEEPSPEED" and r["engine"] == "DeepSpeedEngine", r
+            assert r["zero_stage"] == stage and r["shards_parameters"] == (stage == 3), r
+            assert r["gradient_clipping"] == 0.05, r  # max_grad_norm, set by the agent
+            assert r["optimizer_partition_elements"] <= r["trained_elements"] // 2 + 64, r  # about half each
+    for r in results["zero3"]:
+        assert r["partitioned_parameters"] == r["trained_parameters"] > 0, r  # every trained weight split in two
+    assert results["zero3"][0]["decoded_tokens"] != results["zero3"][1]["decoded_tokens"]
+    # Measured (DeepSpeed 0.19.8, torch 2.13 CPU): ZeRO-2 gradients equal DDP's, weights within
+    # 5.3e-7; ZeRO-3 reduce-scatters in its own summation order: gradients within 4.9e-8 (of 0.063),
+    # and Adam's lr·m/(√v + eps) magnifies that for gradients near zero: weights within 1.8e-5 after
+    # three steps (525 of 2.4M elements beyond 1e-6), the second step's gradient norm within 1.1e-4.
+    tolerances = {  # (loss after an iteration, its gradient norm (relative), gradients, weights)
+        "zero2": (1e-6, 1e-5, 1e-8, 1e-6),
+        "zero3": (1e-5, 1e-3, 2e-7, 1e-4),
+    }
+    for mode, (loss_tolerance, norm_tolerance, gradient_tolerance, weight_tolerance) in tolerances.items():
+        for ddp, ds in zip(results["ddp"], results[mode]):
+            assert ddp["rewards"] == ds["rewards"] and ddp["tokens"] == ds["tokens"], mode  # the same rollouts
+            assert ddp["loss"] == pytest.approx(ds["loss"], abs=1e-7), mode
+            assert ddp["first_grad_norm"] == pytest.approx(ds["first_grad_norm"], rel=1e-5), mode
+            assert ddp["iteration_loss"] == pytest.approx(ds["iteration_loss"], abs=loss_tolerance), mode
+            assert ddp["iteration_grad_norm"] == pytest.approx(ds["iteration_grad_norm"], rel=norm_tolerance), mode
+            assert ddp["eval_tasks"] == ds["eval_tasks"] == 6 and ddp["eval_reward"] == ds["eval_reward"], mode
+        for kind, tolerance in (("gradients", gradient_tolerance), ("weights", weight_tolerance)):
+            ddp, ds = (load_file(str(tmp_path / f"{m}-{kind}.safetensors")) for m in ("ddp", mode))
+            assert set(ddp) == set(ds) and len(ddp) == results[mode][0]["trained_parameters"]
+            assert any(float(t.abs().max()) > 0 for t in ddp.values()), kind
+            for name in ddp:
+                assert torch.allclose(ddp[name], ds[name], atol=tolerance, rtol=1e-5), (mode, kind, name)
+    checkpoint = {mode: tmp_path / f"run-{mode}" / "checkpoints" / "ckpt-000001" for mode in results}
+    saved = {
+        mode: {
+            f.relative_to(folder).as_posix(): load_file(str(f))
+            for f in [*folder.glob("*_model/*.safetensors"), folder / "trained_state.safetensors"]
+        }
+        for mode, folder in checkpoint.items()
+    }
+    for mode, (*_, weight_tolerance) in tolerances.items():
+        assert set(saved[mode]) == set(saved["ddp"]) == {
+            "language_model/model.safetensors", "flow_model/diffusion_pytorch_model.safetensors",
+            "trained_state.safetensors",
+        }  # fmt: skip
+        for file, tensors in saved["ddp"].items():
+            assert set(tensors) == set(saved[mode][file]), (mode, file)
+            for name, tensor in tensors.items():
+                other = saved[mode][file][name]
+                assert tensor.shape == other.shape, (mode, file, name)  # whole: ZeRO-3's weights gathered
+                assert torch.allclose(tensor.float(), other.float(), atol=weight_tolerance, rtol=1e-5), (
+                    mode, file, name,
+                )  # fmt: skip
+        engine = checkpoint[mode] / "engine"
+        assert (engine / "latest").is_file() and list((engine / "pytorch_model").glob("*optim_states.pt")), mode
+    assert not list((checkpoint["ddp"] / "engine").glob("pytorch_model*"))
+
+
 def _fp16_agent(tiny_checkpoint, init_scale: float) -> UniGRPOAgent:
     """An agent in fp16 autocast with Accelerate's gradient scaler. Accelerate makes neither on a
     CPU (its fp16 needs a GPU), while torch has both for the CPU: the test gives the Accelerator
@@ -705,12 +801,19 @@ def test_the_example_accelerate_configs_load_and_both_launchers_run_the_cli_on_t
     folder = HERE.parent / "examples" / "accelerate"
     loaded = {c.name: load_config_from_file(str(c)) for c in sorted(folder.glob("*.yaml"))}
     assert set(loaded) == {
-        "one_gpu.yaml", "eight_gpus_ddp.yaml", "two_nodes_ddp.yaml", "eight_gpus_fsdp.yaml", "two_nodes_fsdp.yaml"
+        "one_gpu.yaml", "eight_gpus_ddp.yaml", "two_nodes_ddp.yaml", "eight_gpus_fsdp.yaml", "two_nodes_fsdp.yaml",
+        "eight_gpus_zero2.yaml", "eight_gpus_zero3.yaml",
     }  # fmt: skip
     assert loaded["eight_gpus_ddp.yaml"].num_processes == 8 and loaded["two_nodes_ddp.yaml"].num_machines == 2
     for name in ("eight_gpus_fsdp.yaml", "two_nodes_fsdp.yaml"):
         assert str(loaded[name].distributed_type) == "DistributedType.FSDP", name
         assert loaded[name].fsdp_config["fsdp_version"] == 2, name
+    for name, stage in (("eight_gpus_zero2.yaml", 2), ("eight_gpus_zero3.yaml", 3)):
+        assert str(loaded[name].distributed_type) == "DistributedType.DEEPSPEED", name
+        ds = loaded[name].deepspeed_config
+        assert ds["zero_stage"] == stage and ds["zero3_init_flag"] is False, name
+        # the agent sets these (gradient_clipping = max_grad_norm; its own learning rates)
+        assert "gradient_clipping" not in ds and "deepspeed_config_file" not in ds, name
     accelerate = [
         sys.executable,
         "-m",
