@@ -4,7 +4,8 @@ test compares what the engines compute, as ``distributed_fsdp.py`` does for FSDP
 policy: ShapesWorld's shipped checkpoint, LoRA on the text side with its adapter-off reference, the
 flow model in full with a frozen copy, two learning rates).
 
-``python distributed_deepspeed.py OUT MODE`` with MODE ``ddp``, ``zero2`` or ``zero3``. Each process
+``python distributed_deepspeed.py OUT MODE`` with MODE ``ddp``, ``zero2`` or ``zero3``, or
+``zero2-bf16`` (ZeRO-2 with Accelerate's ``mixed_precision="bf16"``: the engine's weights in bf16). Each process
 rolls out its half of every group, takes one optimizer step (recording the whole gradients after
 the engine's reduction, before the step), then a whole iteration (two minibatches, a warm-up
 scaling both learning rates), a checkpoint written and read back through the trainer and a
@@ -38,8 +39,9 @@ from unigrpo_env.agents.trainer import Trainer  # noqa: E402
 from unigrpo_env.scenarios.shapes.policy import load_shapes_policy  # noqa: E402
 
 out, mode = Path(sys.argv[1]), sys.argv[2]
+engine_name, _, precision = mode.partition("-")  # "zero2-bf16": ZeRO-2 in bf16
 MAX_GRAD_NORM = 0.05  # below the gradients' norm: every step clips
-deepspeed = mode != "ddp"
+deepspeed = engine_name != "ddp"
 
 
 def deepspeed_accelerator(stage: int) -> Accelerator:
@@ -48,10 +50,14 @@ def deepspeed_accelerator(stage: int) -> Accelerator:
     if stage == 3:
         zero["stage3_param_persistence_threshold"] = 0  # partition every weight, however small
     plugin = DeepSpeedPlugin(hf_ds_config={"gradient_accumulation_steps": 1, "zero_optimization": zero})
-    return Accelerator(deepspeed_plugin=plugin, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+    return Accelerator(
+        deepspeed_plugin=plugin,
+        mixed_precision=precision or "no",
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")],
+    )
 
 
-accelerator = Accelerator(cpu=True) if mode == "ddp" else deepspeed_accelerator(int(mode[-1]))
+accelerator = Accelerator(cpu=True) if engine_name == "ddp" else deepspeed_accelerator(int(engine_name[-1]))
 rank, world = accelerator.process_index, accelerator.num_processes
 config = UniGRPOConfig(
     num_prompts=2, group_size=4, minibatches=2, iterations=2, temperature=1.5,
@@ -70,7 +76,7 @@ engine = agent.training_forward  # DDP's wrapper or the DeepSpeedEngine
 def gathered(modifier_rank=None):
     """The trained parameters whole on every process (ZeRO-3 partitions them); with
     ``modifier_rank`` what that process writes into them is partitioned back on leaving."""
-    if mode == "zero3":
+    if engine_name == "zero3":
         import deepspeed as ds
 
         return ds.zero.GatheredParameters(list(named.values()), modifier_rank=modifier_rank)
@@ -101,10 +107,10 @@ def whole_gradients() -> dict[str, torch.Tensor]:
 
 trained_elements = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in named.values())
 partitioned = optimizer_elements = 0
-if mode == "zero3":  # each weight holds its partition only
+if engine_name == "zero3":  # each weight holds its partition only
     partitioned = sum(p.ds_tensor.numel() < p.ds_numel for p in named.values())
     optimizer_elements = sum(t.numel() for t in engine.optimizer.fp32_partitioned_groups_flat)
-elif mode == "zero2":  # the weights whole, the optimizer's fp32 copies (and the gradients) in partitions
+elif engine_name == "zero2":  # the weights whole, the optimizer's fp32 copies (and the gradients) in partitions
     optimizer_elements = sum(t.numel() for t in engine.optimizer.single_partition_of_fp32_groups)
 
 # one optimizer step on this process's half of the groups, the whole gradients recorded before it
@@ -154,6 +160,9 @@ tokens = batch.trajectory.turns[0].text.padded()[0]
             "distributed_type": str(accelerator.distributed_type),
             "engine": type(engine).__name__,
             "zero_stage": agent.zero_stage,
+            "mixed_precision": accelerator.mixed_precision,
+            "bf16_enabled": bool(engine.bfloat16_enabled()) if deepspeed else False,
+            "weight_dtypes": sorted({str(p.dtype) for p in named.values()}),
             "shards_parameters": agent.shards_parameters,
             "gradient_clipping": float(engine.gradient_clipping()) if deepspeed else None,
             "partitioned_at_load": partitioned_at_load,

@@ -611,8 +611,8 @@ def _deepspeed_importable() -> bool:
     not _deepspeed_importable(), reason='DeepSpeed is not installed (pip install "unigrpo-env[deepspeed]")'
 )
 def test_deepspeed_zero2_and_zero3_compute_what_ddp_computes_and_checkpoint_through_the_engine(tmp_path):
-    """Two real processes (gloo), under DDP and under Accelerate's DeepSpeed plugin with ZeRO-2 and
-    ZeRO-3 (DeepSpeed's CPU accelerator: see tests/distributed_deepspeed.py): ZeRO-2 partitions the
+    """Two real processes (gloo), under DDP and under Accelerate's DeepSpeed plugin with ZeRO-2,
+    ZeRO-3 and ZeRO-2 in bf16 (DeepSpeed's CPU accelerator: see tests/distributed_deepspeed.py): ZeRO-2 partitions the
     optimizer's fp32 weights, ZeRO-3 every trained weight too; the engine clips to max_grad_norm
     (the agent's gradient_clipping); the rollouts are the same (under ZeRO-3 the processes' reasoning
     ends after different numbers of tokens and decoding goes on in step); the loss, the whole
@@ -624,7 +624,7 @@ def test_deepspeed_zero2_and_zero3_compute_what_ddp_computes_and_checkpoint_thro
     from safetensors.torch import load_file
 
     results = {}
-    for mode, port in (("ddp", "29547"), ("zero2", "29548"), ("zero3", "29549")):
+    for mode, port in (("ddp", "29547"), ("zero2", "29548"), ("zero3", "29549"), ("zero2-bf16", "29550")):
         done = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
              str(HERE / "distributed_deepspeed.py"), str(tmp_path), mode],
@@ -695,6 +695,14 @@ def test_deepspeed_zero2_and_zero3_compute_what_ddp_computes_and_checkpoint_thro
         engine = checkpoint[mode] / "engine"
         assert (engine / "latest").is_file() and list((engine / "pytorch_model").glob("*optim_states.pt")), mode
     assert not list((checkpoint["ddp"] / "engine").glob("pytorch_model*"))
+    # bf16 (Accelerate's mixed_precision with the DeepSpeed plugin): the engine holds the weights in
+    # bf16; rollouts, the on-policy first ratio (exactly 1), the checkpoint and the evaluation work
+    for r, fp32 in zip(results["zero2-bf16"], results["zero2"]):
+        assert r["mixed_precision"] == "bf16" and r["bf16_enabled"] and r["weight_dtypes"] == ["torch.bfloat16"], r
+        assert fp32["weight_dtypes"] == ["torch.float32"], fp32
+        assert r["first_ratio_text_max_dev"] == 0.0 and r["first_ratio_image_max_dev"] == 0.0, r
+        assert r["spoiled"] and r["restored"] and r["restored_master"] and r["eval_tasks"] == 6, r
+        assert math.isfinite(r["iteration_loss"]) and r["loss"] == pytest.approx(fp32["loss"], abs=0.05), (r, fp32)
 
 
 def _fp16_agent(tiny_checkpoint, init_scale: float) -> UniGRPOAgent:
