@@ -53,18 +53,22 @@ def saved_bytes(model, run):  # activations kept for backward (parameters exclud
     return sum(t.numel() * t.element_size() for t in keep)
 
 
+#: FLUX.1-dev's transformer: 19 double-stream and 38 single-stream blocks, width 3072
+FLUX_DEV = dict(
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+
+
 def flux(double, single, lora=False):
-    f = FluxTransformer2DModel(
-        in_channels=64,
-        num_layers=double,
-        num_single_layers=single,
-        attention_head_dim=128,
-        num_attention_heads=24,
-        joint_attention_dim=4096,
-        pooled_projection_dim=768,
-        guidance_embeds=True,
-        axes_dims_rope=(16, 56, 56),
-    ).to(torch.bfloat16)
+    f = FluxTransformer2DModel(**{**FLUX_DEV, "num_layers": double, "num_single_layers": single}).to(torch.bfloat16)
     if lora:
         f.requires_grad_(False)
         targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
@@ -120,20 +124,7 @@ with torch.device("meta"):
         )
     print(
         "FLUX.1-dev-sized (19 + 38 blocks):",
-        sum(
-            p.numel()
-            for p in FluxTransformer2DModel(
-                in_channels=64,
-                num_layers=19,
-                num_single_layers=38,
-                attention_head_dim=128,
-                num_attention_heads=24,
-                joint_attention_dim=4096,
-                pooled_projection_dim=768,
-                guidance_embeds=True,
-                axes_dims_rope=(16, 56, 56),
-            ).parameters()
-        ),
+        sum(p.numel() for p in FluxTransformer2DModel(**FLUX_DEV).parameters()),
         "parameters",
     )
     layer = qwen(1).to(torch.bfloat16)
@@ -227,17 +218,7 @@ with torch.device("meta"):
         )
 
     targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-    big_flux = FluxTransformer2DModel(
-        in_channels=64,
-        num_layers=19,
-        num_single_layers=38,
-        attention_head_dim=128,
-        num_attention_heads=24,
-        joint_attention_dim=4096,
-        pooled_projection_dim=768,
-        guidance_embeds=True,
-        axes_dims_rope=(16, 56, 56),
-    )
+    big_flux = FluxTransformer2DModel(**FLUX_DEV)
     print(
         "LoRA parameters per rank: LM (all-linear but the head)",
         per_rank(q, lambda n: not n.endswith("lm_head")),
