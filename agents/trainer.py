@@ -246,6 +246,15 @@ class Trainer:
         acc.wait_for_everyone()
         return final
 
+    def _write_progress(self, seconds: float) -> None:
+        """``progress.json``: the run's seconds up to the checkpoint just written (``--resume``
+        adds to them), written with every checkpoint and atomically (a kill during the write
+        keeps the previous file)."""
+        if self.is_main:
+            progress = self.out / ".progress.json.tmp"
+            progress.write_text(json.dumps({"seconds": seconds}))
+            os.replace(progress, self.out / "progress.json")
+
     def _engine_save_options(self) -> dict[str, Any]:
         """What ``save_state`` passes to the engine. DeepSpeed's checkpoint holds the module's
         weights (torch pickles, beside its optimizer partitions): the frozen ones are left out,
@@ -349,8 +358,9 @@ class Trainer:
                 (self.out / "config.json").write_text(c.model_dump_json(indent=2))
             self.on_status("evaluating the starting policy on the held-out tasks")
             before = self._evaluate("eval_before")
-            self.save_checkpoint()
             previous_seconds = 0.0
+            self.save_checkpoint()
+            self._write_progress(previous_seconds + time.perf_counter() - started)
         try:
             while self.agent.iteration < c.iterations:
                 metrics = self.agent.train_iteration()
@@ -361,10 +371,7 @@ class Trainer:
                     self.on_iteration(metrics)
                 if self.agent.iteration % c.checkpoint_every == 0 or self.agent.iteration == c.iterations:
                     self.save_checkpoint()
-                    if self.is_main:  # atomically: a kill during the write keeps the previous file
-                        progress = self.out / ".progress.json.tmp"
-                        progress.write_text(json.dumps({"seconds": previous_seconds + time.perf_counter() - started}))
-                        os.replace(progress, self.out / "progress.json")
+                    self._write_progress(previous_seconds + time.perf_counter() - started)
         except RewardFailureError:
             self.save_checkpoint()
             raise
