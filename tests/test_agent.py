@@ -513,9 +513,10 @@ def test_two_processes_with_half_of_each_group_compute_what_one_process_with_the
 
     script = str(HERE / "distributed_whole_batch.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    port = {"grpo": "29560", "bnpo": "29561"}[loss_type]  # a port of its own (no other test's)
     launches = {
         "one": [sys.executable, script, str(tmp_path), "one", loss_type],
-        "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
+        "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
                 script, str(tmp_path), "two", loss_type],
     }  # fmt: skip
     for mode, command in launches.items():
