@@ -63,10 +63,11 @@ def across_processes(
     categories: list[str],
 ) -> dict[str, Any]:
     """This process's iteration ``stats`` made global (see the module docstring); every process
-    must call it, and every process gets the same result. With one process: ``stats`` with its
-    reward statistics recomputed by :func:`reward_metrics` (the same numbers)."""
+    must call it, and every process gets the same result. ``stats`` holds the reward statistics of
+    this process's share (:func:`reward_metrics`, as ``UniGRPOAgent.collect`` computes them), so
+    with one process it is already the whole batch's and comes back as it is."""
     if accelerator.num_processes == 1:
-        return {**stats, **reward_metrics(rewards, components, categories)}
+        return stats
     share = {
         "stats": stats,
         "rewards": rewards.tolist(),

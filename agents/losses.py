@@ -96,8 +96,12 @@ def _masked_mean(
     values: torch.Tensor, mask: torch.Tensor, dim: int, denominator: Denominator | None = None
 ) -> torch.Tensor:
     mask = mask.to(values.dtype)
-    count = mask.sum(dim)
-    return (values * mask).sum(dim) / (count if denominator is None else denominator(count)).clamp(min=1.0)
+    return (values * mask).sum(dim) / _divisor(mask.sum(dim), denominator).clamp(min=1.0)
+
+
+def _divisor(count: torch.Tensor, denominator: Denominator | None) -> torch.Tensor:
+    """What a mean over ``count`` units divides by: the count itself, or ``denominator(count)``."""
+    return count if denominator is None else denominator(count)
 
 
 def masked_batch_mean(values: torch.Tensor, mask: torch.Tensor, denominator: Denominator | None = None) -> torch.Tensor:
@@ -123,17 +127,16 @@ def _text_mean(
       then the mean over the sequences.
     """
     sequences = token_mask.any(dim=1) if sample_mask is None else (sample_mask & token_mask.any(dim=1))
-    divide = denominator or (lambda count: count)
     if loss_type == "grpo":
         return _masked_mean(_masked_mean(per_token, token_mask, dim=1), sequences, 0, denominator), sequences
     tokens = token_mask & sequences[:, None]
     total = (per_token * tokens.to(per_token.dtype)).sum()
     if loss_type == "bnpo":
-        return total / divide(tokens.sum().to(per_token.dtype)).clamp(min=1), sequences
+        return total / _divisor(tokens.sum().to(per_token.dtype), denominator).clamp(min=1), sequences
     if loss_type == "dr_grpo":
         if not max_tokens or max_tokens < 1:
             raise ValueError("loss_type 'dr_grpo' needs max_tokens, the token budget of a sequence")
-        return total / (divide(sequences.sum().to(per_token.dtype)).clamp(min=1) * max_tokens), sequences
+        return total / (_divisor(sequences.sum().to(per_token.dtype), denominator).clamp(min=1) * max_tokens), sequences
     raise ValueError(f"loss_type must be one of {TEXT_LOSS_TYPES}, got {loss_type!r}")
 
 

@@ -616,7 +616,7 @@ class UniGRPOAgent:
             if reg is not None:
                 if divide is not None:
                     reg_value = masked_batch_mean(reg.mean(dim=1), valid, divide)
-                else:
+                else:  # one process: the expression the recorded runs used (its sum order, bit for bit)
                     reg_value = reg.mean(dim=1)[valid].mean() if bool(valid.any()) else reg.sum() * 0.0
                 loss = loss + c.regularizer_coef * reg_value / len(image_lp)
                 stats[f"regularizer_{c.regularizer}"] = stats.get(f"regularizer_{c.regularizer}", 0.0) + float(
