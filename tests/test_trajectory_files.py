@@ -5,6 +5,8 @@ silently and no code runs."""
 from __future__ import annotations
 
 import json
+import math
+import os
 
 import pytest
 import torch
@@ -112,3 +114,79 @@ def test_an_oversized_header_is_refused_before_its_tensors_are_read(saved, tmp_p
     save_file(tensors, str(path), metadata={**metadata, "trajectory": json.dumps(header)})
     with pytest.raises(TrajectoryFileError, match="more than the"):
         Trajectory.load(path)
+
+
+def _long_trajectory(turns: int) -> Trajectory:
+    from unigrpo_env import Task
+    from unigrpo_env.trajectory import ImageSegment, TextSegment, Turn
+
+    text = TextSegment(tokens=torch.tensor([1, 2]), log_probs=torch.tensor([-0.1, -0.2]))
+    image = ImageSegment(
+        x_t=torch.zeros(1, 1, 1, 1),
+        x_next=torch.zeros(1, 1, 1, 1),
+        t=torch.ones(1),
+        t_next=torch.zeros(1),
+        log_prob=torch.zeros(1),
+        stochastic=torch.zeros(1, dtype=torch.bool),
+    )
+    task = Task(prompts=("p",), category="c", split="train", index=0)
+    return Trajectory(scenario="toy", task=task, turns=[Turn(prompt="p", segments=[text, image])] * turns, reward=1.0)
+
+
+def test_loading_is_linear_in_the_number_of_turns(tmp_path):
+    # each segment used to scan every tensor name: 8x the turns took 64x the time (20,000 turns: 102 s)
+    import time
+
+    seconds = {}
+    for turns in (1_000, 8_000):
+        path = _long_trajectory(turns).save(tmp_path / f"{turns}.safetensors")
+        best = math.inf
+        for _ in range(2):
+            start = time.perf_counter()
+            loaded = Trajectory.load(path)
+            best = min(best, time.perf_counter() - start)
+        assert len(loaded.turns) == turns and loaded.turns[-1].image.num_steps == 1
+        seconds[turns] = best
+    assert seconds[8_000] / seconds[1_000] < 12, seconds
+
+
+def test_an_absurd_number_of_turns_is_refused_before_per_turn_work(saved, tmp_path):
+    from unigrpo_env.trajectory import MAX_SEGMENTS_PER_TURN, MAX_TURNS
+
+    _, tensors, metadata = saved
+    turn = {"prompt": "p", "segments": []}
+    path = _write(tmp_path, tensors, metadata, _set("turns", [turn] * (MAX_TURNS + 1)))
+    with pytest.raises(TrajectoryFileError, match=f"at most {MAX_TURNS}"):
+        Trajectory.load(path)
+    segment = {"kind": "text", "has_image": False}
+    path = _write(tmp_path, tensors, metadata, _set("turns", [{"prompt": "p", "segments": [segment] * 17}]))
+    with pytest.raises(TrajectoryFileError, match=f"at most {MAX_SEGMENTS_PER_TURN}"):
+        Trajectory.load(path)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_a_file_that_is_not_a_regular_file_is_refused_at_once(tmp_path, kind):
+    # a FIFO used to block forever in safe_open
+    path = tmp_path / "not-a-file.safetensors"
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+    with pytest.raises(TrajectoryFileError, match=f"not a regular file .*{'FIFO' if kind == 'fifo' else 'folder'}"):
+        Trajectory.load(path)
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_a_boolean_reward_is_refused(saved, tmp_path, value):
+    # the header's types are strict: true used to load as a reward of 1.0
+    _, tensors, metadata = saved
+    with pytest.raises(TrajectoryFileError, match="reward"):
+        Trajectory.load(_write(tmp_path, tensors, metadata, _set("reward", value)))
+    with pytest.raises(TrajectoryFileError, match="reward_components"):
+        Trajectory.load(_write(tmp_path, tensors, metadata, _set("reward_components", {"a": value})))
+
+
+def test_an_integer_reward_loads_as_a_float(saved, tmp_path):
+    _, tensors, metadata = saved
+    loaded = Trajectory.load(_write(tmp_path, tensors, metadata, _set("reward", 1)))
+    assert loaded.reward == 1.0 and isinstance(loaded.reward, float)
