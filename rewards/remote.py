@@ -26,30 +26,43 @@ Failures, by whether retrying can help:
   exception, so a training run neither hangs nor dies (the agent leaves NaN samples out of its
   update and stops if too large a fraction fails). The requests of a split batch after such a
   failure are not sent (they score NaN too): the requests already answered keep their scores.
-  One request takes at most ``(retries + 1)`` attempts, each bounded by ``timeout`` per phase
-  (connect, send, wait for the answer), plus ``backoff · (2^retries − 1)`` seconds of waiting; so
-  a call to a server that is down costs one request's bound (on the first call, the ``/health``
-  request is that one).
+  One request takes at most ``(retries + 1)`` attempts, each ended ``timeout`` seconds after it
+  began whatever the server does (a wall-clock deadline over connecting, sending and reading the
+  whole answer: a server that trickles its answer a byte a second, or never stops sending, is cut
+  off like one that never answers), plus ``backoff · (2^retries − 1)`` seconds of waiting; so a
+  request returns within ``(retries + 1) · timeout + backoff · (2^retries − 1)`` seconds, and a
+  call to a server that is down costs one request's bound (on the first call, the ``/health``
+  request is that one). An answer over 64 MB is cut off too (a batch's scores are a few kB).
 * the server's scorer raised on a request — it answers all-NaN scores and the error; returned as
   they are, with a :class:`RemoteRewardWarning`.
 * a wrong or missing token (401), a body or batch over the server's limits (413), a request the
   server cannot read (422), any other 4xx, an answer that is not ``unigrpo-reward/1``, or a
   ``/health`` whose ``max_batch`` is not a positive integer — configuration errors:
-  :class:`RemoteRewardError` (a ``ValueError``) with a one-line message.
+  :class:`RemoteRewardError` (a ``ValueError``) with a one-line message. An answer that is not
+  JSON within :mod:`unigrpo_env.bounded_json`'s bounds (nested too deep, an integer of thousands
+  of digits) is such an answer. Raised from a reward inside an environment, it scores the batch
+  NaN with the error as its reason, as any failing scorer does.
+
+The requests run on an event loop of the client's own, in a daemon thread (started on the first
+request, again after a fork), so that the deadline can cancel a request in any phase; the calling
+thread waits for the answer. Any thread may call, and several at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import threading
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import torch
 
+from unigrpo_env import bounded_json
 from unigrpo_env.reward import RewardInputs, RewardOutput
 from unigrpo_env.rewards.auth import bearer_header, read_token_file
 from unigrpo_env.rewards.concurrency import merge_outputs
@@ -61,6 +74,9 @@ __all__ = ["TOKEN_ENV", "RemoteReward", "RemoteRewardError", "RemoteRewardWarnin
 
 #: The environment variable holding the token when neither ``token`` nor ``token_file`` is given.
 TOKEN_ENV = "UNIGRPO_REWARD_TOKEN"
+
+#: The largest answer read from a server (a batch's scores and components are a few kB).
+MAX_ANSWER_BYTES = 64 * 2**20
 
 
 class RemoteRewardError(ValueError):
@@ -76,6 +92,46 @@ class _Unreachable(Exception):
     """Every attempt failed with a connection error, a timeout or a 5xx."""
 
 
+class _TooLong(Exception):
+    """An answer over :data:`MAX_ANSWER_BYTES`."""
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """A server's whole answer, read within the attempt's deadline."""
+
+    status_code: int
+    content: bytes
+    reason_phrase: str
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", errors="replace")
+
+    def json(self, what: str) -> Any:
+        return bounded_json.loads(self.content, what=what)
+
+
+class _EventLoop:
+    """An asyncio event loop running in a daemon thread; :meth:`run` runs a coroutine on it from
+    any other thread and waits for its result."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.pid = os.getpid()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="unigrpo-remote-reward", daemon=True)
+        self.thread.start()
+
+    def run(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+
 class RemoteReward:
     """A reward scored by a reward service at ``url`` (see the module docstring for failures).
 
@@ -85,7 +141,7 @@ class RemoteReward:
         token_file: a file holding the token (instead of ``token``). With neither, the token is
             the environment variable ``UNIGRPO_REWARD_TOKEN`` if set (so ``--reward
             remote:URL`` on the command line needs no token in its text), else none.
-        timeout: seconds per phase of one attempt (connect, send, wait for the answer).
+        timeout: seconds one attempt may take in all (connecting, sending, reading the answer).
         retries: attempts after the first, on connection errors, timeouts and 5xx.
         backoff: seconds before the first retry, doubled before each next one.
         max_batch: the most episodes sent in one request (a larger batch is split, see the
@@ -132,7 +188,8 @@ class RemoteReward:
         self.max_batch = max_batch
         self._server_max_batch: int | None = None  # the server's limit, once read
         self._limit_read = False  # whether /health was read for it (with an answer)
-        self._client: Any = None
+        self._client: Any = None  # an httpx.AsyncClient, used on the event loop's thread only
+        self._event_loop: _EventLoop | None = None
         self._lock = threading.Lock()
         self._limit_lock = threading.Lock()
 
@@ -185,9 +242,9 @@ class RemoteReward:
         if response.status_code != 200:
             return None  # no health endpoint: send whole batches, as before
         try:
-            payload = response.json()
+            payload = response.json("/health's answer")
         except ValueError as exc:
-            raise RemoteRewardError(f"remote reward {self.url}: /health is not JSON: {_words(exc)}") from exc
+            raise RemoteRewardError(f"remote reward {self.url}: {_words(exc)}") from exc
         limit = payload.get("max_batch") if isinstance(payload, dict) else None
         if limit is not None and not _positive_int(limit):
             raise RemoteRewardError(
@@ -226,7 +283,7 @@ class RemoteReward:
         response = self._send("POST", "/score", content=body, headers={"content-type": "application/octet-stream"})
         self._raise_for_status(response)
         try:
-            output, error = decode_response(response.json(), n)
+            output, error = decode_response(response.json("the answer"), n)
         except (ValueError, WireFormatError) as exc:  # JSON errors are ValueErrors too
             raise RemoteRewardError(f"remote reward {self.url}: the answer is not {SCHEMA}: {_words(exc)}") from exc
         if error is not None:
@@ -244,25 +301,46 @@ class RemoteReward:
         except _Unreachable as exc:
             raise RemoteRewardError(f"remote reward {self.url} is unreachable: {exc}") from exc
         self._raise_for_status(response)
-        return response.json()
+        try:
+            return response.json("/health's answer")
+        except ValueError as exc:
+            raise RemoteRewardError(f"remote reward {self.url}: {_words(exc)}") from exc
 
-    def _send(self, method: str, path: str, **request: Any) -> Any:
-        httpx = self._httpx
-        client = self._http()
+    def _send(self, method: str, path: str, **request: Any) -> _Answer:
+        """One request with its retries: the first answer below 500, or :class:`_Unreachable`."""
         error = "no attempt made"
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
-                response = client.request(method, path, **request)
-            except httpx.TransportError as exc:  # connection refused or reset, timeouts, broken answers
+                answer = self._loop().run(self._attempt(method, path, request))
+            except self._httpx.TransportError as exc:  # connection refused or reset, timeouts, broken answers
                 error = f"{type(exc).__name__}: {_words(exc) or 'no detail'}"
                 continue
-            if response.status_code >= 500:
-                error = f"HTTP {response.status_code}: {_detail(response)}"
+            except asyncio.TimeoutError:  # the attempt's deadline (TimeoutError itself from Python 3.11)
+                error = f"no whole answer within the timeout of {self.timeout:g} s"
                 continue
-            return response
+            except _TooLong:
+                error = f"an answer of more than {MAX_ANSWER_BYTES} bytes"
+                continue
+            if answer.status_code >= 500:
+                error = f"HTTP {answer.status_code}: {_detail(answer)}"
+                continue
+            return answer
         raise _Unreachable(f"{error} (after {self.retries + 1} attempts)")
+
+    async def _attempt(self, method: str, path: str, request: dict[str, Any]) -> _Answer:
+        """One attempt, cancelled ``timeout`` seconds after it began (``asyncio.TimeoutError``)."""
+        return await asyncio.wait_for(self._exchange(method, path, request), timeout=self.timeout)
+
+    async def _exchange(self, method: str, path: str, request: dict[str, Any]) -> _Answer:
+        async with self._http().stream(method, path, **request) as response:
+            content = bytearray()
+            async for chunk in response.aiter_bytes():
+                content += chunk
+                if len(content) > MAX_ANSWER_BYTES:
+                    raise _TooLong
+            return _Answer(response.status_code, bytes(content), response.reason_phrase)
 
     def _raise_for_status(self, response: Any) -> None:
         status = response.status_code
@@ -285,25 +363,37 @@ class RemoteReward:
 
     # --- the HTTP client -------------------------------------------------------------------------------------
 
-    def _http(self) -> Any:
+    def _loop(self) -> _EventLoop:
+        """The client's event loop thread (a new one in a forked child, where the thread is gone)."""
         with self._lock:
-            if self._client is None:
-                headers = bearer_header(self._token) if self._token else {}
-                self._client = self._httpx.Client(
-                    base_url=self.url, timeout=self._httpx.Timeout(self.timeout), headers=headers
-                )
-            return self._client
+            if self._event_loop is not None and self._event_loop.pid != os.getpid():
+                self._event_loop, self._client = None, None  # the parent's thread and connections
+            if self._event_loop is None:
+                self._event_loop = _EventLoop()
+            return self._event_loop
+
+    def _http(self) -> Any:
+        """The HTTP client (an ``httpx.AsyncClient``, used on the event loop's thread only)."""
+        if self._client is None:
+            headers = {"accept-encoding": "identity", **(bearer_header(self._token) if self._token else {})}
+            self._client = self._httpx.AsyncClient(
+                base_url=self.url, timeout=self._httpx.Timeout(self.timeout), headers=headers
+            )
+        return self._client
 
     def close(self) -> None:
-        """Close the connections (a later call opens new ones)."""
+        """Close the connections and stop the event loop's thread (a later call starts them again)."""
         with self._lock:
-            if self._client is not None:
-                self._client.close()
-                self._client = None
+            loop, client = self._event_loop, self._client
+            self._event_loop, self._client = None, None
+        if loop is not None and loop.pid == os.getpid():
+            if client is not None:
+                loop.run(client.aclose())
+            loop.stop()
 
     def __getstate__(self) -> dict[str, Any]:  # connections and modules cannot be copied; reopen lazily
         state = self.__dict__.copy()
-        for key in ("_client", "_lock", "_limit_lock", "_httpx"):
+        for key in ("_client", "_event_loop", "_lock", "_limit_lock", "_httpx"):
             state.pop(key)
         return state
 
@@ -311,6 +401,7 @@ class RemoteReward:
         self.__dict__.update(state)
         self._httpx = import_serve_dependency("httpx")
         self._client = None
+        self._event_loop = None
         self._lock = threading.Lock()
         self._limit_lock = threading.Lock()
 
@@ -348,9 +439,9 @@ def _check_url(url: Any) -> str:
     return text
 
 
-def _detail(response: Any) -> str:
+def _detail(response: _Answer) -> str:
     try:
-        payload = response.json()
+        payload = response.json("the answer")
         detail = payload.get("detail") if isinstance(payload, dict) else None
     except ValueError:
         detail = None
@@ -358,4 +449,5 @@ def _detail(response: Any) -> str:
 
 
 def _words(value: Any) -> str:
-    return " ".join(str(value).split())
+    """A value's text on one line, cut to a readable length (a server chooses what it says)."""
+    return bounded_json.shorten(str(value), 300)

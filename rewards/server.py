@@ -16,9 +16,11 @@ Endpoints:
   tensors, wrong dtypes or shapes, bad JSON, tasks that do not validate); ``500`` a failure of
   the server itself (one line, never a traceback).
 * ``GET /health`` — ``{"status": "ok", "schema", "reward", "device", "max_batch",
-  "max_body_bytes", "version"}``: the reward's name, the device of its model (its ``device``
-  attribute, or its ``model``'s, else ``"cpu"``; a weighted sum lists its terms' devices), the
-  limits and this package's version. :class:`~unigrpo_env.rewards.remote.RemoteReward` reads
+  "max_body_bytes", "version", "dropped_requests"}``: the reward's name, the device of its model
+  (its ``device`` attribute, or its ``model``'s, else ``"cpu"``; a weighted sum lists its terms'
+  devices), the limits, this package's version, and how many requests were dropped because their
+  client disconnected before sending the whole body (each such request is one ``INFO`` line in
+  the log, never a traceback). :class:`~unigrpo_env.rewards.remote.RemoteReward` reads
   ``max_batch`` from it once and splits larger batches into requests of at most that many
   episodes.
 
@@ -32,7 +34,11 @@ Clients send the token from ``token=``, ``token_file=`` or the environment varia
 
 Scoring: one batch at a time. The reward runs in a worker thread (the event loop keeps
 accepting and reading requests) under a lock, since GPU models are not re-entrant; concurrent
-requests queue, each answered with its own batch's scores.
+requests queue, each answered with its own batch's scores. A request's JSON (the safetensors
+header and the metadata, at most :data:`~unigrpo_env.rewards.wire.MAX_METADATA_CHARS`
+characters, read within :mod:`unigrpo_env.bounded_json`'s bounds: a 100,000-deep value or a
+5,000-digit integer is a ``422``) is parsed in a worker thread too, so a large one does not hold
+up ``/health`` or other requests' reading.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ import uvicorn  # noqa: E402
 from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import JSONResponse  # noqa: E402
 from starlette.concurrency import run_in_threadpool  # noqa: E402
+from starlette.requests import ClientDisconnect  # noqa: E402
 
 from unigrpo_env import __version__  # noqa: E402
 from unigrpo_env.reward import RewardFunction, RewardInputs  # noqa: E402
@@ -110,6 +117,7 @@ def create_app(
         "max_body_bytes": max_body_bytes,
         "version": __version__,
     }
+    counts = {"dropped_requests": 0}  # requests whose client disconnected before sending the whole body
 
     def authorised(request: Request) -> bool | None:
         """True: the right token (or none needed); False: a wrong one; None: none given."""
@@ -143,7 +151,7 @@ def create_app(
             return _error(401, "wrong token", auth=True)
         if allowed is None:
             return JSONResponse({"status": "ok", "schema": SCHEMA, "auth": "required"})
-        return JSONResponse(details)
+        return JSONResponse({**details, **counts})
 
     @app.post("/score")
     async def score_batch(request: Request) -> JSONResponse:
@@ -159,14 +167,18 @@ def create_app(
                 if len(body) > max_body_bytes:
                     return _error(413, f"the body exceeds the limit of {max_body_bytes} bytes")
             body = bytes(body)
-            try:
-                header = read_request_header(body)
+            try:  # the header's JSON is parsed in a worker thread: the loop keeps answering /health
+                header = await run_in_threadpool(read_request_header, body)
                 if header.size > max_batch:
                     return _error(413, f"a batch of {header.size} episodes exceeds the limit of {max_batch}")
                 inputs = await run_in_threadpool(decode_request, body, header)
             except WireFormatError as exc:
                 return _error(422, str(exc))
             return JSONResponse(await run_in_threadpool(score, inputs))
+        except ClientDisconnect:  # the client went away mid-body: nothing to answer, one line in the log
+            counts["dropped_requests"] += 1
+            logger.info("a client disconnected before sending its whole request (%d so far)", counts["dropped_requests"])
+            return _error(400, "the client disconnected")
         except Exception as exc:  # noqa: BLE001 - one line to the client, the traceback to the log
             logger.exception("the reward service failed on a request")
             return _error(500, f"internal error: {_one_line(exc)}")

@@ -33,7 +33,10 @@ with a JSON body ``{"detail": "one line"}``; see :mod:`.server`.
 
 Decoding checks everything (:class:`WireFormatError`, a ``ValueError``, with a one-line message):
 the blob's header, the tensor names, dtypes and shapes (before any tensor is loaded), the schema
-version, and the tasks (validated as :class:`~unigrpo_env.task.Task`).
+version, and the tasks (validated as :class:`~unigrpo_env.task.Task`). Both JSON texts are read
+by :func:`unigrpo_env.bounded_json.loads` (at most 100 levels deep, finite numbers, integers
+within Python's digit limit), and the metadata may hold at most :data:`MAX_METADATA_CHARS`
+characters.
 """
 
 from __future__ import annotations
@@ -48,12 +51,14 @@ from pydantic import ValidationError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from unigrpo_env import bounded_json
 from unigrpo_env.reward import RewardInputs, RewardOutput
 from unigrpo_env.task import Task
 
 __all__ = [
     "SCHEMA",
     "METADATA_KEY",
+    "MAX_METADATA_CHARS",
     "WireFormatError",
     "RequestHeader",
     "encode_request",
@@ -69,6 +74,12 @@ METADATA_KEY = "unigrpo-reward"
 _DTYPES = {"images": "U8", "earlier_images": "U8", "group_ids": "I64"}
 _RANKS = {"images": 4, "earlier_images": 5, "group_ids": 1}
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+#: The longest metadata JSON a request may carry: every task and reasoning text of a batch (a
+#: batch of 256 three-turn episodes with 8,000-character reasoning holds about 6 M characters).
+#: Far below the body limit, because JSON is parsed holding Python's GIL: the largest metadata of
+#: the worst shape (millions of tiny values) holds up the server's other threads for about 0.7 s
+#: on a 2-core CPU; text-heavy metadata of this size parses in about 0.1 s.
+MAX_METADATA_CHARS = 8 * 2**20
 
 
 class WireFormatError(ValueError):
@@ -114,17 +125,19 @@ class RequestHeader:
         self.meta = meta
 
 
-def read_request_header(body: bytes) -> RequestHeader:
-    """Check a request's header (tensor names, dtypes, shapes, schema) without loading tensors."""
+def read_request_header(body: bytes, *, max_metadata_chars: int = MAX_METADATA_CHARS) -> RequestHeader:
+    """Check a request's header (tensor names, dtypes, shapes, schema) without loading tensors.
+    Its JSON is read within :mod:`unigrpo_env.bounded_json`'s bounds, and the metadata's JSON
+    may hold at most ``max_metadata_chars`` characters."""
     if len(body) < 8:
         raise WireFormatError("the body is not a safetensors blob (shorter than its 8-byte header length)")
     (length,) = struct.unpack("<Q", body[:8])
     if length > min(_MAX_HEADER, len(body) - 8):
         raise WireFormatError("the body is not a safetensors blob (its header length exceeds the body)")
     try:
-        header = json.loads(body[8 : 8 + length].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WireFormatError(f"the body is not a safetensors blob (its header is not JSON: {exc})") from exc
+        header = bounded_json.loads(body[8 : 8 + length], what="the safetensors header")
+    except bounded_json.BoundedJSONError as exc:
+        raise WireFormatError(f"the body is not a safetensors blob ({exc})") from None
     if not isinstance(header, dict):
         raise WireFormatError("the body is not a safetensors blob (its header is not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
@@ -154,10 +167,17 @@ def read_request_header(body: bytes) -> RequestHeader:
         raise WireFormatError(f"group_ids must be [N] = [{images[0]}], got {shapes['group_ids']}")
     if not isinstance(metadata, dict) or METADATA_KEY not in metadata:
         raise WireFormatError(f"missing the metadata key {METADATA_KEY!r}")
+    text = metadata[METADATA_KEY]
+    if not isinstance(text, str):
+        raise WireFormatError(f"the metadata {METADATA_KEY!r} must be a JSON string")
+    if len(text) > max_metadata_chars:
+        raise WireFormatError(
+            f"the metadata {METADATA_KEY!r} has {len(text)} characters, more than the {max_metadata_chars} accepted"
+        )
     try:
-        meta = json.loads(metadata[METADATA_KEY])
-    except (TypeError, json.JSONDecodeError) as exc:
-        raise WireFormatError(f"the metadata {METADATA_KEY!r} is not JSON: {exc}") from exc
+        meta = bounded_json.loads(text, what=f"the metadata {METADATA_KEY!r}")
+    except bounded_json.BoundedJSONError as exc:
+        raise WireFormatError(str(exc)) from None
     if not isinstance(meta, dict):
         raise WireFormatError(f"the metadata {METADATA_KEY!r} must be a JSON object")
     if meta.get("schema") != SCHEMA:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import logging
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -232,7 +234,11 @@ SPLIT_SPEC = "jpeg_compressibility:1.0,service_test_partial:0.5,service_test_rec
 def counted(reward: RemoteReward) -> list[tuple[str, str]]:
     """The (method, path) of every HTTP request ``reward`` sends from now on."""
     sent: list[tuple[str, str]] = []
-    reward._http().event_hooks["request"] = [lambda request: sent.append((request.method, request.url.path))]
+
+    async def record(request) -> None:  # the client is an httpx.AsyncClient: its hooks are awaited
+        sent.append((request.method, request.url.path))
+
+    reward._http().event_hooks["request"] = [record]
     return sent
 
 
@@ -441,3 +447,205 @@ def test_cli_unknown_reward_is_one_line_and_exit_2(capsys):
             main(args)
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and err.startswith("unigrpo: error:") and len(err.strip().splitlines()) == 1
+
+
+# --- hostile or broken peers (issue: hardening from an outside probe) ----------------------------------------
+
+
+def _read_request(conn: socket.socket) -> None:
+    """Read one HTTP request (headers and a Content-Length body) from ``conn``."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0
+    )
+    while len(body) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return
+        body += chunk
+
+
+@contextmanager
+def raw_server(answer):
+    """A loopback HTTP peer that reads each request and then runs ``answer(conn, stop)``; yields its URL."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.settimeout(0.1)
+    stop = threading.Event()
+
+    def handle(conn: socket.socket) -> None:
+        with conn:
+            try:
+                _read_request(conn)
+                answer(conn, stop)
+            except OSError:  # the client gave up: what a hostile peer sees
+                pass
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        listener.close()
+
+
+def _trickle(conn, stop):  # a whole status line and headers, then the body a byte every 0.2 s
+    conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100000\r\n\r\n")
+    while not stop.wait(0.2):
+        conn.sendall(b" ")
+
+
+def _trickle_status(conn, stop):  # even the status line a byte at a time
+    for byte in b"HTTP/1.1 200 OK\r\n":
+        if stop.wait(0.2):
+            return
+        conn.sendall(bytes([byte]))
+
+
+def _flood(conn, stop):  # an answer that never ends, sent as fast as it is read
+    conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n")
+    chunk = b"[1," * 20000
+    while not stop.is_set():
+        conn.sendall(chunk)
+
+
+@pytest.mark.parametrize("answer", [_trickle, _trickle_status, _flood])
+def test_a_server_that_trickles_or_never_stops_is_cut_off_within_the_documented_bound(answer):
+    # httpx's timeouts are per read: a byte a second used to keep one request alive for minutes
+    remote = RemoteReward("http://127.0.0.1:1", timeout=1.0, retries=1, backoff=0.1)
+    bound = (remote.retries + 1) * remote.timeout + remote.backoff * (2**remote.retries - 1)
+    with raw_server(answer) as url:
+        remote.url = url
+        for max_batch in (None, 4):  # the /health request first, then /score alone
+            remote.max_batch = max_batch
+            start = time.monotonic()
+            with pytest.warns(RemoteRewardWarning, match="could not score a batch of 3") as caught:
+                out = remote(batch(3, seed=1))
+            elapsed = time.monotonic() - start
+            assert out.scores.isnan().all() and elapsed < bound + 1.0, elapsed
+            message = str(caught[0].message)
+            if answer is _flood:  # cut off by the answer's size, or by the deadline on a slow machine
+                assert "more than 67108864 bytes" in message or "within the timeout of 1 s" in message, message
+            else:  # every attempt runs to its deadline
+                assert "within the timeout of 1 s (after 2 attempts)" in message and elapsed > bound - 0.2, message
+    remote.close()
+
+
+def test_a_deeply_nested_answer_is_a_remote_reward_error_not_a_recursion_error():
+    nested = b"[" * 100_000 + b"]" * 100_000
+
+    def answer(conn, stop):
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(nested))
+        conn.sendall(nested)
+
+    with raw_server(answer) as url:
+        for max_batch in (None, 4):  # the /health answer, then the /score answer
+            remote = RemoteReward(url, max_batch=max_batch, retries=0)
+            with pytest.raises(RemoteRewardError, match="nests deeper than"):
+                remote(batch(3, seed=2))
+            remote.close()
+
+
+def _request_with(header_edit=None, meta_text=None) -> bytes:
+    """A valid request body of 2 episodes, its safetensors header JSON or metadata text replaced."""
+    body = encode_request(batch(2, seed=3))
+    (length,) = struct.unpack("<Q", body[:8])
+    header = json.loads(body[8 : 8 + length])
+    if meta_text is not None:
+        header["__metadata__"][METADATA_KEY] = meta_text
+    text = json.dumps(header) if header_edit is None else header_edit(header)
+    return encode_header(text) + body[8 + length :]
+
+
+def encode_header(text: str) -> bytes:
+    raw = text.encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        (lambda: _request_with(meta_text='{"schema": ' + "[" * 100_000 + "]" * 100_000 + "}"), "nests"),
+        (
+            lambda: _request_with(
+                header_edit=lambda h: json.dumps(h)[:-1] + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+            ),
+            "nests",
+        ),
+        (lambda: _request_with(meta_text='{"schema": "unigrpo-reward/1", "n": ' + "7" * 5000 + "}"), "more digits"),
+        (
+            lambda: _request_with(
+                header_edit=lambda h: json.dumps(h).replace('"shape": [2', '"shape": [' + "2" * 5000, 1)
+            ),
+            "more digits",
+        ),
+        (lambda: _request_with(meta_text='{"schema": "unigrpo-reward/1", "f": NaN}'), "finite numbers only"),
+        (lambda: _request_with(meta_text=" " * (9 * 2**20)), "more than the"),
+    ],
+)
+def test_json_beyond_the_bounds_is_a_422_not_a_500(jpeg_url, body, message):
+    response = httpx.post(f"{jpeg_url}/score", content=body(), timeout=30)
+    assert response.status_code == 422 and message in response.json()["detail"], response.text
+    assert httpx.get(f"{jpeg_url}/health").status_code == 200  # still up
+
+
+def test_a_large_metadata_header_is_parsed_off_the_event_loop(jpeg_url):
+    # a 46 MB metadata used to be parsed on the loop and delay /health by 4.9 s; now it is refused by
+    # its length, and the largest accepted one (of millions of tiny values) is parsed in a worker thread
+    from unigrpo_env.rewards.wire import MAX_METADATA_CHARS
+
+    tasks = json.dumps([{"prompts": ["p"], "category": "c", "split": "s", "index": i} for i in range(2)])
+    filler = json.dumps([[i, "x"] for i in range((MAX_METADATA_CHARS - 200) // 16)])
+    meta = '{"schema": "unigrpo-reward/1", "tasks": ' + tasks + ', "texts": [["a"], ["b"]], "filler": ' + filler + "}"
+    assert len(meta) <= MAX_METADATA_CHARS
+    bodies = [_request_with(meta_text=meta), _request_with(meta_text=" " * (46 * 10**6))]
+    for body in bodies:
+        answered: list[httpx.Response] = []
+        sender = threading.Thread(
+            target=lambda body=body: answered.append(httpx.post(f"{jpeg_url}/score", content=body, timeout=60))
+        )
+        sender.start()
+        worst = 0.0
+        while sender.is_alive():
+            start = time.monotonic()
+            assert httpx.get(f"{jpeg_url}/health", timeout=10).status_code == 200
+            worst = max(worst, time.monotonic() - start)
+            time.sleep(0.02)
+        sender.join()
+        assert answered and answered[0].status_code in (200, 422), answered[0].text
+        assert worst < 1.5, worst  # the GIL: the largest metadata of the worst shape parses in about 0.7 s
+
+
+def test_clients_that_disconnect_mid_body_are_counted_not_logged_as_tracebacks(jpeg_url, caplog):
+    # each used to write a full traceback to the service log (3,000 dropped connections: 21,000 lines)
+    port = int(jpeg_url.rsplit(":", 1)[1])
+    before = httpx.get(f"{jpeg_url}/health").json()["dropped_requests"]
+    with caplog.at_level(logging.INFO):
+        for _ in range(20):
+            with socket.create_connection(("127.0.0.1", port)) as conn:
+                conn.sendall(b"POST /score HTTP/1.1\r\nhost: x\r\ncontent-length: 100000\r\n\r\n" + b"\0" * 100)
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{jpeg_url}/health").json()["dropped_requests"] < before + 20:
+            assert time.monotonic() < deadline, "the dropped requests were not counted"
+            time.sleep(0.05)
+    assert not [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]
+    lines = [r for r in caplog.records if "disconnected" in r.getMessage()]
+    assert len(lines) == 20 and all("\n" not in r.getMessage() for r in lines)

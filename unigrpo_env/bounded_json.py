@@ -9,8 +9,9 @@ an ``OverflowError`` or an answer that takes minutes.
 
 The bounds:
 
-* nesting at most :data:`MAX_DEPTH` levels deep (checked on the text *before* parsing, so a
-  100,000-deep ``[[[[...`` costs one linear scan, not a recursion);
+* nesting at most :data:`MAX_DEPTH` levels deep (a 100,000-deep ``[[[[...`` stops the parser at
+  Python's recursion limit, which is reported as such; a parsed value is then walked without
+  recursion, in time proportional to its number of values);
 * integers of at most ``sys.get_int_max_str_digits()`` digits (4,300 by default; Python's own
   limit, reported in the same error);
 * finite numbers only: JSON's non-standard ``NaN`` / ``Infinity`` and numbers that overflow a
@@ -24,10 +25,7 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from typing import Any
-
-import numpy as np
 
 __all__ = ["MAX_DEPTH", "MAX_NODES", "BoundedJSONError", "loads", "check_tree", "shorten"]
 
@@ -37,10 +35,6 @@ MAX_DEPTH = 100
 MAX_NODES = 100_000
 #: The longest value text an error message quotes (longer ones are cut, saying by how much).
 MAX_QUOTED = 200
-
-# a JSON string, unrolled ("normal* (special normal*)*") so that long strings are matched in C, not per character
-_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_NOT_A_BRACKET = re.compile(r"[^\[\]{}]+")
 
 
 class BoundedJSONError(ValueError):
@@ -53,16 +47,6 @@ def shorten(text: str, limit: int = MAX_QUOTED) -> str:
     if len(line) <= limit:
         return line
     return f"{line[:limit]}… ({len(line) - limit} more characters)"
-
-
-def nesting_depth(text: str) -> int:
-    """The deepest nesting of ``[``/``{`` in JSON text, strings skipped; linear, no recursion."""
-    brackets = _NOT_A_BRACKET.sub("", _STRING.sub("", text))
-    if not brackets:
-        return 0
-    codes = np.frombuffer(brackets.encode("ascii"), dtype=np.uint8)
-    steps = np.where((codes == ord("[")) | (codes == ord("{")), 1, -1).astype(np.int64)
-    return int(np.cumsum(steps).max())
 
 
 def _refuse_constant(name: str) -> Any:
@@ -84,17 +68,34 @@ def loads(data: str | bytes | bytearray, *, what: str = "the JSON", max_depth: i
             data = bytes(data).decode("utf-8")
         except UnicodeDecodeError as exc:
             raise BoundedJSONError(f"{what} is not UTF-8 text: {exc.reason} at byte {exc.start}") from None
-    depth = nesting_depth(data)
-    if depth > max_depth:
-        raise BoundedJSONError(f"{what} nests {depth} levels deep; at most {max_depth} are accepted")
     try:
-        return json.loads(data, parse_constant=_refuse_constant, parse_float=_finite_float)
+        value = json.loads(data, parse_constant=_refuse_constant, parse_float=_finite_float)
     except BoundedJSONError as exc:
         raise BoundedJSONError(f"{what}: {exc}") from None
+    except RecursionError:
+        raise BoundedJSONError(f"{what} nests deeper than Python's parser goes; at most {max_depth} levels") from None
     except json.JSONDecodeError as exc:
         raise BoundedJSONError(f"{what} is not JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
-    except (ValueError, RecursionError) as exc:  # an integer over Python's digit limit, and the like
+    except ValueError as exc:  # an integer over Python's digit limit, and the like
         raise BoundedJSONError(f"{what} is not acceptable JSON: {_reason(exc)}") from None
+    if _deeper_than(value, max_depth):
+        raise BoundedJSONError(f"{what} nests more than {max_depth} levels deep")
+    return value
+
+
+def _deeper_than(root: Any, max_depth: int) -> bool:
+    """Whether ``root`` nests more than ``max_depth`` levels: one level of containers at a time."""
+    level = [root] if type(root) in (dict, list) else []
+    for _ in range(max_depth):
+        if not level:
+            return False
+        level = [
+            child
+            for node in level
+            for child in (node.values() if type(node) is dict else node)
+            if type(child) in (dict, list)
+        ]
+    return bool(level)
 
 
 def _reason(exc: BaseException) -> str:
@@ -108,24 +109,39 @@ def check_tree(value: Any, *, what: str = "the data", max_depth: int = MAX_DEPTH
     """Check a tree of dicts, lists and plain values (read from YAML or JSON) against the bounds:
     its depth, its size counted with repetition (YAML aliases expanded), and finite floats only.
     Iterative: a deep or aliased tree costs at most ``max_nodes`` visits."""
-    stack: list[tuple[Any, int, str]] = [(value, 0, "")]
+    _walk(value, what, max_depth=max_depth, max_nodes=max_nodes, floats=True)
+
+
+def _walk(root: Any, what: str, *, max_depth: int, max_nodes: int | None, floats: bool) -> None:
+    """Walk ``root`` without recursion; raise :class:`BoundedJSONError` at the first value that
+    breaks a bound. A stack entry's trail is ``(parent's trail, key)``, spelled out on error only."""
+    if floats and isinstance(root, float) and not math.isfinite(root):
+        raise BoundedJSONError(f"{what} is {root}; finite numbers only")
+    if not isinstance(root, (dict, list, tuple)):
+        return
+    stack: list[tuple[Any, int, Any]] = [(root, 1, None)]
     visited = 0
     while stack:
-        node, depth, path = stack.pop()
-        visited += 1
-        if visited > max_nodes:
-            raise BoundedJSONError(
-                f"{what} holds more than {max_nodes} values (counting each YAML alias as what it repeats)"
-            )
-        if isinstance(node, float) and not math.isfinite(node):
-            where = f" at {path}" if path else ""
-            raise BoundedJSONError(f"{what}{where} is {node}; finite numbers only")
-        if isinstance(node, dict):
-            children = [(f"{path}.{k}" if path else str(k), v) for k, v in node.items()]
-        elif isinstance(node, (list, tuple)):
-            children = [(f"{path}[{i}]", v) for i, v in enumerate(node)]
-        else:
-            continue
-        if depth + 1 > max_depth:
-            raise BoundedJSONError(f"{what} nests more than {max_depth} levels deep")
-        stack.extend((child, depth + 1, shorten(child_path, 80)) for child_path, child in reversed(children))
+        node, depth, trail = stack.pop()
+        if depth > max_depth:
+            raise BoundedJSONError(f"{what} nests more than {max_depth} levels deep (at {_path(trail)})")
+        children = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, child in children:
+            visited += 1
+            if max_nodes is not None and visited > max_nodes:
+                raise BoundedJSONError(
+                    f"{what} holds more than {max_nodes} values (counting each YAML alias as what it repeats)"
+                )
+            if isinstance(child, (dict, list, tuple)):
+                stack.append((child, depth + 1, (trail, key)))
+            elif floats and isinstance(child, float) and not math.isfinite(child):
+                raise BoundedJSONError(f"{what} at {_path((trail, key))} is {child}; finite numbers only")
+
+
+def _path(trail: Any) -> str:
+    keys = []
+    while trail is not None:
+        trail, key = trail
+        keys.append(key)
+    text = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in reversed(keys)).lstrip(".")
+    return shorten(text or "the top", 80)
