@@ -177,7 +177,9 @@ def create_app(
             return JSONResponse(await run_in_threadpool(score, inputs))
         except ClientDisconnect:  # the client went away mid-body: nothing to answer, one line in the log
             counts["dropped_requests"] += 1
-            logger.info("a client disconnected before sending its whole request (%d so far)", counts["dropped_requests"])
+            logger.info(
+                "a client disconnected before sending its whole request (%d so far)", counts["dropped_requests"]
+            )
             return _error(400, "the client disconnected")
         except Exception as exc:  # noqa: BLE001 - one line to the client, the traceback to the log
             logger.exception("the reward service failed on a request")

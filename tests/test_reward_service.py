@@ -7,9 +7,9 @@ a ``unigrpo serve reward`` subprocess for the kill test. Every wait has a timeou
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
-import logging
 import signal
 import socket
 import struct
@@ -620,7 +620,9 @@ def test_a_large_metadata_header_is_parsed_off_the_event_loop(jpeg_url):
     for body in bodies:
         answered: list[httpx.Response] = []
         sender = threading.Thread(
-            target=lambda body=body: answered.append(httpx.post(f"{jpeg_url}/score", content=body, timeout=60))
+            target=lambda body=body, answered=answered: answered.append(
+                httpx.post(f"{jpeg_url}/score", content=body, timeout=60)
+            )
         )
         sender.start()
         worst = 0.0
