@@ -16,13 +16,20 @@ option ``num_steps``).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["UniGRPOConfig", "ConfigError", "TEXT_LEARNING_RATES"]
+from unigrpo_env.bounded_json import BoundedJSONError, check_tree, loads, shorten
+
+__all__ = ["UniGRPOConfig", "ConfigError", "TEXT_LEARNING_RATES", "MAX_SEED"]
+
+#: The largest seed (seeds are integers in [0, 2^32 - 1], as numpy's and Python's conventions have
+#: them; the agent derives its per-iteration torch seeds from it without overflowing 64 bits).
+MAX_SEED = 2**32 - 1
+#: The largest config file read (a config is a few kB).
+MAX_CONFIG_BYTES = 2**20
 
 
 #: ``lr_text`` when none is given, by ``text_adapter``: the largest rates measured to keep ShapesWorld's
@@ -35,7 +42,9 @@ class ConfigError(ValueError):
 
 
 class UniGRPOConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every float field refuses NaN and infinities (a lora_alpha of .inf used
+    # to pass and fail inside the first rollout, after the run folder was written)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     # -- what to train, on what ------------------------------------------------------------
     scenario: str = "t2i_reason"
@@ -57,7 +66,7 @@ class UniGRPOConfig(BaseModel):
     train: Literal["both", "text", "image"] = Field(
         default="both", description="both = UniGRPO; text = TextGRPO only; image = FlowGRPO only"
     )
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="seed of prompts, sampling and updates")
     text_adapter: Literal["full", "lora", "ln_tuning"] = Field(
         default="full",
         description="how the text side trains (peft): full = every weight; lora = low-rank updates of every linear layer; "
@@ -195,6 +204,13 @@ class UniGRPOConfig(BaseModel):
             )
         return data
 
+    @field_validator("scenario_options", "policy_options")
+    @classmethod
+    def _bounded_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        # options are free-form: their numbers are checked here (finite), and their size and depth
+        check_tree(options, what="the options", max_nodes=None)
+        return options
+
     @model_validator(mode="after")
     def _text_rate(self) -> UniGRPOConfig:
         # lr_text not given: the rate measured for the text adapter, resolved again whenever the
@@ -239,19 +255,33 @@ class UniGRPOConfig(BaseModel):
 
     @staticmethod
     def _read(path: str | Path) -> dict[str, Any]:
+        """A config file's mapping of options, read within bounds (:mod:`unigrpo_env.bounded_json`):
+        UTF-8, at most 100 levels deep, finite numbers, and for YAML at most 100,000 values with
+        every alias counted as what it repeats (an alias bomb is refused, not expanded)."""
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        text = path.read_text()
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {str(path)!r} is larger than {MAX_CONFIG_BYTES} bytes")
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"config file {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+            ) from None
         try:
             if path.suffix in (".yaml", ".yml"):
                 import yaml
 
                 data = yaml.safe_load(text) or {}
+                check_tree(data, what="the config")
             else:
-                data = json.loads(text)
+                data = loads(text, what="the config")
+        except BoundedJSONError as exc:
+            raise ConfigError(f"{str(path)!r}: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - any parse error is a bad config file
-            raise ConfigError(f"could not parse {str(path)!r}: {' '.join(str(exc).split())}") from exc
+            raise ConfigError(f"could not parse {str(path)!r}: {shorten(str(exc))}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{str(path)!r} must hold a mapping of options, got {type(data).__name__}")
         return data

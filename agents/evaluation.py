@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from unigrpo_env.agents.policy import UnifiedPolicy
+from unigrpo_env.agents.policy import UnifiedPolicy, check_policy_fits
 from unigrpo_env.agents.rollout import Rollout, RolloutSettings, TextWriter, rollout
 from unigrpo_env.agents.visuals import image_grid
 from unigrpo_env.reward import RewardFunction
@@ -151,6 +151,7 @@ class Evaluator:
             raise ValueError(f"cfg_scale must be >= 1 (1 = no guidance), got {cfg_scale}")
         start = time.perf_counter()
         tasks = _spread(list(scenario.check_split(split)), limit)
+        check_policy_fits(policy, scenario)
         settings = RolloutSettings(temperature=temperature, noise_level=0.0, cfg_scale=cfg_scale)
         generator = torch.Generator().manual_seed(seed)
         probes = self.probes if run_probes else {}

@@ -131,6 +131,15 @@ class FluxFlowPolicy(PipelineFlowPolicy):
         )[0]
         return unpack_latents(out[:, : (height // 2) * (width // 2)].float(), height, width)
 
+    def check_latent_shape(self, shape: tuple[int, ...]) -> None:
+        """The transformer takes 2×2 patches of the latent packed into tokens: a quarter of its
+        ``in_channels`` latent channels, and even sides."""
+        channels, height, width = shape
+        if channels * 4 != self.model.config.in_channels:
+            raise ValueError(f"the transformer takes {self.model.config.in_channels // 4} latent channels")
+        if height % 2 or width % 2:
+            raise ValueError("the latent's sides must be even (2×2 patches)")
+
 
 class FluxKontextConditioner(FluxPromptConditioner):
     """The prompt's condition plus the latents of the turn's earlier image: the last of the

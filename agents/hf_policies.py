@@ -205,6 +205,13 @@ class ConditionedFlowPolicy(nn.Module):
         (``model(x_t, t, **condition)``; a model with another signature overrides this)."""
         return self.model(x_t, t, **condition)
 
+    def check_latent_shape(self, shape: tuple[int, ...]) -> None:
+        """The model's own ``check_latent_shape``, where it has one (``ValueError`` if it cannot
+        draw latents of ``shape``)."""
+        check = getattr(self.model, "check_latent_shape", None)
+        if check is not None:
+            check(shape)
+
 
 def _cat(a: Any, b: Any) -> Any:
     if a is None and b is None:

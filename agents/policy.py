@@ -25,11 +25,24 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-__all__ = ["TurnContext", "TextSample", "TextPolicy", "FlowPolicy", "UnifiedPolicy", "CheckpointError"]
+__all__ = [
+    "TurnContext",
+    "TextSample",
+    "TextPolicy",
+    "FlowPolicy",
+    "UnifiedPolicy",
+    "CheckpointError",
+    "PolicyMismatchError",
+    "check_policy_fits",
+]
 
 
 class CheckpointError(ValueError):
     """A policy checkpoint that is missing, incomplete or unreadable (raised by policy loaders)."""
+
+
+class PolicyMismatchError(ValueError):
+    """A policy that cannot play a scenario as it is set up (e.g. latents of another size)."""
 
 
 class TurnContext(BaseModel):
@@ -139,6 +152,10 @@ class FlowPolicy(Protocol):
 
     def parameters(self) -> Iterator[nn.Parameter]: ...
 
+    # Optional, not part of the runtime check: ``check_latent_shape(shape)`` raises ``ValueError``,
+    # saying what the model draws, if it cannot draw latents of ``shape`` ``(C, H, W)``;
+    # :func:`check_policy_fits` calls it before any rollout.
+
 
 class UnifiedPolicy(nn.Module):
     """A text policy and a flow policy, trained together by UniGRPO.
@@ -176,3 +193,24 @@ class UnifiedPolicy(nn.Module):
 
     def image_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.image.parameters() if p.requires_grad]
+
+
+def check_policy_fits(policy: UnifiedPolicy, scenario: Any) -> None:
+    """Raise :class:`PolicyMismatchError` if ``policy`` cannot play ``scenario`` as it is set up:
+    its flow policy's ``check_latent_shape`` (where it has one) refuses the scenario's latent
+    shape. Called by the agent and the evaluator before any rollout, so a run with a mismatched
+    image size stops with one line before its run folder is written, not with a shape error
+    from inside the network."""
+    check = getattr(policy.image, "check_latent_shape", None)
+    if check is None:
+        return
+    shape = tuple(int(d) for d in scenario.image_codec.latent_shape)
+    try:
+        check(shape)
+    except ValueError as exc:
+        size = getattr(scenario.image_codec, "image_size", None)
+        of = f", image size {size}" if size is not None else ""
+        raise PolicyMismatchError(
+            f"the policy cannot draw the latents of scenario {getattr(scenario, 'name', '?')!r} "
+            f"(shape {shape}{of}): {exc}"
+        ) from None

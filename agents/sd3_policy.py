@@ -66,3 +66,18 @@ class SD3FlowPolicy(PipelineFlowPolicy):
             return_dict=False,
         )[0]
         return out.float()
+
+    def check_latent_shape(self, shape: tuple[int, ...]) -> None:
+        """The MMDiT draws latents of its ``in_channels``, with sides that are multiples of its
+        patch size and at most ``pos_embed_max_size`` patches (its position-embedding table)."""
+        config = self.model.config
+        patch, largest = int(config.patch_size), config.pos_embed_max_size
+        channels, height, width = shape
+        if channels != config.in_channels:
+            raise ValueError(f"the transformer takes {config.in_channels} latent channels")
+        if height % patch or width % patch:
+            raise ValueError(f"the latent's sides must be multiples of the patch size {patch}")
+        if largest is not None and max(height, width) > largest * patch:
+            raise ValueError(
+                f"the transformer's position embeddings cover latents of at most {largest * patch}×{largest * patch}"
+            )

@@ -54,6 +54,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
+from unigrpo_env import bounded_json
 from unigrpo_env.agents.adapters import adapter_state, has_adapter
 from unigrpo_env.agents.config import UniGRPOConfig
 from unigrpo_env.agents.evaluation import EvalReport, Evaluator
@@ -83,7 +84,13 @@ def load_run_config(out_dir: str | Path, **overrides: Any) -> UniGRPOConfig:
     saved = Path(out_dir) / "config.json"
     if not saved.is_file():
         raise RunFolderError(f"nothing to resume in {str(out_dir)!r}: it has no config.json")
-    return UniGRPOConfig.model_validate({**_migrated(json.loads(saved.read_text())), **overrides})
+    try:
+        data = bounded_json.loads(saved.read_bytes(), what=f"{str(saved)!r}")
+    except bounded_json.BoundedJSONError as exc:
+        raise RunFolderError(f"cannot resume the run in {str(out_dir)!r}: {exc}") from None
+    if not isinstance(data, dict):
+        raise RunFolderError(f"cannot resume the run in {str(out_dir)!r}: its config.json is not a JSON object")
+    return UniGRPOConfig.model_validate({**_migrated(data), **overrides})
 
 
 def trained_state(policy: UnifiedPolicy, sides: list[str]) -> dict[str, torch.Tensor]:
@@ -188,6 +195,7 @@ class Trainer:
             raise RunFolderError(
                 f"{str(self.out)!r} already holds a run; pass --resume to continue it or choose another --out"
             )
+        scenario.check_split(config.eval_split)  # a bad split stops the run before anything is written
         self.config = config
         self.reward = reward
         self.evaluator = evaluator if evaluator is not None else Evaluator()

@@ -29,6 +29,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from unigrpo_env.cli.serve import serve_app
+from unigrpo_env.cli.values import MAX_SEED, finite
 
 app = typer.Typer(
     name="unigrpo",
@@ -136,7 +137,7 @@ def run(
         None, "--iterations", min=1, help="Training iterations (one rollout of a batch and its update each)."
     ),
     old_steps: int | None = typer.Option(None, "--steps", hidden=True, help="Renamed --iterations."),
-    seed: int | None = typer.Option(None, "--seed", help="Seed of prompts, sampling and updates."),
+    seed: int | None = typer.Option(None, "--seed", min=0, max=MAX_SEED, help="Seed of prompts, sampling and updates."),
     out: Path | None = typer.Option(
         None, "--out", file_okay=False, help="Run folder (default: runs/<scenario>-<time>)."
     ),
@@ -148,10 +149,14 @@ def run(
         None, "--reg", help="Regulariser: mse (velocity MSE), kl (latent KL) or none."
     ),
     rollout_cfg: float | None = typer.Option(
-        None, "--rollout-cfg", min=1.0, help="CFG scale in rollouts (1 = CFG-free)."
+        None, "--rollout-cfg", min=1.0, callback=finite, help="CFG scale in rollouts (1 = CFG-free)."
     ),
     eval_cfg: float | None = typer.Option(
-        None, "--eval-cfg", min=1.0, help="CFG scale of the held-out evaluations before and after (1 = none)."
+        None,
+        "--eval-cfg",
+        min=1.0,
+        callback=finite,
+        help="CFG scale of the held-out evaluations before and after (1 = none).",
     ),
     checkpoint: Path | None = typer.Option(
         None, "--checkpoint", help="Starting checkpoint (default: the policy's own, e.g. ShapesWorld's shipped one)."
@@ -412,7 +417,11 @@ def pretrain(
         help="Folder to write the checkpoint to (for shapes: language_model/, flow_model/, pretrain.json).",
     ),
     seed: int = typer.Option(
-        0, "--seed", help="Seed of data, initialisation and batches (the shipped checkpoint uses 0)."
+        0,
+        "--seed",
+        min=0,
+        max=MAX_SEED,
+        help="Seed of data, initialisation and batches (the shipped checkpoint uses 0).",
     ),
     threads: int | None = typer.Option(None, "--threads", min=1, help="Torch CPU threads (default: torch's choice)."),
     evaluate_after: bool = typer.Option(
@@ -467,12 +476,14 @@ def eval_(
         None, "--policy", help="The policy kind (default: the scenario's; see `unigrpo list policies`)."
     ),
     cfg: float = typer.Option(
-        1.0, "--cfg", min=1.0, help="Classifier-free guidance scale of the image model (1 = none)."
+        1.0, "--cfg", min=1.0, callback=finite, help="Classifier-free guidance scale of the image model (1 = none)."
     ),
-    seed: int = typer.Option(0, "--seed", help="Seed of the text sampling and the initial noise."),
+    seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="Seed of the text sampling and the initial noise."),
     out: Path | None = typer.Option(None, "--out", file_okay=False, help="Folder for eval.json and grid.png."),
     split: str = typer.Option("heldout", "--split", help="Task split to evaluate."),
-    temperature: float = typer.Option(1.0, "--temperature", min=0.0, help="Text sampling temperature (0 = greedy)."),
+    temperature: float = typer.Option(
+        1.0, "--temperature", min=0.0, callback=finite, help="Text sampling temperature (0 = greedy)."
+    ),
     limit: int | None = typer.Option(None, "--limit", min=1, help="Evaluate only the first N tasks."),
     reward: str | None = typer.Option(
         None, "--reward", help="The reward to score with (sets the scenario option 'reward')."
@@ -524,13 +535,16 @@ def _evaluate_and_print(
     policy_options: dict | None = None,
 ) -> None:
     from unigrpo_env.agents.parts import build_evaluator, load_policy
+    from unigrpo_env.agents.policy import check_policy_fits
     from unigrpo_env.registration import make_scenario
 
     _check_scenario(name, scenario_options or {})  # unknown or broken scenario -> one line, exit code 2
     scenario = make_scenario(name, **(scenario_options or {}))
+    scenario.check_split(split)  # before the policy loads
     evaluator = build_evaluator(None, scenario=name)
     checkpoint_path = None if checkpoint is None else str(checkpoint)
     loaded = load_policy(policy, checkpoint_path, scenario=name, **(policy_options or {}))
+    check_policy_fits(loaded, scenario)  # before the progress display starts: one line, exit code 2
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(
@@ -581,14 +595,22 @@ def _share(value: float) -> str:
     return "–" if value != value else f"{value:.3f}"
 
 
+#: The longest error line printed: a message that quotes a value (a config's YAML alias bomb
+#: expands to megabytes) is cut there, saying by how much.
+MAX_ERROR_CHARS = 1000
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Run the CLI; usage errors print one line (``unigrpo: error: ...``) and exit with code 2."""
+    """Run the CLI; usage errors print one line (``unigrpo: error: ...``, at most
+    :data:`MAX_ERROR_CHARS` characters) and exit with code 2."""
     from unigrpo_env.agents.adapters import AdapterError
     from unigrpo_env.agents.checkpointing import GradientCheckpointingError
     from unigrpo_env.agents.config import ConfigError
-    from unigrpo_env.agents.policy import CheckpointError
+    from unigrpo_env.agents.policy import CheckpointError, PolicyMismatchError
     from unigrpo_env.agents.trainer import RunFolderError
     from unigrpo_env.agents.unigrpo import RewardFailureError
+    from unigrpo_env.bounded_json import shorten
+    from unigrpo_env.errors import TaskSplitError
     from unigrpo_env.registration import RegistryError
 
     _quiet_libraries()
@@ -603,14 +625,15 @@ def main(argv: list[str] | None = None) -> None:
         RewardFailureError,
         AdapterError,
         GradientCheckpointingError,
+        TaskSplitError,
+        PolicyMismatchError,
     ) as exc:
-        typer.echo(f"unigrpo: error: {' '.join(str(exc).split())}", err=True)
+        typer.echo(f"unigrpo: error: {shorten(str(exc), MAX_ERROR_CHARS)}", err=True)
         raise SystemExit(2) from None
     except _ABORT_TYPES:
         raise SystemExit(130) from None
     except _USAGE_ERROR_TYPES as exc:  # bad command, option or value
-        message = " ".join(exc.format_message().split())
-        typer.echo(f"unigrpo: error: {message}", err=True)
+        typer.echo(f"unigrpo: error: {shorten(exc.format_message(), MAX_ERROR_CHARS)}", err=True)
         raise SystemExit(2) from None
     raise SystemExit(code if isinstance(code, int) else 0)
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import typer
 
+from unigrpo_env.cli.values import finite
+
 __all__ = ["serve_app"]
 
 serve_app = typer.Typer(name="serve", help="Serve a reward over HTTP.", no_args_is_help=True)
@@ -37,7 +39,11 @@ def reward(
         help="The largest batch scored at once (larger: 413; remote:URL clients split to fit).",
     ),
     max_body_mb: float = typer.Option(
-        256.0, "--max-body-mb", min=0.001, help="The largest request body in MB of 10^6 bytes (larger: 413)."
+        256.0,
+        "--max-body-mb",
+        min=0.001,
+        callback=finite,
+        help="The largest request body in MB of 10^6 bytes (larger: 413).",
     ),
 ) -> None:
     """Serve a reward over HTTP: POST /score scores a batch, GET /health describes the service."""

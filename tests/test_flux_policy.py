@@ -114,3 +114,11 @@ def test_kontext_draws_from_the_previous_image_as_the_pipeline_does(tmp_path):
     assert torch.allclose(
         loaded.velocity(noise, 1.0, loaded.condition(context)), policy.velocity(noise, 1.0, condition), atol=1e-6
     )
+
+
+def test_the_latent_shape_check_refuses_what_the_packing_cannot_take():
+    policy = FluxFlowPolicy(tiny_pipeline(False), lambda context: PROMPTS[: len(context)], max_sequence_length=16)
+    policy.check_latent_shape((4, 8, 8))
+    for shape, reason in (((4, 7, 8), "even"), ((16, 8, 8), "4 latent channels")):
+        with pytest.raises(ValueError, match=reason):
+            policy.check_latent_shape(shape)

@@ -226,3 +226,21 @@ def test_the_single_env_refuses_a_log_prob_with_extra_dimensions(toy_scenario):
     env.step(FlowAction(x_next=torch.zeros(3, 4, 4), log_prob=torch.tensor([-1.0])))  # a number or [1]: fine
     env.step(FlowAction(x_next=torch.zeros(3, 4, 4), log_prob=-2.0))
     assert env.trajectory.turns[0].image.log_prob[:2].tolist() == [-1.0, -2.0]
+
+
+def test_an_all_empty_text_step_is_refused_naming_the_open_episodes(envs):
+    # a batched TextAction whose every row was empty used to be accepted as a no-op, so an agent could
+    # loop forever without progress; the single env refuses an empty segment, and now the batch too
+    empty = TextAction(tokens=torch.zeros(2, 0, dtype=torch.long))
+    _unchanged(envs, lambda: envs.step(empty), E.ActionShapeError)
+    zero_lengths = TextAction(tokens=[[3], [3]], lengths=[0, 0])
+    _unchanged(envs, lambda: envs.step(zero_lengths), E.ActionShapeError)
+    nothing = [TextAction(tokens=torch.zeros(0, dtype=torch.long)), None]
+    with pytest.raises(E.ActionShapeError, match=re.escape("episode(s) [0, 1] are still writing")):
+        envs.step(nothing)
+    envs.step([TextAction(tokens=[3, 2]), None])  # episode 0 closes; episode 1 still writes
+    _unchanged(envs, lambda: envs.step([None, None]), E.ActionShapeError)
+    with pytest.raises(E.ActionShapeError, match=re.escape("episode(s) [1] are still writing")):
+        envs.step(TextAction(tokens=[[3], [3]], lengths=[0, 0]))
+    envs.step([None, TextAction(tokens=[2])])
+    assert envs.phase == "image"

@@ -163,3 +163,25 @@ def test_the_frozen_text_encoders_and_vae_follow_the_transformer_and_the_referen
     assert condition["encoder_hidden_states"].device.type == "meta"
     for part in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, pipe.vae):
         assert all(p.device.type == "meta" for p in part.parameters()), type(part).__name__
+
+
+def test_the_latent_shape_check_refuses_what_the_mmdit_cannot_draw(pipe):
+    from types import SimpleNamespace
+
+    from unigrpo_env.agents.policy import PolicyMismatchError, check_policy_fits
+
+    policy = _policy(pipe)
+    policy.check_latent_shape((4, 8, 8))
+    largest = pipe.transformer.config.pos_embed_max_size  # patch size 1: the largest side in latents
+    policy.check_latent_shape((4, largest, largest))
+    for shape, reason in (((4, largest + 1, 8), "at most"), ((3, 8, 8), "4 latent channels")):
+        with pytest.raises(ValueError, match=reason):
+            policy.check_latent_shape(shape)
+    with pytest.raises(ValueError, match="pos_embed_max_size"):  # what the check stands in for
+        policy.predict(torch.zeros(1, 4, largest + 1, 8), torch.ones(1), policy.condition(_context(1)))
+
+    class Scenario:
+        name, image_codec = "big", type("Codec", (), {"latent_shape": (4, largest + 1, 8), "image_size": 776})()
+
+    with pytest.raises(PolicyMismatchError, match=r"scenario 'big' \(shape \(4, 97, 8\), image size 776\)"):
+        check_policy_fits(SimpleNamespace(image=policy), Scenario())

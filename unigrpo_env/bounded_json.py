@@ -105,7 +105,9 @@ def _reason(exc: BaseException) -> str:
     return shorten(f"{type(exc).__name__}: {text}")
 
 
-def check_tree(value: Any, *, what: str = "the data", max_depth: int = MAX_DEPTH, max_nodes: int = MAX_NODES) -> None:
+def check_tree(
+    value: Any, *, what: str = "the data", max_depth: int = MAX_DEPTH, max_nodes: int | None = MAX_NODES
+) -> None:
     """Check a tree of dicts, lists and plain values (read from YAML or JSON) against the bounds:
     its depth, its size counted with repetition (YAML aliases expanded), and finite floats only.
     Iterative: a deep or aliased tree costs at most ``max_nodes`` visits."""

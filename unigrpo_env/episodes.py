@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from unigrpo_env.batch_trajectory import BatchTrajectory, BatchTurn, ImageRecord, TextRecord
+from unigrpo_env.bounded_json import shorten
 from unigrpo_env.errors import (
     ActionDeviceError,
     ActionDTypeError,
@@ -251,8 +252,14 @@ class EpisodeBatch:
         if bool(closed_but_given.any()):
             rows = closed_but_given.nonzero().flatten().tolist()
             raise TokenBudgetError(
-                f"episode(s) {rows} already closed their text phase in this turn; give them length 0 "
-                "(see BatchObservation.text_open)"
+                f"episode(s) {shorten(str(rows), 120)} already closed their text phase in this turn; give them "
+                "length 0 (see BatchObservation.text_open)"
+            )
+        if not bool((lengths > 0).any()):  # a step that writes nothing would not advance: as the single env's
+            rows = self.text_open.nonzero().flatten().tolist()
+            raise ActionShapeError(
+                f"every segment is empty, but episode(s) {shorten(str(rows), 120)} are still writing; a text step "
+                "must give at least one of them a token (see BatchObservation.text_open)"
             )
         left = self.tokens_left()
         too_long = lengths > left

@@ -32,6 +32,7 @@ from typing import Any, Generic, TypeVar
 
 import gymnasium as gym
 
+from unigrpo_env.bounded_json import check_tree
 from unigrpo_env.env import InterleavedEnv
 from unigrpo_env.scenario import Scenario
 from unigrpo_env.vector import InterleavedVectorEnv
@@ -291,7 +292,8 @@ _ENV_OPTIONS = ("split", "device", "render_mode", "reward_timeout")
 
 
 def make_scenario(name: str | Scenario, **options: Any) -> Scenario:
-    """Build a registered scenario with its options (``num_steps``, ``max_tokens``, ...)."""
+    """Build a registered scenario with its options (``num_steps``, ``max_tokens``, ...). Options
+    holding a non-finite number (NaN, ±inf), at any depth, raise ``ValueError``."""
     if isinstance(name, Scenario):
         if options:
             raise ValueError(f"options {sorted(options)} given with a ready-made scenario instance")
@@ -306,6 +308,7 @@ def make_scenario(name: str | Scenario, **options: Any) -> Scenario:
                 f"unknown option(s) {unknown} for scenario {name!r}; it accepts {accepted} "
                 f"and the environment options {list(_ENV_OPTIONS)}"
             )
+    check_tree(options, what=f"scenario {name!r}'s options", max_nodes=None)  # NaN or inf: refused here
     scenario = factory(**options)
     if not isinstance(scenario, Scenario):
         raise TypeError(f"the factory of scenario {name!r} returned {type(scenario).__name__}, not a Scenario")

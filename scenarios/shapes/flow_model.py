@@ -167,6 +167,15 @@ class ShapesFlowTransformer(ModelMixin, ConfigMixin):
 
     # ------------------------------------------------------------------------------- forward
 
+    def check_latent_shape(self, shape: tuple[int, ...]) -> None:
+        """The network draws one canvas size: ``(channels, image_size, image_size)``."""
+        cfg = self.config
+        if tuple(shape) != (cfg.channels, cfg.image_size, cfg.image_size):
+            raise ValueError(
+                f"the flow model draws {cfg.channels}×{cfg.image_size}×{cfg.image_size} latents "
+                f"(a {cfg.image_size}-pixel canvas) only"
+            )
+
     def forward(
         self,
         x_t: torch.Tensor,
