@@ -195,12 +195,12 @@ class Trainer:
             raise RunFolderError(
                 f"{str(self.out)!r} already holds a run; pass --resume to continue it or choose another --out"
             )
-        scenario.check_split(config.eval_split)  # a bad split stops the run before anything is written
         self.config = config
         self.reward = reward
         self.evaluator = evaluator if evaluator is not None else Evaluator()
         torch.manual_seed(config.seed)
         self.agent = UniGRPOAgent(policy, config, scenario=scenario, reward=reward, accelerator=accelerator)
+        self.agent.scenario.check_split(config.eval_split)  # a bad split stops the run before anything is written
         self.accelerator = self.agent.accelerator
         self.is_main = self.accelerator.is_main_process
         self.starting_policy = starting_policy or partial(

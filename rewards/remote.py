@@ -56,6 +56,7 @@ import os
 import threading
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -113,23 +114,52 @@ class _Answer:
 
 
 class _EventLoop:
-    """An asyncio event loop running in a daemon thread; :meth:`run` runs a coroutine on it from
-    any other thread and waits for its result."""
+    """An asyncio event loop running in a daemon thread, with the HTTP client used on it;
+    :meth:`run` runs a coroutine on it from any other thread and waits for its result.
+
+    It holds no reference to its :class:`RemoteReward`, so a client that is dropped without
+    :meth:`RemoteReward.close` is collected, and its finalizer shuts the loop down: the
+    connections closed, the thread ended."""
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
         self.pid = os.getpid()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="unigrpo-remote-reward", daemon=True)
+        self.client: Any = None  # an httpx.AsyncClient, made by RemoteReward._http
+        self.thread = threading.Thread(target=self._serve, name="unigrpo-remote-reward", daemon=True)
         self.thread.start()
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+        finally:
+            self.loop.close()
 
     def run(self, coroutine: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
 
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-        if not self.thread.is_alive():
-            self.loop.close()
+    async def drop_client(self) -> None:
+        """Close the client and its connections (after a cut-off attempt: a connection left
+        mid-answer is not reused); the next request makes a new one."""
+        client, self.client = self.client, None
+        if client is not None:
+            await client.aclose()
+
+    def shutdown(self) -> None:
+        """Close the client, stop the loop and end the thread (waiting for it, unless called on it)."""
+        if self.pid != os.getpid():  # a forked child: the thread and connections are the parent's
+            return
+
+        async def close() -> None:
+            await self.drop_client()
+            self.loop.stop()
+
+        try:
+            self.loop.call_soon_threadsafe(lambda: self.loop.create_task(close()))
+        except RuntimeError:  # the loop is closed already
+            return
+        if threading.current_thread() is not self.thread:
+            self.thread.join(timeout=10)
 
 
 class RemoteReward:
@@ -188,8 +218,8 @@ class RemoteReward:
         self.max_batch = max_batch
         self._server_max_batch: int | None = None  # the server's limit, once read
         self._limit_read = False  # whether /health was read for it (with an answer)
-        self._client: Any = None  # an httpx.AsyncClient, used on the event loop's thread only
-        self._event_loop: _EventLoop | None = None
+        self._event_loop: _EventLoop | None = None  # the event loop thread and its HTTP client
+        self._finalizer: weakref.finalize | None = None
         self._lock = threading.Lock()
         self._limit_lock = threading.Lock()
 
@@ -313,7 +343,8 @@ class RemoteReward:
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
-                answer = self._loop().run(self._attempt(method, path, request))
+                loop = self._loop()
+                answer = loop.run(self._attempt(loop, method, path, request))
             except self._httpx.TransportError as exc:  # connection refused or reset, timeouts, broken answers
                 error = f"{type(exc).__name__}: {_words(exc) or 'no detail'}"
                 continue
@@ -329,12 +360,16 @@ class RemoteReward:
             return answer
         raise _Unreachable(f"{error} (after {self.retries + 1} attempts)")
 
-    async def _attempt(self, method: str, path: str, request: dict[str, Any]) -> _Answer:
-        """One attempt, cancelled ``timeout`` seconds after it began (``asyncio.TimeoutError``)."""
-        return await asyncio.wait_for(self._exchange(method, path, request), timeout=self.timeout)
+    async def _attempt(self, loop: _EventLoop, method: str, path: str, request: dict[str, Any]) -> _Answer:
+        """One attempt on ``loop``, cancelled ``timeout`` seconds after it began (``asyncio.TimeoutError``)."""
+        try:
+            return await asyncio.wait_for(self._exchange(loop, method, path, request), timeout=self.timeout)
+        except (asyncio.TimeoutError, _TooLong):
+            await loop.drop_client()
+            raise
 
-    async def _exchange(self, method: str, path: str, request: dict[str, Any]) -> _Answer:
-        async with self._http().stream(method, path, **request) as response:
+    async def _exchange(self, loop: _EventLoop, method: str, path: str, request: dict[str, Any]) -> _Answer:
+        async with self._client_on(loop).stream(method, path, **request) as response:
             content = bytearray()
             async for chunk in response.aiter_bytes():
                 content += chunk
@@ -367,41 +402,42 @@ class RemoteReward:
         """The client's event loop thread (a new one in a forked child, where the thread is gone)."""
         with self._lock:
             if self._event_loop is not None and self._event_loop.pid != os.getpid():
-                self._event_loop, self._client = None, None  # the parent's thread and connections
+                self._event_loop = None  # the parent's thread and connections
             if self._event_loop is None:
                 self._event_loop = _EventLoop()
+                self._finalizer = weakref.finalize(self, self._event_loop.shutdown)
             return self._event_loop
 
     def _http(self) -> Any:
         """The HTTP client (an ``httpx.AsyncClient``, used on the event loop's thread only)."""
-        if self._client is None:
+        return self._client_on(self._loop())
+
+    def _client_on(self, loop: _EventLoop) -> Any:
+        if loop.client is None:
             headers = {"accept-encoding": "identity", **(bearer_header(self._token) if self._token else {})}
-            self._client = self._httpx.AsyncClient(
+            loop.client = self._httpx.AsyncClient(
                 base_url=self.url, timeout=self._httpx.Timeout(self.timeout), headers=headers
             )
-        return self._client
+        return loop.client
 
     def close(self) -> None:
         """Close the connections and stop the event loop's thread (a later call starts them again)."""
         with self._lock:
-            loop, client = self._event_loop, self._client
-            self._event_loop, self._client = None, None
-        if loop is not None and loop.pid == os.getpid():
-            if client is not None:
-                loop.run(client.aclose())
-            loop.stop()
+            finalizer, self._finalizer, self._event_loop = self._finalizer, None, None
+        if finalizer is not None:
+            finalizer()  # runs the loop's shutdown once
 
     def __getstate__(self) -> dict[str, Any]:  # connections and modules cannot be copied; reopen lazily
         state = self.__dict__.copy()
-        for key in ("_client", "_event_loop", "_lock", "_limit_lock", "_httpx"):
+        for key in ("_event_loop", "_finalizer", "_lock", "_limit_lock", "_httpx"):
             state.pop(key)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._httpx = import_serve_dependency("httpx")
-        self._client = None
         self._event_loop = None
+        self._finalizer = None
         self._lock = threading.Lock()
         self._limit_lock = threading.Lock()
 

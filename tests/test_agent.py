@@ -578,7 +578,10 @@ def test_fsdp_computes_what_ddp_computes_and_checkpoints_through_the_engine(tmp_
         assert ddp["loss"] == pytest.approx(fsdp["loss"], abs=1e-7)
         assert ddp["iteration_loss"] == pytest.approx(fsdp["iteration_loss"], abs=1e-6)
         assert ddp["eval_tasks"] == fsdp["eval_tasks"] == 6 and ddp["eval_reward"] == fsdp["eval_reward"]
-    for kind, tolerance in (("gradients", 1e-8), ("weights", 1e-6)):
+    # gradients agree to 1e-8 (the reductions add in another order); the weights after two Adam steps
+    # to 1e-5: Adam's step lr·m/(√v + ε) amplifies a 1e-10 difference of a gradient element near ε
+    # into a few thousandths of a step (lr_image 3e-4): 1.5e-6 seen on an AMD EPYC CPU, 6e-8 elsewhere
+    for kind, tolerance in (("gradients", 1e-8), ("weights", 1e-5)):
         ddp, fsdp = (load_file(str(tmp_path / f"{mode}-{kind}.safetensors")) for mode in ("ddp", "fsdp"))
         assert set(ddp) == set(fsdp) and len(ddp) == results["fsdp"][0]["trained_parameters"]
         assert any(float(t.abs().max()) > 0 for t in ddp.values()), kind
@@ -596,7 +599,7 @@ def test_fsdp_computes_what_ddp_computes_and_checkpoints_through_the_engine(tmp_
     }  # fmt: skip
     for file, tensors in merged["ddp"].items():
         for name, tensor in tensors.items():
-            assert torch.allclose(tensor.float(), merged["fsdp"][file][name].float(), atol=1e-6), (file, name)
+            assert torch.allclose(tensor.float(), merged["fsdp"][file][name].float(), atol=1e-5), (file, name)
     engine = tmp_path / "run-fsdp" / "checkpoints" / "ckpt-000001" / "engine"
     assert (engine / "pytorch_model_fsdp_0").is_dir() and (engine / "optimizer_0").is_dir()
     assert not list((tmp_path / "run-ddp" / "checkpoints" / "ckpt-000001" / "engine").glob("model*"))
@@ -737,7 +740,10 @@ def test_fp16_trains_through_the_engines_gradient_scaler(tiny_checkpoint, fresh_
         assert not agent.optimizer.step_was_skipped and agent.accelerator.scaler.get_scale() == scale
         results[scale] = (stats["grad_norm"], [p.detach().clone() for p in agent._trained_parameters()])
     (norm_low, weights_low), (norm_high, weights_high) = results[2.0**8], results[2.0**12]
-    assert 0 < norm_low < 100 and norm_high == pytest.approx(norm_low, rel=1e-6)
+    # equal but for the gradient elements small enough to underflow in fp16 at the lower scale: on
+    # one CPU the norms agreed to 1e-7, on another (AMD EPYC, 2026-12-07) to 4.4e-6; unscaled
+    # before clipping, they would differ 16-fold
+    assert 0 < norm_low < 100 and norm_high == pytest.approx(norm_low, rel=1e-4)
     # both stepped: their weights moved, by the same amounts but for the few gradient elements small
     # enough to underflow in fp16 at the lower scale (Adam's first step is about lr·sign(g) for each)
     moved = [not torch.equal(a, b) for a, b in zip(weights_low, start)]

@@ -6,6 +6,7 @@ a ``unigrpo serve reward`` subprocess for the kill test. Every wait has a timeou
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 
 import pytest
@@ -540,12 +542,30 @@ def test_a_server_that_trickles_or_never_stops_is_cut_off_within_the_documented_
                 out = remote(batch(3, seed=1))
             elapsed = time.monotonic() - start
             assert out.scores.isnan().all() and elapsed < bound + 1.0, elapsed
-            message = str(caught[0].message)
+            (message,) = [str(w.message) for w in caught if w.category is RemoteRewardWarning]
             if answer is _flood:  # cut off by the answer's size, or by the deadline on a slow machine
                 assert "more than 67108864 bytes" in message or "within the timeout of 1 s" in message, message
             else:  # every attempt runs to its deadline
                 assert "within the timeout of 1 s (after 2 attempts)" in message and elapsed > bound - 0.2, message
-    remote.close()
+    thread = remote._event_loop.thread
+    with warnings.catch_warnings(record=True) as caught:  # the cut-off connections were closed, not leaked
+        warnings.simplefilter("always")
+        remote.close()
+        del remote
+        gc.collect()
+    assert not thread.is_alive() and not [w for w in caught if w.category is ResourceWarning]
+
+
+def test_a_client_dropped_without_close_ends_its_thread_and_connections(jpeg_url):
+    remote = RemoteReward(jpeg_url)
+    remote(batch(2, seed=4))
+    thread = remote._event_loop.thread
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del remote
+        gc.collect()
+        thread.join(timeout=10)
+    assert not thread.is_alive() and not [w for w in caught if w.category is ResourceWarning]
 
 
 def test_a_deeply_nested_answer_is_a_remote_reward_error_not_a_recursion_error():
@@ -561,6 +581,21 @@ def test_a_deeply_nested_answer_is_a_remote_reward_error_not_a_recursion_error()
             with pytest.raises(RemoteRewardError, match="nests deeper than"):
                 remote(batch(3, seed=2))
             remote.close()
+        # inside an environment the batch scores NaN, with the error as its reason
+        from conftest import ToyScenario
+
+        import unigrpo_env
+        from unigrpo_env import FlowAction, TextAction
+
+        envs = unigrpo_env.InterleavedVectorEnv(ToyScenario(num_turns=1), 1, 2, reward=RemoteReward(url, max_batch=4))
+        obs, _ = envs.reset(seed=0)
+        obs, *_ = envs.step(TextAction(tokens=[[3, 2], [3, 2]]))
+        done = False
+        while not done:
+            obs, rewards, dones, _, info = envs.step(FlowAction(x_next=obs.x_t * 0.5))
+            done = bool(dones.all())
+        assert all(math.isnan(r) for r in rewards) and "RemoteRewardError" in envs.trajectory.reward_error
+        assert "nests deeper than" in envs.trajectory.reward_error
 
 
 def _request_with(header_edit=None, meta_text=None) -> bytes:

@@ -391,7 +391,7 @@ class EpisodeBatch:
             trajectory.rewards, trajectory.reward_components = scores, components
         except Exception as exc:  # noqa: BLE001 - a broken scorer must not corrupt the episode
             trajectory.rewards, trajectory.reward_components = torch.full((self.n,), math.nan), {}
-            trajectory.reward_error = f"{type(exc).__name__}: {exc}"
+            trajectory.reward_error = shorten(f"{type(exc).__name__}: {exc}", 1000)  # a scorer chooses its message
         trajectory.reward_seconds = time.perf_counter() - started
         trajectory.terminated = True
 
