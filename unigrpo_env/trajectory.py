@@ -12,10 +12,13 @@ file from a stranger cannot run code.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -249,7 +252,8 @@ class Trajectory(TensorRecord):
         lengths and step counts, finite rewards (NaN and infinities only as the strings
         :meth:`save` writes). Anything else raises :class:`TrajectoryFileError` naming the problem."""
         try:
-            return cls._load(path)
+            with _cyclic_gc_paused():
+                return cls._load(path)
         except TrajectoryFileError:
             raise
         except (ValidationError, KeyError, TypeError, AttributeError, RecursionError, ValueError, OSError) as exc:
@@ -266,7 +270,9 @@ class Trajectory(TensorRecord):
         kind = stat.S_IFMT(os.stat(path).st_mode)
         if kind != stat.S_IFREG:  # a FIFO or a device would block or never end; a folder is no file
             raise TrajectoryFileError(f"{path} is not a regular file (it is a {_FILE_KINDS.get(kind, 'special file')})")
-        with safe_open(str(path), framework="pt") as f:
+        # numpy's reader, then torch.from_numpy (no copy): a third of the time of the torch reader a tensor,
+        # which matters for a file of many small tensors (the schema's dtypes all exist in numpy)
+        with safe_open(str(path), framework="numpy") as f:
             metadata = f.metadata() or {}
             if metadata.get("format") != TRAJECTORY_FORMAT:
                 raise TrajectoryFileError(
@@ -286,7 +292,7 @@ class Trajectory(TensorRecord):
                 if missing:
                     raise TrajectoryFileError(f"{path}: the tensor {missing[0]!r} is missing")
                 raise TrajectoryFileError(f"{path}: tensors the header does not announce: {extra[:3]}")
-            tensors = {key: f.get_tensor(key) for key in expected}
+            tensors = {key: torch.from_numpy(f.get_tensor(key)) for key in expected}
         problem = _check_tensors(header, tensors, expected)
         if problem:
             raise TrajectoryFileError(f"{path}: {problem}")
@@ -306,6 +312,21 @@ class Trajectory(TensorRecord):
             reward_components={k: _from_json_float(v) for k, v in header.reward_components.items()},
             terminated=header.terminated,
         )
+
+
+@contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while a file's records are built: loading makes
+    tens of objects a turn and no reference cycles, and the collections they trigger traverse
+    every object alive, so a 16,000-turn file took 1.4x the time a turn of a 1,000-turn one.
+    Reference counting still frees everything at once; the collector resumes as it was."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 _FILE_KINDS = {
