@@ -186,11 +186,11 @@ def health_latency(url: str) -> None:
 
 def drops(url: str, count: int) -> None:
     port = int(url.rsplit(":", 1)[1])
-    records: list[logging.LogRecord] = []
+    kept: dict[int, logging.LogRecord] = {}  # by identity: a record propagates to several of the loggers below
 
     class Keep(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
+            kept[id(record)] = record
 
     handler = Keep(level=logging.DEBUG)
     for name in ("", "uvicorn", "uvicorn.error", "unigrpo_env.rewards.server"):
@@ -204,6 +204,7 @@ def drops(url: str, count: int) -> None:
     while httpx.get(f"{url}/health").json()["dropped_requests"] < before + count and time.monotonic() < deadline:
         time.sleep(0.1)
     counted = httpx.get(f"{url}/health").json()["dropped_requests"] - before
+    records = list(kept.values())
     warnings_or_worse = [r for r in records if r.levelno >= logging.WARNING]
     tracebacks = [r for r in records if r.exc_info]
     lines = sum(1 + r.getMessage().count("\n") for r in records)
