@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from unigrpo_env.agents.policy import UnifiedPolicy, check_policy_fits
+from unigrpo_env.agents.policy import UnifiedPolicy, check_policy_fits, world_of
 from unigrpo_env.agents.rollout import Rollout, RolloutSettings, TextWriter, rollout
 from unigrpo_env.agents.visuals import image_grid
 from unigrpo_env.reward import RewardFunction
@@ -151,7 +151,8 @@ class Evaluator:
             raise ValueError(f"cfg_scale must be >= 1 (1 = no guidance), got {cfg_scale}")
         start = time.perf_counter()
         tasks = _spread(list(scenario.check_split(split)), limit)
-        check_policy_fits(policy, scenario)
+        world = world_of(policy, scenario)
+        check_policy_fits(policy, scenario, world)
         settings = RolloutSettings(temperature=temperature, noise_level=0.0, cfg_scale=cfg_scale)
         generator = torch.Generator().manual_seed(seed)
         probes = self.probes if run_probes else {}
@@ -159,7 +160,7 @@ class Evaluator:
         for start_index in range(0, len(tasks), self.batch_size):
             chunk = tasks[start_index : start_index + self.batch_size]
             envs = InterleavedVectorEnv(
-                scenario, len(chunk), 1, split=split, reward=reward, reward_timeout=reward_timeout
+                scenario, len(chunk), 1, split=split, reward=reward, reward_timeout=reward_timeout, world=world
             )
             options = {"task_index": [task.index for task in chunk]}
             piped = rollout(policy, envs, settings, seed=seed, options=options, generator=generator)

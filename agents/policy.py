@@ -34,6 +34,7 @@ __all__ = [
     "CheckpointError",
     "PolicyMismatchError",
     "check_policy_fits",
+    "world_of",
 ]
 
 
@@ -166,7 +167,7 @@ class UnifiedPolicy(nn.Module):
     backbone overrides them).
     """
 
-    def __init__(self, text: TextPolicy, image: FlowPolicy):
+    def __init__(self, text: TextPolicy, image: FlowPolicy, world: Any = None):
         super().__init__()
         for name, part in (("text", text), ("image", image)):
             if not isinstance(part, nn.Module):
@@ -181,6 +182,9 @@ class UnifiedPolicy(nn.Module):
             )
         self.text = text
         self.image = image
+        #: The model's side of the environment (a :class:`unigrpo_env.World`: its tokenizer, image
+        #: codec and time grid), where the policy kind supplies it; None: the scenario's default.
+        self.world = world
 
     def save_pretrained(self, path: str | Path) -> None:
         """Save both halves in the checkpoint layout: ``language_model/`` and ``flow_model/``."""
@@ -195,22 +199,36 @@ class UnifiedPolicy(nn.Module):
         return [p for p in self.image.parameters() if p.requires_grad]
 
 
-def check_policy_fits(policy: UnifiedPolicy, scenario: Any) -> None:
-    """Raise :class:`PolicyMismatchError` if ``policy`` cannot play ``scenario`` as it is set up:
-    its flow policy's ``check_latent_shape`` (where it has one) refuses the scenario's latent
-    shape. Called by the agent and the evaluator before any rollout, so a run with a mismatched
-    image size stops with one line before its run folder is written, not with a shape error
-    from inside the network."""
+def world_of(policy: UnifiedPolicy, scenario: Any) -> Any:
+    """The world ``policy`` plays ``scenario`` in: the policy's own (``policy.world``, where its
+    kind supplies one), else the scenario's ``default_world()``."""
+    world = getattr(policy, "world", None)
+    return scenario.default_world() if world is None else world
+
+
+def check_policy_fits(policy: UnifiedPolicy, scenario: Any, world: Any = None) -> None:
+    """Raise :class:`PolicyMismatchError` if ``policy`` cannot play ``scenario`` in ``world``
+    (None: :func:`world_of`): its text policy's end-of-thinking id (``eot_id``, where it has one)
+    is not the world's, or its flow policy's ``check_latent_shape`` (where it has one) refuses
+    the world's latent shape. Called by the agent and the evaluator before any rollout, so a run
+    with a mismatched image size stops with one line before its run folder is written, not with
+    a shape error from inside the network."""
+    world = world_of(policy, scenario) if world is None else world
+    name = getattr(scenario, "name", "?")
+    eot = getattr(policy.text, "eot_id", None)
+    if eot is not None and int(eot) != int(world.text_codec.eot_id):
+        raise PolicyMismatchError(
+            f"the policy's end-of-thinking id is {int(eot)}, the environment's ({world.text_codec.end_of_thinking!r}) "
+            f"{int(world.text_codec.eot_id)}: they use different tokenizers (scenario {name!r})"
+        )
     check = getattr(policy.image, "check_latent_shape", None)
     if check is None:
         return
-    shape = tuple(int(d) for d in scenario.image_codec.latent_shape)
+    shape = world.latent_shape
     try:
         check(shape)
     except ValueError as exc:
-        size = getattr(scenario.image_codec, "image_size", None)
-        of = f", image size {size}" if size is not None else ""
         raise PolicyMismatchError(
-            f"the policy cannot draw the latents of scenario {getattr(scenario, 'name', '?')!r} "
-            f"(shape {shape}{of}): {exc}"
+            f"the policy cannot draw the latents of scenario {name!r} (shape {shape}, image size "
+            f"{world.image_size}): {exc}"
         ) from None

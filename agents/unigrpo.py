@@ -62,7 +62,7 @@ from unigrpo_env.agents.config import UniGRPOConfig
 from unigrpo_env.agents.decoding import synchronized_decoding
 from unigrpo_env.agents.iteration_metrics import across_processes, reward_metrics
 from unigrpo_env.agents.losses import flow_grpo_loss, group_advantages, masked_batch_mean, text_grpo_loss, text_kl
-from unigrpo_env.agents.policy import TurnContext, UnifiedPolicy, check_policy_fits
+from unigrpo_env.agents.policy import TurnContext, UnifiedPolicy, check_policy_fits, world_of
 from unigrpo_env.agents.rollout import Rollout, RolloutSettings, rollout
 from unigrpo_env.lr_schedule import warmup_decay
 from unigrpo_env.registration import make_scenario
@@ -349,7 +349,8 @@ class UniGRPOAgent:
             TrainingForward(self.policy, self._log_probs), torch.optim.AdamW(groups, weight_decay=config.weight_decay)
         )
         self.scenario = scenario if scenario is not None else make_scenario(config.scenario, **config.scenario_options)
-        check_policy_fits(policy, self.scenario)
+        self.world = world_of(policy, self.scenario)  # the model's codecs and time grid
+        check_policy_fits(policy, self.scenario, self.world)
         self.train_tasks = self.scenario.check_split("train")
         processes = self.accelerator.num_processes
         if config.group_size % processes:
@@ -374,6 +375,7 @@ class UniGRPOAgent:
             device=self.accelerator.device,
             reward=reward,
             reward_timeout=config.reward_timeout,
+            world=self.world,
         )
         self.iteration = 0
 

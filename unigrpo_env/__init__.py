@@ -37,6 +37,7 @@ from unigrpo_env.task import Task
 from unigrpo_env.trajectory import DenoisingStep, ImageSegment, TextSegment, Trajectory, Turn
 from unigrpo_env.vae_codec import VAECodec
 from unigrpo_env.vector import InterleavedVectorEnv
+from unigrpo_env.world import World
 
 __version__ = "0.1.0"
 
@@ -59,6 +60,7 @@ __all__ = [
     "ImageRecord",
     "Task",
     "Scenario",
+    "World",
     "TextCodec",
     "ImageCodec",
     "PixelCodec",

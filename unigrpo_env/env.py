@@ -29,6 +29,7 @@ from unigrpo_env.scenario import Scenario
 from unigrpo_env.spaces import FlowActionSpace, InterleavedActionSpace, ObservationSpace, TextActionSpace
 from unigrpo_env.task import Task
 from unigrpo_env.trajectory import Trajectory
+from unigrpo_env.world import World
 
 __all__ = ["InterleavedEnv"]
 
@@ -37,7 +38,9 @@ class InterleavedEnv(gym.Env[Observation, "TextAction | FlowAction"]):
     """A Gymnasium environment over one scenario; see the module docstring.
 
     Args:
-        scenario: the scenario that supplies tasks, codecs, schedule and reward.
+        scenario: the scenario: its tasks, splits and reward.
+        world: the model's side, :class:`~unigrpo_env.world.World`: text codec, image codec and
+            time grid (None: the scenario's ``default_world()``; ``env.world`` is the one used).
         split: the task split episodes draw from (``"train"`` or ``"heldout"``).
         device: where latents live; actions' tensors must be on it.
         render_mode: ``"rgb_array"`` or None.
@@ -54,6 +57,7 @@ class InterleavedEnv(gym.Env[Observation, "TextAction | FlowAction"]):
     def __init__(
         self,
         scenario: Scenario,
+        world: World | None = None,
         split: str = "train",
         device: str | torch.device = "cpu",
         render_mode: str | None = None,
@@ -66,16 +70,16 @@ class InterleavedEnv(gym.Env[Observation, "TextAction | FlowAction"]):
         self.scenario = scenario
         self.split = split
         self.render_mode = render_mode
-        self._engine = EpisodeBatch(scenario, 1, device, reward=reward, reward_timeout=reward_timeout)
-        codec = scenario.text_codec
-        self.text_codec = codec
-        self.image_codec = scenario.image_codec
+        self._engine = EpisodeBatch(scenario, 1, device, reward=reward, reward_timeout=reward_timeout, world=world)
+        self.world = self._engine.world
+        codec = self.text_codec = self.world.text_codec
+        self.image_codec = self.world.image_codec
         self.action_space = InterleavedActionSpace(
             TextActionSpace(codec.vocab_size, codec.eot_id, codec.max_tokens),
-            FlowActionSpace(scenario.image_codec.latent_shape),
+            FlowActionSpace(self.world.latent_shape),
         )
         self.observation_space = ObservationSpace(
-            codec.vocab_size, codec.max_tokens, scenario.image_codec.latent_shape, scenario.image_codec.image_size
+            codec.vocab_size, codec.max_tokens, self.world.latent_shape, self.world.image_size
         )
 
     @property

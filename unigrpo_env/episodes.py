@@ -50,6 +50,7 @@ from unigrpo_env.reward import RewardFunction, RewardInputs
 from unigrpo_env.scenario import Scenario
 from unigrpo_env.task import Task
 from unigrpo_env.trajectory import Trajectory
+from unigrpo_env.world import World
 
 __all__ = ["EpisodeBatch", "CheckedText", "CheckedFlow", "seeded_generator", "pick_tasks"]
 
@@ -73,7 +74,8 @@ class CheckedFlow:
 
 
 class EpisodeBatch:
-    """N episodes of ``scenario`` in lockstep; see the module docstring."""
+    """N episodes of ``scenario`` in lockstep, in ``world`` (None: the scenario's default world);
+    see the module docstring."""
 
     def __init__(
         self,
@@ -82,6 +84,7 @@ class EpisodeBatch:
         device: str | torch.device = "cpu",
         reward: RewardFunction | None = None,
         reward_timeout: float | None = None,
+        world: World | None = None,
     ):
         if num_episodes < 1:
             raise ValueError(f"num_episodes must be >= 1, got {num_episodes}")
@@ -92,10 +95,11 @@ class EpisodeBatch:
         self.reward_timeout = reward_timeout
         self.n = int(num_episodes)
         self.device = _normalise(torch.device(device))
-        self.text_codec = scenario.text_codec
-        self.image_codec = scenario.image_codec.to(self.device)  # a VAE decodes where the latents are
-        self.latent_shape = tuple(scenario.image_codec.latent_shape)
-        grid = scenario.timesteps().to(torch.float32)
+        self.world = scenario.default_world() if world is None else world
+        self.text_codec = self.world.text_codec
+        self.image_codec = self.world.image_codec.to(self.device)  # a VAE decodes where the latents are
+        self.latent_shape = self.world.latent_shape
+        grid = self.world.timesteps()
         self.time_grid = grid.cpu()
         self.times: list[float] = [float(v) for v in grid]
         self.num_steps = len(self.times) - 1

@@ -288,7 +288,7 @@ def register_reward(name: str, *, override: bool = False):
     return REWARDS.decorator(name, override=override)
 
 
-_ENV_OPTIONS = ("split", "device", "render_mode", "reward_timeout")
+_ENV_OPTIONS = ("world", "split", "device", "render_mode", "reward_timeout")
 
 
 def make_scenario(name: str | Scenario, **options: Any) -> Scenario:
@@ -339,8 +339,9 @@ def _accepted_options(factory: Any) -> set[str] | None:
 def make(scenario: str | Scenario, **options: Any) -> InterleavedEnv:
     """One environment of a scenario: ``unigrpo_env.make("t2i_reason", num_steps=20, split="heldout")``.
 
-    ``split``, ``device``, ``render_mode`` and ``reward_timeout`` go to the environment; every other option to the
-    scenario. (To score with another reward than the scenario's, build the environment itself:
+    ``world`` (the model's side, :class:`~unigrpo_env.world.World`; default: the scenario's),
+    ``split``, ``device``, ``render_mode`` and ``reward_timeout`` go to the environment; every other
+    option to the scenario. (To score with another reward than the scenario's, build the environment itself:
     ``InterleavedEnv(scenario, reward=...)``.)
     """
     env_options = {k: options.pop(k) for k in _ENV_OPTIONS if k in options}

@@ -32,6 +32,7 @@ from unigrpo_env.codecs import ImageCodec, TextCodec
 from unigrpo_env.errors import TaskSplitError
 from unigrpo_env.reward import RewardFunction
 from unigrpo_env.task import Task
+from unigrpo_env.world import World
 
 __all__ = ["Scenario"]
 
@@ -99,6 +100,19 @@ class Scenario(ABC):
     def timesteps(self) -> torch.Tensor:
         """The ``num_steps + 1`` times from 1 (noise) to 0 (data)."""
         return flow.timestep_schedule(self.num_steps, self.shift)
+
+    def default_world(self) -> World:
+        """The world an environment of this scenario uses when it is given none: by default the
+        scenario's own ``text_codec``, ``image_codec`` and grid (``num_steps`` under ``shift``),
+        which ShapesWorld's scenarios have. A scenario without them has no default world: its
+        environments need one, from the policy that plays it."""
+        missing = [name for name in ("text_codec", "image_codec", "num_steps", "shift") if not hasattr(self, name)]
+        if missing:
+            raise NotImplementedError(
+                f"scenario {self.name!r} offers no default world (it has no {', '.join(missing)}): give its "
+                "environment the policy's world (InterleavedEnv(scenario, world), make_vec(..., world=world))"
+            )
+        return World(self.text_codec, self.image_codec, self.timesteps())
 
     def check_split(self, split: str) -> Sequence[Task]:
         if split not in self.splits:

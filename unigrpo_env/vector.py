@@ -38,6 +38,7 @@ from unigrpo_env.scenario import Scenario
 from unigrpo_env.spaces import FlowActionSpace, InterleavedActionSpace, ObservationSpace, TextActionSpace
 from unigrpo_env.task import Task
 from unigrpo_env.trajectory import Trajectory
+from unigrpo_env.world import World
 
 __all__ = ["InterleavedVectorEnv", "BatchActionSpace", "BatchObservationSpace"]
 
@@ -137,7 +138,9 @@ def _stack_segments(
 
 
 class InterleavedVectorEnv(VectorEnv):
-    """N = P·G episodes of a scenario in one batch; see the module docstring.
+    """N = P·G episodes of a scenario in one batch, in ``world`` (the model's codecs and time grid,
+    :class:`~unigrpo_env.world.World`; None: the scenario's ``default_world()``); see the module
+    docstring.
 
     ``reset(seed=..., options=...)`` options: ``split``, ``task_index`` (a list of P indices
     into the split) or ``tasks`` (a list of P :class:`~unigrpo_env.Task`), one per group.
@@ -155,6 +158,7 @@ class InterleavedVectorEnv(VectorEnv):
         render_mode: str | None = None,
         reward: RewardFunction | None = None,
         reward_timeout: float | None = None,
+        world: World | None = None,
     ):
         if num_prompts < 1 or group_size < 1:
             raise ValueError(f"num_prompts and group_size must be >= 1, got {num_prompts} and {group_size}")
@@ -165,15 +169,18 @@ class InterleavedVectorEnv(VectorEnv):
         self.group_size = int(group_size)
         self.num_envs = self.num_prompts * self.group_size
         self.render_mode = render_mode
-        self._engine = EpisodeBatch(scenario, self.num_envs, device, reward=reward, reward_timeout=reward_timeout)
+        self._engine = EpisodeBatch(
+            scenario, self.num_envs, device, reward=reward, reward_timeout=reward_timeout, world=world
+        )
+        self.world = self._engine.world
         self.group_ids = torch.arange(self.num_prompts).repeat_interleave(self.group_size)
-        codec = scenario.text_codec
+        codec = self.world.text_codec
         self.single_action_space = InterleavedActionSpace(
             TextActionSpace(codec.vocab_size, codec.eot_id, codec.max_tokens),
-            FlowActionSpace(scenario.image_codec.latent_shape),
+            FlowActionSpace(self.world.latent_shape),
         )
         self.single_observation_space = ObservationSpace(
-            codec.vocab_size, codec.max_tokens, scenario.image_codec.latent_shape, scenario.image_codec.image_size
+            codec.vocab_size, codec.max_tokens, self.world.latent_shape, self.world.image_size
         )
         self.action_space = BatchActionSpace(self.single_action_space, self.num_envs)
         self.observation_space = BatchObservationSpace(self.single_observation_space, self.num_envs)
@@ -185,7 +192,7 @@ class InterleavedVectorEnv(VectorEnv):
 
     @property
     def text_codec(self) -> TextCodec:
-        return self.scenario.text_codec
+        return self.world.text_codec
 
     @property
     def tasks(self) -> list[Task]:

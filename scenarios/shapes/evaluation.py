@@ -34,7 +34,7 @@ def oracle_text_writer(context: TurnContext, envs: InterleavedVectorEnv) -> Text
     scenario = envs.scenario
     rows = [scenario.oracle_tokens(task, context.turn) for task in envs.tasks]
     width = max(len(r) for r in rows)
-    tokens = torch.full((len(rows), width), scenario.text_codec.pad_id, dtype=torch.long, device=envs.device)
+    tokens = torch.full((len(rows), width), envs.text_codec.pad_id, dtype=torch.long, device=envs.device)
     for i, r in enumerate(rows):
         tokens[i, : len(r)] = torch.tensor(r)
     lengths = torch.tensor([len(r) for r in rows], device=envs.device)
