@@ -24,12 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from unigrpo_env.cli.serve import serve_app
-from unigrpo_env.cli.values import MAX_SEED, finite
+from unigrpo_env.cli.usage import MAX_SEED, UserError, console, finite
 
 app = typer.Typer(
     name="unigrpo",
@@ -38,7 +37,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
 app.add_typer(serve_app, name="serve")  # the reward service: cli/serve.py
 
 
@@ -92,10 +90,6 @@ def list_(
     console.print(table)
     for problem in registry.problems():
         console.print(f"[yellow]warning:[/yellow] {escape(problem)}")
-
-
-class UserError(Exception):
-    """An error in what the user asked for: reported in one line, exit code 2."""
 
 
 class Runnable(str, Enum):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from unigrpo_env.cli.values import finite
+from unigrpo_env.cli.usage import UserError, console, finite
 
 __all__ = ["serve_app"]
 
@@ -47,7 +47,6 @@ def reward(
     ),
 ) -> None:
     """Serve a reward over HTTP: POST /score scores a batch, GET /health describes the service."""
-    from unigrpo_env.cli.main import UserError, console
     from unigrpo_env.rewards.extras import MissingExtraError
 
     try:

@@ -155,3 +155,16 @@ def test_make_scenario_refuses_non_finite_options():
     with pytest.raises(ValueError, match="scenario 't2i_reason''s options at shift is inf"):
         unigrpo_env.make_scenario("t2i_reason", shift=math.inf)
     assert json.loads(json.dumps({"ok": unigrpo_env.make_scenario("t2i_reason", shift=2.0).shift})) == {"ok": 2.0}
+
+
+def test_the_serve_command_does_not_import_the_main_one():
+    # cli/main.py adds cli/serve.py's commands; serve used to import main's UserError and console
+    # back (a cycle): both now take them from cli/usage.py
+    import ast
+    from pathlib import Path
+
+    import unigrpo_env.cli.serve as serve
+
+    tree = ast.parse(Path(serve.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "unigrpo_env.cli.usage" in imported and "unigrpo_env.cli.main" not in imported
