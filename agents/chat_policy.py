@@ -23,9 +23,29 @@ from typing import Any
 
 from unigrpo_env.agents.hf_policies import CausalLMTextPolicy, PromptBuilder, PromptText
 from unigrpo_env.agents.policy import CheckpointError, TurnContext
-from unigrpo_env.codecs import THINK, TextCodec, add_think_tokens
+from unigrpo_env.codecs import TextCodec
 
 __all__ = ["THINK", "add_think_tokens", "chat_prompt_builder", "text_codec", "reasoning_text", "chat_text_policy"]
+
+#: The default think markers of chat models that reason before they answer.
+THINK = ("<think>", "</think>")
+
+
+def add_think_tokens(tokenizer: Any, model: Any = None, markers: tuple[str, str] = THINK) -> list[str]:
+    """Add the think markers the tokenizer lacks as special tokens (grown into ``model``'s
+    embeddings, whose new rows start at the mean of the old ones); returns the markers added. A
+    tokenizer without a padding token gets its end-of-sequence token as one."""
+    vocab = tokenizer.get_vocab()
+    missing = [marker for marker in markers if marker not in vocab]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing})
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("the tokenizer has neither a padding nor an end-of-sequence token")
+        tokenizer.pad_token = tokenizer.eos_token
+    if model is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    return missing
 
 
 def chat_prompt_builder(tokenizer: Any, markers: tuple[str, str] = THINK) -> PromptBuilder:

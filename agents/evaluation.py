@@ -181,7 +181,7 @@ class Evaluator:
             seed=seed,
             cfg_scale=cfg_scale,
             temperature=temperature,
-            num_steps=scenario.num_steps,
+            num_steps=world.num_steps,
             pipeline=_by_category(categories, [r for r, _ in pipeline], [c for _, c in pipeline]),
             probes={
                 name: _by_category(categories, [r for r, _ in rows[name]], [c for _, c in rows[name]])

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from unigrpo_env.agents.hf_policies import ConditionedFlowPolicy, PromptText
 from unigrpo_env.agents.policy import TurnContext
-from unigrpo_env.agents.prompt_conditioning import PipelineFlowPolicy, PromptConditioner
+from unigrpo_env.agents.prompt_conditioning import PipelineFlowPolicy, PromptConditioner, image_shift
 from unigrpo_env.vae_codec import VAECodec
 
 __all__ = [
@@ -130,6 +131,15 @@ class FluxFlowPolicy(PipelineFlowPolicy):
             return_dict=False,
         )[0]
         return unpack_latents(out[:, : (height // 2) * (width // 2)].float(), height, width)
+
+    def scheduler_arguments(self, scheduler: Any, num_steps: int, latent_shape: tuple[int, ...]) -> dict[str, Any]:
+        """FLUX's grid: ``num_steps`` uniform sigmas from 1 to ``1/num_steps``, shifted by ``mu``
+        from the image's token count (2×2 patches), as ``FluxPipeline`` computes it."""
+        tokens = (latent_shape[1] // 2) * (latent_shape[2] // 2)
+        mu = image_shift(tokens, scheduler.config, max_shift=1.15)
+        if scheduler.config.get("use_flow_sigmas", False):
+            return {"num_inference_steps": num_steps, "mu": mu}
+        return {"sigmas": list(np.linspace(1.0, 1.0 / num_steps, num_steps)), "mu": mu}
 
     def check_latent_shape(self, shape: tuple[int, ...]) -> None:
         """The transformer takes 2×2 patches of the latent packed into tokens: a quarter of its

@@ -5,7 +5,9 @@ the text side from a chat model (:func:`~unigrpo_env.agents.chat_policy.chat_tex
 image side from the pipeline the folder or hub id holds — ``StableDiffusion3Pipeline``,
 ``FluxPipeline`` or ``FluxKontextPipeline``, read from its ``model_index.json`` — drawing from the
 reasoning (or the text after ``answer_marker``). With ``checkpoint`` (a run's checkpoint folder),
-the trained language model and transformer saved there replace the starting ones.
+the trained language model and transformer saved there replace the starting ones. The policy
+carries its world (``policy.world``: the chat tokenizer, the pipeline's VAE and the pipeline's own
+time grid), which the environments of a run use; the prompt scenarios load no model.
 
 ``dtype`` is the trained networks' (the chat model and the transformer); ``frozen_dtype`` (default:
 ``dtype``) the pipeline's frozen ones — its text encoders and VAE. A side trained in full wants fp32
@@ -21,11 +23,14 @@ import torch
 
 from unigrpo_env._diffusers import dtype_option
 from unigrpo_env.agents.chat_policy import chat_text_policy, reasoning_text
+from unigrpo_env.agents.chat_policy import text_codec as chat_text_codec
 from unigrpo_env.agents.flux_policy import FluxFlowPolicy, FluxKontextFlowPolicy
-from unigrpo_env.agents.policy import CheckpointError, UnifiedPolicy
+from unigrpo_env.agents.policy import CheckpointError, PolicyMismatchError, UnifiedPolicy
 from unigrpo_env.agents.sd3_policy import SD3FlowPolicy
+from unigrpo_env.vae_codec import VAECodec
+from unigrpo_env.world import World
 
-__all__ = ["IMAGE_POLICIES", "load_hf_policy", "check_latent_channels"]
+__all__ = ["IMAGE_POLICIES", "load_hf_policy", "pipeline_world", "check_latent_channels"]
 
 #: The diffusers pipeline classes the ``hf`` kind draws with, and their image policies.
 IMAGE_POLICIES = {policy.pipeline_class: policy for policy in (SD3FlowPolicy, FluxFlowPolicy, FluxKontextFlowPolicy)}
@@ -37,14 +42,23 @@ def load_hf_policy(
     text_model: str | None = None,
     image_model: str | None = None,
     image_size: int | None = None,
+    num_steps: int = 10,
+    max_tokens: int = 256,
     answer_marker: str | None = None,
     dtype: str = "float32",
     frozen_dtype: str | None = None,
     **image_options: Any,
 ) -> UnifiedPolicy:
-    """A chat model and a diffusers pipeline as one policy; see the module docstring.
-    ``image_size`` (optional) is checked against a Kontext pipeline's VAE; ``image_options`` go to
-    the image policy (``max_sequence_length``, ``guidance_scale``, ...)."""
+    """A chat model and a diffusers pipeline as one policy, with its world; see the module
+    docstring. ``image_options`` go to the image policy (``max_sequence_length``,
+    ``guidance_scale``, ...).
+
+    The world (``policy.world``) is the models' own: the chat tokenizer (``max_tokens`` a turn,
+    ``</think>`` closing it), the pipeline's VAE (the same object the pipeline holds: one VAE) at
+    ``image_size`` pixels (default: the pipeline's, ``default_sample_size × vae_scale_factor``),
+    and the pipeline's own time grid for ``num_steps`` steps at that size (SD3's static shift,
+    FLUX's resolution-dependent ``mu``). A size the transformer cannot draw is a
+    :class:`~unigrpo_env.agents.policy.PolicyMismatchError` here, before anything runs."""
     import diffusers
 
     if text_model is None or image_model is None:
@@ -79,7 +93,28 @@ def load_hf_policy(
         image = FluxKontextFlowPolicy(pipeline, prompt_text, image_size, **image_options)
     else:
         image = IMAGE_POLICIES[kind](pipeline, prompt_text, **image_options)
-    return UnifiedPolicy(text, image)
+    return UnifiedPolicy(text, image, world=pipeline_world(text, image, image_size, num_steps, max_tokens))
+
+
+def pipeline_world(
+    text: Any, image: Any, image_size: int | None = None, num_steps: int = 10, max_tokens: int = 256
+) -> World:
+    """The world of a chat policy ``text`` and a pipeline policy ``image``: see :func:`load_hf_policy`."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise CheckpointError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    size = image.default_image_size() if image_size is None else image_size
+    try:
+        codec = VAECodec(image.pipeline.vae, size, sample=False)
+    except ValueError as exc:
+        raise PolicyMismatchError(f"image_size {size}: {exc}") from None
+    try:
+        image.check_latent_shape(codec.latent_shape)
+    except ValueError as exc:
+        raise PolicyMismatchError(
+            f"image_size {size} gives latents of shape {codec.latent_shape}, which the {type(image.pipeline).__name__}'s "
+            f"transformer cannot draw: {exc}"
+        ) from None
+    return World(chat_text_codec(text.tokenizer, max_tokens), codec, image.time_grid(num_steps, codec.latent_shape))
 
 
 def torch_dtype_named(name: str, option: str) -> torch.dtype:

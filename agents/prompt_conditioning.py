@@ -102,6 +102,27 @@ class PipelineFlowPolicy(ConditionedFlowPolicy):
     #: The diffusers pipeline class the policy is made from (e.g. ``"FluxPipeline"``).
     pipeline_class: ClassVar[str] = ""
 
+    @property
+    def pipeline(self) -> Any:
+        """The diffusers pipeline the policy was made from."""
+        return self.conditioner.pipeline
+
+    def default_image_size(self) -> int:
+        """The pipeline's own default image side: ``default_sample_size × vae_scale_factor``."""
+        pipeline = self.pipeline
+        return int(pipeline.default_sample_size) * int(pipeline.vae_scale_factor)
+
+    def time_grid(self, num_steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        """The ``num_steps + 1`` times the pipeline itself denoises latents of ``latent_shape`` on
+        (its scheduler's ``sigmas`` after ``set_timesteps``, as the pipeline calls it), float32."""
+        scheduler = type(self.pipeline.scheduler).from_config(self.pipeline.scheduler.config)  # not the pipeline's own
+        scheduler.set_timesteps(**self.scheduler_arguments(scheduler, int(num_steps), latent_shape))
+        return torch.as_tensor(scheduler.sigmas, dtype=torch.float32).cpu()
+
+    def scheduler_arguments(self, scheduler: Any, num_steps: int, latent_shape: tuple[int, ...]) -> dict[str, Any]:
+        """The arguments of ``scheduler.set_timesteps`` the pipeline passes for ``num_steps`` steps."""
+        return {"num_inference_steps": num_steps}
+
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str], *args: Any, dtype: Any = None, **options: Any) -> Any:
         """Load a ``pipeline_class`` folder or hub id with diffusers' ``from_pretrained`` (float32
@@ -111,3 +132,16 @@ class PipelineFlowPolicy(ConditionedFlowPolicy):
 
         pipeline = getattr(diffusers, cls.pipeline_class).from_pretrained(path, **dtype_option(dtype or torch.float32))
         return cls(pipeline, *args, **options)
+
+
+def image_shift(tokens: int, config: Any, *, max_shift: float) -> float:
+    """The resolution-dependent shift ``mu`` of FLUX's and SD3.5's schedulers: linear in the image's
+    token count, from ``base_shift`` at ``base_image_seq_len`` tokens to ``max_shift`` at
+    ``max_image_seq_len`` (the scheduler config's values; the pipelines' defaults otherwise)::
+
+        mu = base_shift + (tokens − base_len) · (max_shift − base_shift) / (max_len − base_len)
+    """
+    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    low, high = config.get("base_shift", 0.5), config.get("max_shift", max_shift)
+    slope = (high - low) / (max_len - base_len)
+    return tokens * slope + (low - slope * base_len)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from unigrpo_env.agents.hf_policies import PromptText
-from unigrpo_env.agents.prompt_conditioning import PipelineFlowPolicy, PromptConditioner
+from unigrpo_env.agents.prompt_conditioning import PipelineFlowPolicy, PromptConditioner, image_shift
 
 __all__ = ["SD3PromptConditioner", "SD3FlowPolicy"]
 
@@ -66,6 +66,17 @@ class SD3FlowPolicy(PipelineFlowPolicy):
             return_dict=False,
         )[0]
         return out.float()
+
+    def scheduler_arguments(self, scheduler: Any, num_steps: int, latent_shape: tuple[int, ...]) -> dict[str, Any]:
+        """SD3's grid: the scheduler's static ``shift``, or with ``use_dynamic_shifting`` (SD3.5's
+        variants) ``mu`` from the image's token count, as ``StableDiffusion3Pipeline`` computes it."""
+        arguments: dict[str, Any] = {"num_inference_steps": num_steps}
+        config = scheduler.config
+        if config.get("use_dynamic_shifting", None):
+            patch = int(self.model.config.patch_size)
+            tokens = (latent_shape[1] // patch) * (latent_shape[2] // patch)
+            arguments["mu"] = image_shift(tokens, config, max_shift=1.16)
+        return arguments
 
     def check_latent_shape(self, shape: tuple[int, ...]) -> None:
         """The MMDiT draws latents of its ``in_channels``, with sides that are multiples of its

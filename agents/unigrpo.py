@@ -416,7 +416,7 @@ class UniGRPOAgent:
         c = self.config
         window = None
         if c.sde_window_size is not None:
-            last_start = max(0, min(c.sde_window_max_start, self.scenario.num_steps - c.sde_window_size))
+            last_start = max(0, min(c.sde_window_max_start, self.world.num_steps - c.sde_window_size))
             window = (int(rng.integers(0, last_start + 1)), c.sde_window_size)
         return RolloutSettings(
             temperature=c.temperature,

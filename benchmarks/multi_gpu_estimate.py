@@ -18,7 +18,7 @@ USABLE = 75 * G  # of 80 GB, leaving ~5 GB to the CUDA context and the allocator
 # -- the recipe (DESIGN.md: UniGRPO Table 3) and what it leaves open (assumed) --
 STEPS, WINDOW, EPOCHS = 25, 3, 2  # denoising steps per rollout, trained (SDE) steps per image, PPO epochs
 EPISODES = 384  # 16 prompts x 24 (8 GPUs) or 6 prompts x 64 (64 GPUs)
-REASON, PROMPT = 256, 64  # reasoning tokens (t2i_prompts' max_tokens), prompt + template tokens (assumed)
+REASON, PROMPT = 256, 64  # reasoning tokens (the hf policy's max_tokens), prompt + template tokens (assumed)
 LORA_R = 32
 # -- the models (parameters counted on the meta device) --
 LM = dict(total=7.616e9, blocks=6.526e9, root=1.090e9, per_tok=7.071e9, layers=28, h=3584, block=0.2331e9)

@@ -136,10 +136,9 @@ def measure(paths: dict[str, str], args: argparse.Namespace, checkpointing: bool
         scenario="t2i_prompts", num_prompts=args.prompts, group_size=args.group_size, lora_rank=4 if not medium else 32,
         text_adapter=args.adapter, image_adapter=args.adapter, iterations=args.iterations + 1,
         mixed_precision="bf16" if medium else "no", gradient_checkpointing=checkpointing,
-        policy_options={**models, "max_sequence_length": 16, "dtype": "bfloat16" if medium else "float32"},
-        scenario_options={**models, "prompts": paths["prompts"], "reward": "jpeg_compressibility",
-                          "image_size": 512 if medium else 16, "num_steps": 10, "max_tokens": 16 if not medium else 64,
-                          "heldout_fraction": 0.2},
+        policy_options={**models, "max_sequence_length": 16, "dtype": "bfloat16" if medium else "float32",
+                        "image_size": 512 if medium else 16, "num_steps": 10, "max_tokens": 16 if not medium else 64},
+        scenario_options={"prompts": paths["prompts"], "reward": "jpeg_compressibility", "heldout_fraction": 0.2},
     )  # fmt: skip
     parts = build_parts(config)
     accelerator = None

@@ -177,12 +177,19 @@ def run(
     text_model: str | None = typer.Option(
         None,
         "--text-model",
-        help="A chat model's folder or hub id (scenarios t2i_prompts and edit_prompts, policy kind hf).",
+        help="A chat model's folder or hub id (the policy kind hf: its tokenizer is the world's text codec).",
     ),
     image_model: str | None = typer.Option(
         None,
         "--image-model",
-        help="A diffusers SD3 / FLUX / FLUX Kontext pipeline's folder or hub id (t2i_prompts, edit_prompts, hf).",
+        help="A diffusers SD3 / FLUX / FLUX Kontext pipeline's folder or hub id (the policy kind hf: its VAE and "
+        "scheduler are the world's image codec and time grid).",
+    ),
+    image_size: int | None = typer.Option(
+        None,
+        "--image-size",
+        min=1,
+        help="The images' side in pixels (the policy option image_size; default: the pipeline's own).",
     ),
     prompts: Path | None = typer.Option(
         None, "--prompts", help="The prompt file of t2i_prompts or the dialogue file of edit_prompts (text or JSONL)."
@@ -253,12 +260,12 @@ def run(
             raise UserError(f"--reward: {exc}") from exc
         settings.scenario_options = {**settings.scenario_options, "reward": reward}
     if not resume:
-        models = {"text_model": text_model, "image_model": image_model}
+        models = {"text_model": text_model, "image_model": image_model, "image_size": image_size}
         models = {k: v for k, v in models.items() if v is not None}
-        extra = {**models, **({"prompts": str(prompts)} if prompts is not None else {})}
-        if extra:  # the real models' paths go to the scenario (its codecs) and to the policy (its weights)
-            settings.scenario_options = {**settings.scenario_options, **extra}
+        if models:  # the models and their world are the policy's
             settings.policy_options = {**settings.policy_options, **models}
+        if prompts is not None:  # the tasks are the scenario's
+            settings.scenario_options = {**settings.scenario_options, "prompts": str(prompts)}
         if mixed_precision is not None:
             settings.mixed_precision = mixed_precision.value
         if gradient_checkpointing is not None:
@@ -483,22 +490,26 @@ def eval_(
         None, "--reward", help="The reward to score with (sets the scenario option 'reward')."
     ),
     text_model: str | None = typer.Option(
-        None, "--text-model", help="A chat model's folder or hub id (t2i_prompts, edit_prompts, hf)."
+        None, "--text-model", help="A chat model's folder or hub id (the policy kind hf)."
     ),
     image_model: str | None = typer.Option(
-        None, "--image-model", help="A diffusers pipeline's folder or hub id (t2i_prompts, edit_prompts, hf)."
+        None, "--image-model", help="A diffusers pipeline's folder or hub id (the policy kind hf)."
     ),
     prompts: Path | None = typer.Option(
         None, "--prompts", help="The prompt or dialogue file of t2i_prompts or edit_prompts."
     ),
     image_size: int | None = typer.Option(
-        None, "--image-size", min=1, help="The images' side in pixels (t2i_prompts)."
+        None,
+        "--image-size",
+        min=1,
+        help="The images' side in pixels (the policy option image_size; default: the pipeline's own).",
     ),
 ) -> None:
     """Score a policy on a scenario's held-out tasks: a GenEval-style table per category."""
-    models = {k: v for k, v in {"text_model": text_model, "image_model": image_model}.items() if v is not None}
-    given = {"prompts": str(prompts) if prompts else None, "reward": reward, "image_size": image_size}
-    scenario_options = {**models, **{k: v for k, v in given.items() if v is not None}}
+    models = {"text_model": text_model, "image_model": image_model, "image_size": image_size}
+    models = {k: v for k, v in models.items() if v is not None}
+    given = {"prompts": str(prompts) if prompts else None, "reward": reward}
+    scenario_options = {k: v for k, v in given.items() if v is not None}
     _evaluate_and_print(
         name,
         checkpoint=checkpoint,

@@ -1,14 +1,15 @@
 """``t2i_prompts`` and ``edit_prompts``: real models on prompts and edit dialogues read from files.
 
-The scenario of a real run: a chat model reasons about a prompt and a latent-space flow model
-(Stable Diffusion 3, FLUX) draws it. Its world is the models' own:
+The scenarios of a real run: a chat model reasons about a prompt and a latent-space flow model
+(Stable Diffusion 3, FLUX) draws it. A scenario here is its tasks and its reward only; the
+models' world — the chat tokenizer, the pipeline's VAE and time grid, the image size — is the
+policy's (the ``hf`` kind, :mod:`unigrpo_env.agents.hf_policy_loader`; ``--text-model``,
+``--image-model``, ``--image-size`` and ``policy_options`` such as ``num_steps``). These scenarios
+load no model and have no default world: an environment of them is given one
+(``make_vec("t2i_prompts", P, G, world=policy.world, prompts=..., reward=...)``).
 
-* the text codec is the chat model's tokenizer (``text_model``, a folder or hub id), with the
-  think markers added as the policy adds them, so token ids agree;
-* the image codec is the pipeline's VAE (``image_model``'s ``vae`` subfolder), latents
-  ``[C, image_size / f, image_size / f]``;
-* the reward is named with ``reward`` (a registered reward or weighted-sum spec; a run gives it
-  with ``--reward``): there is no default, as no reward fits every prompt set.
+The reward is named with ``reward`` (a registered reward or weighted-sum spec; a run gives it with
+``--reward``): there is no default, as no reward fits every prompt set.
 
 Prompt files: plain text (one prompt a line; blank lines and ``#`` comments skipped) or JSONL, one
 object a line with at least ``"prompt"``; GenEval's metadata fields (``tag``, ``include``, ...)
@@ -34,14 +35,12 @@ from typing import Any
 
 import numpy as np
 
-from unigrpo_env.codecs import THINK, TextCodec, add_think_tokens
 from unigrpo_env.reward import RewardFunction
 from unigrpo_env.rewards import get_reward
 from unigrpo_env.scenario import Scenario
 from unigrpo_env.task import Task
-from unigrpo_env.vae_codec import VAECodec
 
-__all__ = ["read_prompt_file", "read_dialogue_file", "T2IPromptsScenario", "EditPromptsScenario"]
+__all__ = ["read_prompt_file", "read_dialogue_file", "T2IPromptsScenario", "EditPromptsScenario", "MOVED_TO_THE_POLICY"]
 
 #: The separator of turns in a plain-text dialogue file.
 TURN_SEPARATOR = " || "
@@ -104,19 +103,38 @@ def read_dialogue_file(path: str | Path) -> list[dict[str, Any]]:
     )
 
 
+#: The options these scenarios had before the models' world moved to the policy, and where each went.
+MOVED_TO_THE_POLICY = {
+    "text_model": "--text-model (policy_options.text_model)",
+    "image_model": "--image-model (policy_options.image_model)",
+    "image_size": "--image-size (policy_options.image_size; default: the pipeline's own)",
+    "num_steps": "policy_options.num_steps",
+    "shift": "nowhere: the pipeline's own scheduler gives the time grid",
+    "max_tokens": "policy_options.max_tokens",
+}
+
+
+def moved_to_the_policy(scenario: str, given: dict[str, Any]) -> str:
+    """The one-line error for options of ``scenario`` that are the policy's now, or unknown."""
+    moved = [f"{k} -> {MOVED_TO_THE_POLICY[k]}" for k in sorted(given) if k in MOVED_TO_THE_POLICY]
+    unknown = sorted(k for k in given if k not in MOVED_TO_THE_POLICY)
+    parts = []
+    if moved:
+        parts.append(f"these options of {scenario} are the policy's world now: {'; '.join(moved)}")
+    if unknown:
+        parts.append(f"unknown option(s) {unknown} for scenario {scenario!r}")
+    return "; ".join(parts)
+
+
 class T2IPromptsScenario(Scenario):
-    """Prompts from a file -> a chat model's reasoning -> a latent flow model's image.
+    """Prompts from a file -> a chat model's reasoning -> a latent flow model's image: the tasks
+    and the reward; the models and their world are the policy's (see the module docstring).
 
     Args:
         prompts: the prompt file (train, or train and held out with ``heldout_fraction``).
-        text_model: the chat model's folder or hub id (its tokenizer is the text codec).
-        image_model: the diffusers pipeline's folder or hub id (its ``vae`` is the image codec).
         reward: the reward's name or weighted-sum spec; ``reward_options`` go to its factory.
         heldout: a second prompt file for the held-out split.
         heldout_fraction: without ``heldout``, the share of ``prompts`` held out (seeded by ``split_seed``).
-        image_size: the images' side in pixels.
-        num_steps: denoising steps per image; ``shift``: the time grid's shift (SD3: 3).
-        max_tokens: the reasoning's token limit.
     """
 
     name = "t2i_prompts"
@@ -125,18 +143,15 @@ class T2IPromptsScenario(Scenario):
     def __init__(
         self,
         prompts: str,
-        text_model: str,
-        image_model: str,
         reward: str | RewardFunction | None = None,
         reward_options: dict[str, Any] | None = None,
         heldout: str | None = None,
         heldout_fraction: float = 0.1,
         split_seed: int = 0,
-        image_size: int = 512,
-        num_steps: int = 10,
-        shift: float = 3.0,
-        max_tokens: int = 256,
+        **moved: Any,
     ):
+        if moved:
+            raise ValueError(moved_to_the_policy(self.name, moved))
         if reward is None:
             raise ValueError("t2i_prompts needs a reward: give one with --reward (a registered name or a weighted sum)")
         if not 0.0 < heldout_fraction < 1.0:
@@ -154,27 +169,7 @@ class T2IPromptsScenario(Scenario):
                 "train": [every[i] for i in sorted(order[cut:])],
                 "heldout": [every[i] for i in sorted(order[:cut])],
             }
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(text_model)
-        except (OSError, ValueError) as exc:
-            raise ValueError(
-                f"could not load the tokenizer of text_model {text_model!r}: {' '.join(str(exc).split())[:200]}"
-            ) from exc
-        add_think_tokens(tokenizer)  # as the policy adds them: the same ids
-        self.text_codec = TextCodec(
-            tokenizer, end_of_thinking=THINK[1], max_tokens=max_tokens, pad_token=tokenizer.pad_token
-        )
-        try:
-            self.image_codec = VAECodec.from_pretrained(image_model, image_size, subfolder="vae", sample=False)
-        except (OSError, ValueError) as exc:
-            raise ValueError(
-                f"could not load the VAE of image_model {image_model!r}: {' '.join(str(exc).split())[:200]}"
-            ) from exc
-        self.num_steps, self.shift = int(num_steps), float(shift)
         self.reward = get_reward(reward, **(reward_options or {})) if isinstance(reward, str) else reward
-        self.timesteps()  # validate num_steps and shift now
 
     @cached_property
     def _tasks(self) -> dict[str, list[Task]]:
@@ -207,16 +202,16 @@ class EditPromptsScenario(T2IPromptsScenario):
         prompts: the dialogue file (``--prompts``).
         num_turns: the turns of every episode; None: the file's dialogues must all have the same
             number. Longer dialogues are played up to ``num_turns``, shorter ones left out.
-        **options: those of :class:`T2IPromptsScenario` (``max_tokens`` is per turn).
+        **options: those of :class:`T2IPromptsScenario`.
     """
 
     name = "edit_prompts"
 
-    def __init__(self, prompts: str, text_model: str, image_model: str, num_turns: int | None = None, **options: Any):
+    def __init__(self, prompts: str, num_turns: int | None = None, **options: Any):
         if num_turns is not None and (isinstance(num_turns, bool) or int(num_turns) != num_turns or num_turns < 1):
             raise ValueError(f"num_turns must be a positive integer, got {num_turns!r}")
         self.num_turns = None if num_turns is None else int(num_turns)
-        super().__init__(prompts, text_model, image_model, **options)
+        super().__init__(prompts, **options)
 
     def read_records(self, path: str) -> list[dict[str, Any]]:
         records = read_dialogue_file(path)

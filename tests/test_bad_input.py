@@ -52,7 +52,8 @@ CASES = [
     (["run", "scenario", "t2i_reason", "--config", "{tmp}/inf_alpha.yaml"], "lora_alpha is inf"),
     (["run", "scenario", "t2i_reason", "--resume", "--out", "{tmp}/broken-run"], "is not JSON"),
     (["eval", "scenario", "t2i_reason", "--split", "nope"], "unknown split 'nope'"),
-    (["eval", "scenario", "t2i_reason", "--image-size", "64"], "draws 3×32×32 latents"),
+    (["eval", "scenario", "t2i_reason", "--image-size", "64"], "draws 32-pixel images only"),
+    (["run", "scenario", "t2i_reason", "--config", "{tmp}/canvas64.yaml"], "draws 3×32×32 latents"),
     (["serve", "reward", "jpeg_compressibility", "--max-body-mb", "inf"], "--max-body-mb': expected a finite"),
     # non-finite numbers everywhere a number is read
     (["eval", "scenario", "t2i_reason", "--temperature", "inf"], "--temperature': expected a finite number"),
@@ -74,6 +75,7 @@ CASES = [
 def test_bad_input_is_one_short_line_exit_2_and_writes_nothing(args, message, tmp_path, capsys):
     files(tmp_path)
     (tmp_path / "split.yaml").write_text("eval_split: nope\n")
+    (tmp_path / "canvas64.yaml").write_text("scenario_options: {image_size: 64}\n")  # the world's, not the model's
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     if args[0] == "run" and "--out" not in args:
         args += ["--out", str(tmp_path / "run"), "--iterations", "1"]

@@ -49,8 +49,7 @@ def models(chat_folder, tmp_path_factory):  # noqa: F811
 
 
 def test_a_batch_plays_one_number_of_turns(models):
-    options = {"text_model": models["text"], "image_model": models["image"], "reward": "jpeg_compressibility"}
-    options |= {"prompts": models["prompts"], "image_size": 16, "heldout_fraction": 0.4}
+    options = {"reward": "jpeg_compressibility", "prompts": models["prompts"], "heldout_fraction": 0.4}
     with pytest.raises(ValueError, match=r"dialogues of 2 and 3 turns .* choose num_turns \(2 keeps 5, 3 keeps 1\)"):
         unigrpo_env.make_scenario("edit_prompts", **options)
     two = unigrpo_env.make_scenario("edit_prompts", num_turns=2, **options)
@@ -71,8 +70,8 @@ def test_a_two_turn_kontext_run_through_the_cli_trains_both_sides_and_saves_what
     config = tmp_path / "small.yaml"
     config.write_text(
         "num_prompts: 2\ngroup_size: 2\neval_limit: 2\nlora_rank: 2\nsde_window_size: null\n"
-        "scenario_options: {image_size: 16, num_steps: 2, max_tokens: 4, heldout_fraction: 0.4, num_turns: 2}\n"
-        "policy_options: {max_sequence_length: 16}\n"
+        "scenario_options: {heldout_fraction: 0.4, num_turns: 2}\n"
+        "policy_options: {max_sequence_length: 16, image_size: 16, num_steps: 2, max_tokens: 4}\n"
     )
     out = tmp_path / "run"
     args = ["run", "scenario", "edit_prompts", "--text-model", models["text"], "--image-model", models["image"]]
@@ -93,11 +92,13 @@ def test_a_two_turn_kontext_run_through_the_cli_trains_both_sides_and_saves_what
     from unigrpo_env.agents.parts import load_policy
 
     policy = load_policy(
-        "hf", str(final), text_model=models["text"], image_model=models["image"], max_sequence_length=16
-    )
+        "hf", str(final), text_model=models["text"], image_model=models["image"], max_sequence_length=16,
+        image_size=16, num_steps=2, max_tokens=4,
+    )  # fmt: skip
+    assert policy.world.image_codec.vae is policy.image.pipeline.vae  # one VAE: the env decodes with the policy's
     env = unigrpo_env.make(
-        "edit_prompts", prompts=models["prompts"], text_model=models["text"], image_model=models["image"],
-        reward="jpeg_compressibility", image_size=16, num_steps=2, max_tokens=4, num_turns=2, heldout_fraction=0.4,
+        "edit_prompts", prompts=models["prompts"], reward="jpeg_compressibility", num_turns=2, heldout_fraction=0.4,
+        world=policy.world,
     )  # fmt: skip
     obs, _ = env.reset(seed=0)
     for turn in range(2):
@@ -114,8 +115,8 @@ def test_a_two_turn_kontext_run_through_the_cli_trains_both_sides_and_saves_what
     from unigrpo_env.agents.rollout import rollout
 
     envs = unigrpo_env.make_vec(
-        "edit_prompts", 1, 2, prompts=models["prompts"], text_model=models["text"], image_model=models["image"],
-        reward="jpeg_compressibility", image_size=16, num_steps=2, max_tokens=4, num_turns=2, heldout_fraction=0.4,
+        "edit_prompts", 1, 2, prompts=models["prompts"], reward="jpeg_compressibility", num_turns=2,
+        heldout_fraction=0.4, world=policy.world,
     )  # fmt: skip
     played = rollout(policy, envs, seed=0)
     first, second = played.conditions

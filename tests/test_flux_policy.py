@@ -122,3 +122,27 @@ def test_the_latent_shape_check_refuses_what_the_packing_cannot_take():
     for shape, reason in (((4, 7, 8), "even"), ((16, 8, 8), "4 latent channels")):
         with pytest.raises(ValueError, match=reason):
             policy.check_latent_shape(shape)
+
+
+def test_the_time_grid_is_the_pipelines_own_and_moves_with_the_image_size():
+    # FLUX.1's scheduler shifts with the image's token count (use_dynamic_shifting, mu); the world's
+    # grid is what FluxPipeline itself denoises on, for each size
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = tiny_pipeline(False)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=4, max_image_seq_len=64
+    )
+    policy = FluxFlowPolicy(pipe, lambda context: PROMPTS[: len(context)], max_sequence_length=16)
+    grids = {}
+    for size in (16, 32):
+        latent = (4, size // 2, size // 2)  # the tiny VAE downsamples by 2
+        grids[size] = policy.time_grid(4, latent)
+        pipe(
+            prompt=PROMPTS[:1], num_inference_steps=4, height=size, width=size, output_type="latent",
+            max_sequence_length=16,
+        )  # fmt: skip
+        assert torch.equal(grids[size], pipe.scheduler.sigmas.float()), size
+        assert grids[size][0] == 1.0 and grids[size][-1] == 0.0 and len(grids[size]) == 5
+    assert not torch.allclose(grids[16], grids[32])  # more tokens, more shift toward noise
+    assert bool((grids[32][1:-1] > grids[16][1:-1]).all())

@@ -180,8 +180,32 @@ def test_the_latent_shape_check_refuses_what_the_mmdit_cannot_draw(pipe):
     with pytest.raises(ValueError, match="pos_embed_max_size"):  # what the check stands in for
         policy.predict(torch.zeros(1, 4, largest + 1, 8), torch.ones(1), policy.condition(_context(1)))
 
-    class Scenario:
-        name, image_codec = "big", type("Codec", (), {"latent_shape": (4, largest + 1, 8), "image_size": 776})()
-
+    world = SimpleNamespace(latent_shape=(4, largest + 1, 8), image_size=776)
     with pytest.raises(PolicyMismatchError, match=r"scenario 'big' \(shape \(4, 97, 8\), image size 776\)"):
-        check_policy_fits(SimpleNamespace(image=policy), Scenario())
+        check_policy_fits(SimpleNamespace(text=SimpleNamespace(), image=policy), SimpleNamespace(name="big"), world)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_the_time_grid_is_the_pipelines_own(pipe, dynamic):
+    # SD3's static shift, or SD3.5's dynamic one: the world's grid is what the pipeline denoises on
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    kept = pipe.scheduler
+    pipe.scheduler = (
+        FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=4, max_image_seq_len=256)
+        if dynamic
+        else FlowMatchEulerDiscreteScheduler(shift=3.0)
+    )
+    try:
+        policy = _policy(pipe)
+        grids = {}
+        for size in (8, 16):
+            grids[size] = policy.time_grid(5, (4, size // 2, size // 2))
+            pipe(prompt=PROMPTS[:1], num_inference_steps=5, height=size, width=size, output_type="latent",
+                 max_sequence_length=16)  # fmt: skip
+            assert torch.equal(grids[size], pipe.scheduler.sigmas.float()), size
+        assert torch.equal(grids[8], grids[16]) != dynamic  # static: one grid; dynamic: it moves with the size
+        if not dynamic:  # the pipeline's own grid is not shift(1 - i/N): its sigmas run to the shifted 1/1000
+            assert not torch.allclose(grids[8], flow.timestep_schedule(5, 3.0), atol=1e-3)
+    finally:
+        pipe.scheduler = kept

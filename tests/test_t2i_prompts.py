@@ -1,6 +1,7 @@
 """``t2i_prompts`` end to end on real model classes: a prompt file, a tiny chat model and a tiny SD3
 pipeline saved to folders, trained through the CLI's own path (``--text-model``, ``--image-model``,
-``--prompts``) with LoRA on both sides; and the prompt files' rules."""
+``--image-size``, ``--prompts``) with LoRA on both sides; the scenario is tasks and a reward, the
+policy brings the world; and the prompt files' rules."""
 
 from __future__ import annotations
 
@@ -45,19 +46,42 @@ def models(chat_folder, tmp_path_factory):  # noqa: F811
     return {"text": str(chat_folder), "image": str(folder / "sd3"), "prompts": str(prompts)}
 
 
-def test_the_scenario_reads_its_world_from_the_models(models):
+def test_the_scenario_is_tasks_and_a_reward_and_the_policy_brings_the_world(models):
     scenario = unigrpo_env.make_scenario(
-        "t2i_prompts", prompts=models["prompts"], text_model=models["text"], image_model=models["image"],
-        reward="jpeg_compressibility", image_size=16, heldout_fraction=0.4,
-    )  # fmt: skip
+        "t2i_prompts", prompts=models["prompts"], reward="jpeg_compressibility", heldout_fraction=0.4
+    )
     train, heldout = scenario.tasks("train"), scenario.tasks("heldout")
     assert len(train) == 3 and len(heldout) == 2 and not {t.prompts for t in train} & {t.prompts for t in heldout}
     assert {t.category for t in train + heldout} == {"single_object", "colors"} and "tag" in train[0].meta
-    assert scenario.image_codec.latent_shape == (4, 8, 8) and scenario.text_codec.end_of_thinking == "</think>"
+    assert not any(hasattr(scenario, a) for a in ("text_codec", "image_codec", "num_steps", "shift"))
+    with pytest.raises(NotImplementedError, match="offers no default world"):
+        scenario.default_world()
     with pytest.raises(ValueError, match="needs a reward"):
+        unigrpo_env.make_scenario("t2i_prompts", prompts=models["prompts"])
+    with pytest.raises(
+        ValueError, match=r"policy's world now: image_size -> --image-size .*text_model -> --text-model"
+    ):
         unigrpo_env.make_scenario(
-            "t2i_prompts", prompts=models["prompts"], text_model=models["text"], image_model=models["image"]
+            "t2i_prompts", prompts=models["prompts"], reward="jpeg_compressibility", text_model="x", image_size=16
         )
+    from unigrpo_env.agents.parts import load_policy
+
+    policy = load_policy("hf", text_model=models["text"], image_model=models["image"], max_sequence_length=16)
+    world = policy.world  # the chat tokenizer, the pipeline's own VAE object, its default size and grid
+    assert world.text_codec.end_of_thinking == "</think>" and world.text_codec.eot_id == policy.text.eot_id
+    assert world.image_codec.vae is policy.image.pipeline.vae and world.image_size == 16  # 8 × 2, the pipeline's
+    assert world.latent_shape == (4, 8, 8) and world.num_steps == 10
+    smaller = load_policy(
+        "hf", text_model=models["text"], image_model=models["image"], image_size=8, num_steps=3, max_tokens=5
+    )
+    assert smaller.world.latent_shape == (4, 4, 4) and smaller.world.num_steps == 3
+    assert smaller.world.text_codec.max_tokens == 5
+    from unigrpo_env.agents.policy import PolicyMismatchError
+
+    with pytest.raises(PolicyMismatchError, match="image_size 7"):
+        load_policy("hf", text_model=models["text"], image_model=models["image"], image_size=7)
+    with pytest.raises(PolicyMismatchError, match="image_size 400 gives latents of shape .4, 200, 200.*at most"):
+        load_policy("hf", text_model=models["text"], image_model=models["image"], image_size=400)
 
 
 def test_a_run_through_the_cli_trains_both_sides_and_saves_what_loads(models, tmp_path):
@@ -67,11 +91,12 @@ def test_a_run_through_the_cli_trains_both_sides_and_saves_what_loads(models, tm
     config = tmp_path / "small.yaml"
     config.write_text(
         "num_prompts: 2\ngroup_size: 2\neval_limit: 2\nlora_rank: 2\nsde_window_size: null\n"
-        "scenario_options: {image_size: 16, num_steps: 2, max_tokens: 4, heldout_fraction: 0.4}\n"
-        "policy_options: {max_sequence_length: 16}\n"
+        "scenario_options: {heldout_fraction: 0.4}\n"
+        "policy_options: {max_sequence_length: 16, num_steps: 2, max_tokens: 4}\n"
     )
     out = tmp_path / "run"
     args = ["run", "scenario", "t2i_prompts", "--text-model", models["text"], "--image-model", models["image"]]
+    args += ["--image-size", "16"]
     args += [
         "--prompts",
         models["prompts"],
@@ -106,13 +131,13 @@ def test_a_run_through_the_cli_trains_both_sides_and_saves_what_loads(models, tm
     from unigrpo_env.agents.parts import load_policy
 
     policy = load_policy(
-        "hf", str(final), text_model=models["text"], image_model=models["image"], max_sequence_length=16
-    )
+        "hf", str(final), text_model=models["text"], image_model=models["image"], max_sequence_length=16,
+        num_steps=2, max_tokens=4,
+    )  # fmt: skip
     assert policy.text.tokenizer.convert_tokens_to_ids("</think>") == policy.text.eot_id
     env = unigrpo_env.make(
-        "t2i_prompts", prompts=models["prompts"], text_model=models["text"], image_model=models["image"],
-        reward="jpeg_compressibility", image_size=16, num_steps=2, max_tokens=4,
-    )  # fmt: skip
+        "t2i_prompts", prompts=models["prompts"], reward="jpeg_compressibility", world=policy.world
+    )  # the policy's world: its tokenizer, VAE and grid
     from gymnasium.utils.env_checker import check_env
 
     check_env(env)  # Gymnasium's own checker, on the real tokenizer's action space and the VAE's latents
@@ -150,7 +175,7 @@ def test_a_missing_reward_or_model_is_one_line_and_exit_2(models):
                 "--reward",
                 "jpeg_compressibility",
             ],
-            "text_model",
+            "could not load a chat model from '/nonexistent/model'",
         ),
         (  # a hub id that is not in the cache, without a network
             [
@@ -161,7 +186,7 @@ def test_a_missing_reward_or_model_is_one_line_and_exit_2(models):
                 "--reward",
                 "jpeg_compressibility",
             ],
-            "could not load the tokenizer of text_model 'nosuch-org/nosuch-chat-model'",
+            "could not load a chat model from 'nosuch-org/nosuch-chat-model'",
         ),
     ):
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # no network: a hub id is looked up in the cache only
@@ -257,3 +282,14 @@ def test_the_pipelines_frozen_networks_load_in_their_own_dtype(models):
     assert v.dtype == torch.float32 and v.shape == (2, 4, 8, 8) and torch.isfinite(v).all()
     with pytest.raises(CheckpointError, match="frozen_dtype must name a floating-point torch dtype"):
         load_policy("hf", text_model=models["text"], image_model=models["image"], frozen_dtype="int8")
+
+
+def test_the_prompt_scenarios_load_no_model():
+    # the models' world is the policy's: the scenarios' module imports no model library
+    from pathlib import Path
+
+    import unigrpo_env.scenarios.prompts as prompts
+
+    source = Path(prompts.__file__).read_text()
+    for name in ("transformers", "diffusers", "VAECodec", "AutoTokenizer", "from_pretrained", "add_think_tokens"):
+        assert name not in source, name

@@ -16,10 +16,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["TextCodec", "ImageCodec", "PixelCodec", "THINK", "add_think_tokens"]
-
-#: The default think markers of chat models that reason before they answer.
-THINK = ("<think>", "</think>")
+__all__ = ["TextCodec", "ImageCodec", "PixelCodec"]
 
 
 class TextCodec:
@@ -99,20 +96,3 @@ class PixelCodec(ImageCodec):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         pixels = ((latents.detach().to(torch.float32).clamp(-1.0, 1.0) + 1.0) * 127.5).round()
         return pixels.to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-
-
-def add_think_tokens(tokenizer: Any, model: Any = None, markers: tuple[str, str] = THINK) -> list[str]:
-    """Add the think markers the tokenizer lacks as special tokens (grown into ``model``'s
-    embeddings, whose new rows start at the mean of the old ones); returns the markers added. A
-    tokenizer without a padding token gets its end-of-sequence token as one."""
-    vocab = tokenizer.get_vocab()
-    missing = [marker for marker in markers if marker not in vocab]
-    if missing:
-        tokenizer.add_special_tokens({"additional_special_tokens": missing})
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ValueError("the tokenizer has neither a padding nor an end-of-sequence token")
-        tokenizer.pad_token = tokenizer.eos_token
-    if model is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
-    return missing

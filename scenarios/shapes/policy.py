@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from unigrpo_env.agents.hf_policies import CausalLMTextPolicy, ConditionedFlowPolicy
-from unigrpo_env.agents.policy import CheckpointError, UnifiedPolicy
+from unigrpo_env.agents.policy import CheckpointError, PolicyMismatchError, UnifiedPolicy
 from unigrpo_env.scenarios.shapes.conditioning import ShapesConditioner
 from unigrpo_env.scenarios.shapes.language_model import chat_prompt_ids
 from unigrpo_env.scenarios.shapes.tokenizer import END_OF_THINKING, build_tokenizer
@@ -57,8 +57,11 @@ def shapes_policy(language_model, tokenizer, flow_model) -> UnifiedPolicy:
     return UnifiedPolicy(text, image)
 
 
-def load_shapes_policy(checkpoint: str | Path | None = None, device: str | torch.device = "cpu") -> UnifiedPolicy:
-    """Load a ShapesWorld checkpoint folder (default: the shipped one) as a unified policy."""
+def load_shapes_policy(
+    checkpoint: str | Path | None = None, device: str | torch.device = "cpu", image_size: int | None = None
+) -> UnifiedPolicy:
+    """Load a ShapesWorld checkpoint folder (default: the shipped one) as a unified policy. Its flow
+    model draws one canvas size; ``image_size`` (``--image-size``), if given, must be it."""
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     from unigrpo_env.scenarios.shapes.flow_model import ShapesFlowTransformer
@@ -79,5 +82,10 @@ def load_shapes_policy(checkpoint: str | Path | None = None, device: str | torch
         raise CheckpointError(
             f"could not load the checkpoint in {str(root)!r}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
         ) from exc
+    if image_size is not None and image_size != flow_model.config.image_size:
+        raise PolicyMismatchError(
+            f"image_size {image_size}: the flow model in {str(root)!r} draws {flow_model.config.image_size}-pixel "
+            "images only"
+        )
     policy = shapes_policy(language_model.eval(), tokenizer, flow_model.eval())
     return policy.to(device)
