@@ -2,9 +2,11 @@
 section 3), in one pydantic model.
 
 Loadable from YAML or JSON (:meth:`UniGRPOConfig.from_file`) and overridable field by field (the
-CLI's flags). A scenario may recommend its own values (its ``training_defaults``, e.g. fewer
-iterations for a multi-turn scenario whose iterations cost more): :meth:`UniGRPOConfig.for_scenario`
-layers them under the file and the overrides, as ``unigrpo run`` does. The plain defaults train
+CLI's flags). A policy kind recommends its model's values (its loader's ``training_defaults``:
+ShapesWorld's tuned recipe for ``shapes``, the paper's for ``hf``), and a scenario may add
+task-specific ones (its ``training_defaults``, e.g. fewer iterations for a multi-turn scenario
+whose iterations cost more): :meth:`UniGRPOConfig.for_scenario` layers them under the file and
+the overrides, as ``unigrpo run`` does. The plain defaults train
 every weight of both models; the paper's values for Bagel at 1024 px are given beside each field,
 and how ShapesWorld's were chosen is in docs/experiments/.
 
@@ -240,13 +242,20 @@ class UniGRPOConfig(BaseModel):
 
     @classmethod
     def for_scenario(cls, scenario: str, path: str | Path | None = None, **overrides: Any) -> UniGRPOConfig:
-        """The config of a run on ``scenario``: the defaults, then the scenario's recommended
-        ``training_defaults``, then the file at ``path`` (if any), then ``overrides``."""
+        """The config of a run on ``scenario``, layered: the defaults; the policy kind's recipe (its
+        loader's ``training_defaults``: the model's learning rates, clip ranges, regulariser
+        weights; the kind is ``policy`` from the overrides or the file, else the scenario's
+        ``default_policy``); the scenario's task-specific ``training_defaults`` (e.g. fewer
+        iterations where an iteration plays three turns); the file at ``path`` (if any); then
+        ``overrides``."""
+        from unigrpo_env.agents.parts import policy_training_defaults
         from unigrpo_env.registration import SCENARIOS
 
-        recommended = dict(getattr(SCENARIOS.get(scenario), "training_defaults", None) or {})
         data = cls._read(path) if path is not None else {}
-        return cls.model_validate({**recommended, **data, "scenario": scenario, **overrides})
+        kind = overrides.get("policy", data.get("policy"))
+        recipe = policy_training_defaults(kind, scenario=scenario)
+        task = dict(getattr(SCENARIOS.get(scenario), "training_defaults", None) or {})
+        return cls.model_validate({**recipe, **task, **data, "scenario": scenario, **overrides})
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> UniGRPOConfig:

@@ -30,7 +30,7 @@ from unigrpo_env.agents.sd3_policy import SD3FlowPolicy
 from unigrpo_env.vae_codec import VAECodec
 from unigrpo_env.world import World
 
-__all__ = ["IMAGE_POLICIES", "load_hf_policy", "pipeline_world", "check_latent_channels"]
+__all__ = ["IMAGE_POLICIES", "HF_TRAINING_DEFAULTS", "load_hf_policy", "pipeline_world", "check_latent_channels"]
 
 #: The diffusers pipeline classes the ``hf`` kind draws with, and their image policies.
 IMAGE_POLICIES = {policy.pipeline_class: policy for policy in (SD3FlowPolicy, FluxFlowPolicy, FluxKontextFlowPolicy)}
@@ -115,6 +115,29 @@ def pipeline_world(
             f"transformer cannot draw: {exc}"
         ) from None
     return World(chat_text_codec(text.tokenizer, max_tokens), codec, image.time_grid(num_steps, codec.latent_shape))
+
+
+#: The recipe of the ``hf`` kind (``load_hf_policy.training_defaults``), under a run's config file
+#: and flags: UniGRPO's values for Bagel-7B trained in full (arXiv 2603.23500: text lr 1e-6, image lr
+#: 3e-5, image clip 1e-6, SDE noise level 0.8 on a window of 3 steps starting in [0, 5], two PPO
+#: epochs, the velocity MSE at weight 1, no text KL). They were chosen for a 7 B model trained in
+#: full, not measured here; LoRA wants larger rates (flow_grpo's SD3 LoRA runs use 3e-4), so set
+#: lr_text / lr_image with --text-adapter lora. Resource settings (prompts, group size, minibatches)
+#: are the config's own.
+HF_TRAINING_DEFAULTS = {
+    "lr_text": 1e-6,
+    "lr_image": 3e-5,
+    "clip_range_image": 1e-6,
+    "noise_level": 0.8,
+    "sde_window_size": 3,
+    "sde_window_max_start": 5,
+    "ppo_epochs": 2,
+    "regularizer": "mse",
+    "mse_weight": 1.0,
+    "kl_text": 0.0,
+}
+
+load_hf_policy.training_defaults = HF_TRAINING_DEFAULTS
 
 
 def torch_dtype_named(name: str, option: str) -> torch.dtype:

@@ -24,14 +24,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from unigrpo_env.agents.config import UniGRPOConfig
 from unigrpo_env.agents.evaluation import Evaluator
 from unigrpo_env.agents.policy import UnifiedPolicy
 from unigrpo_env.registration import SCENARIOS, Registry, RegistryError, make_scenario
-from unigrpo_env.reward import RewardFunction
 from unigrpo_env.scenario import Scenario
+
+if TYPE_CHECKING:  # the config reads the policy kinds' recipes from here (UniGRPOConfig.for_scenario)
+    from unigrpo_env.agents.config import UniGRPOConfig
 
 __all__ = [
     "POLICIES",
@@ -43,6 +44,7 @@ __all__ = [
     "register_policy",
     "register_evaluator",
     "load_policy",
+    "policy_training_defaults",
     "build_evaluator",
     "RunParts",
     "build_parts",
@@ -90,6 +92,18 @@ def load_policy(
     return policy
 
 
+def policy_training_defaults(kind: str | None, *, scenario: str | None = None) -> dict[str, Any]:
+    """The recipe of the policy kind ``kind`` (None: ``scenario``'s ``default_policy``): the
+    ``UniGRPOConfig`` values its loader recommends (the loader's ``training_defaults`` attribute),
+    or ``{}``. A recipe belongs to the model: learning rates, clip ranges and regulariser weights
+    that suit its size and adapters, whatever the task."""
+    if kind is None:
+        kind = _default(scenario, "default_policy") if scenario is not None else None
+        if kind is None:
+            return {}
+    return dict(getattr(POLICIES.get(kind), "training_defaults", None) or {})
+
+
 def build_evaluator(name: str | None, *, scenario: str | None = None, **options: Any) -> Evaluator:
     """Build the registered evaluator ``name`` (None: ``scenario``'s ``default_evaluator``)."""
     if name is None:
@@ -107,7 +121,6 @@ class RunParts:
     policy: UnifiedPolicy
     scenario: Scenario
     evaluator: Evaluator
-    reward: RewardFunction | None = None
 
 
 def build_parts(config: UniGRPOConfig) -> RunParts:

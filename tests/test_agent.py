@@ -431,21 +431,27 @@ def test_t2i_reason_recommends_the_measured_recipe_and_flags_can_undo_it(tmp_pat
     assert (edit.text_adapter, edit.lr_image, edit.iterations, edit.warmup_iterations) == ("ln_tuning", 1e-3, 72, 15)
 
 
-def test_scenario_training_defaults_sit_under_the_file_and_the_overrides(tmp_path):
+def test_the_policy_recipe_then_the_scenarios_settings_sit_under_the_file_and_the_overrides(tmp_path):
+    from unigrpo_env.agents.hf_policy_loader import HF_TRAINING_DEFAULTS
     from unigrpo_env.scenarios.shapes.edit_multiturn import EditMultiTurnScenario
-    from unigrpo_env.scenarios.shapes.t2i_reason import T2IReasonScenario
+    from unigrpo_env.scenarios.shapes.policy import SHAPES_TRAINING_DEFAULTS
 
-    recommended = EditMultiTurnScenario.training_defaults
-    assert recommended and set(recommended) <= set(UniGRPOConfig.model_fields)
+    task = EditMultiTurnScenario.training_defaults  # task-specific: iterations, warm-up
+    assert task and set(task) | set(SHAPES_TRAINING_DEFAULTS) <= set(UniGRPOConfig.model_fields)
     config = UniGRPOConfig.for_scenario("edit_multiturn")
     assert config.scenario == "edit_multiturn"
-    assert all(getattr(config, k) == v for k, v in recommended.items())
+    assert all(getattr(config, k) == v for k, v in {**SHAPES_TRAINING_DEFAULTS, **task}.items())
     (tmp_path / "c.yaml").write_text("iterations: 7\n")
     config = UniGRPOConfig.for_scenario("edit_multiturn", tmp_path / "c.yaml", seed=4)
     assert (config.iterations, config.seed) == (7, 4)
-    assert UniGRPOConfig.for_scenario("t2i_reason") == UniGRPOConfig(
-        scenario="t2i_reason", **T2IReasonScenario.training_defaults
-    )
+    # t2i_reason's config is exactly what it was when the recipe sat on the scenario
+    assert UniGRPOConfig.for_scenario("t2i_reason") == UniGRPOConfig(scenario="t2i_reason", **SHAPES_TRAINING_DEFAULTS)
+    # the hf kind brings the paper's recipe, whatever the scenario; a flag or the file still wins
+    real = UniGRPOConfig.for_scenario("t2i_reason", policy="hf")
+    assert all(getattr(real, k) == v for k, v in HF_TRAINING_DEFAULTS.items()) and real.text_adapter == "full"
+    (tmp_path / "hf.yaml").write_text("policy: hf\nlr_image: 3.0e-4\n")
+    real = UniGRPOConfig.for_scenario("t2i_reason", tmp_path / "hf.yaml")
+    assert (real.lr_image, real.lr_text) == (3e-4, 1e-6)
 
 
 def test_the_agent_trains_on_edit_dialogues_unchanged(tiny_checkpoint):

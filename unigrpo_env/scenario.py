@@ -71,7 +71,8 @@ class Scenario(ABC):
         reward: ``reward(RewardInputs) -> RewardOutput``, called once per finished batch.
         num_steps: denoising steps per image.
         shift: timestep shift of the schedule (SD3's ``t' = s·t / (1 + (s − 1)·t)``).
-        training_defaults: recommended ``UniGRPOConfig`` values for training on this scenario.
+        training_defaults: task-specific ``UniGRPOConfig`` values for training on this scenario (the
+            model's recipe is the policy kind's; these sit above it).
         default_policy: the registered policy kind that plays this scenario when a run names none
             (``unigrpo.policies`` entry points; None: a run must name one).
         default_evaluator: the registered evaluator of its held-out tasks (``unigrpo.evaluators``).
@@ -79,9 +80,9 @@ class Scenario(ABC):
 
     name: ClassVar[str] = ""
     splits: ClassVar[tuple[str, ...]] = ("train", "heldout")
-    #: Training settings this scenario recommends (``UniGRPOConfig`` field -> value), applied by
-    #: ``unigrpo run`` and ``UniGRPOConfig.for_scenario`` under the config file and the flags. A
-    #: subclass's dict replaces its parent's (extend it with ``{**Parent.training_defaults, ...}``).
+    #: Task-specific training settings (``UniGRPOConfig`` field -> value), applied by ``unigrpo run``
+    #: and ``UniGRPOConfig.for_scenario`` above the policy kind's recipe and under the config file
+    #: and the flags. A subclass's dict replaces its parent's.
     training_defaults: ClassVar[dict[str, Any]] = {}
     default_policy: ClassVar[str | None] = None
     default_evaluator: ClassVar[str] = "default"

@@ -24,10 +24,22 @@ from unigrpo_env.scenarios.shapes.conditioning import ShapesConditioner
 from unigrpo_env.scenarios.shapes.language_model import chat_prompt_ids
 from unigrpo_env.scenarios.shapes.tokenizer import END_OF_THINKING, build_tokenizer
 
-__all__ = ["DEFAULT_CHECKPOINT", "CheckpointError", "shapes_policy", "load_shapes_policy"]
+__all__ = ["DEFAULT_CHECKPOINT", "SHAPES_TRAINING_DEFAULTS", "CheckpointError", "shapes_policy", "load_shapes_policy"]
 
 #: The checkpoint that ships with the package (made by ``unigrpo pretrain shapes``).
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoint"
+
+#: The recipe of these models (``load_shapes_policy.training_defaults``): LN tuning of the language
+#: model, the image model at lr 1e-3 after a warm-up with a cosine decay, and a stronger velocity
+#: MSE (how it was chosen: docs/experiments/parameter-efficient-training.md; what it gives:
+#: docs/experiments/main-job.md). Tuned on these two small models, for them only.
+SHAPES_TRAINING_DEFAULTS = {
+    "text_adapter": "ln_tuning",
+    "lr_image": 1e-3,
+    "warmup_iterations": 25,
+    "lr_schedule": "cosine",
+    "mse_weight": 3.0,
+}
 
 
 def shapes_policy(language_model, tokenizer, flow_model) -> UnifiedPolicy:
@@ -89,3 +101,6 @@ def load_shapes_policy(
         )
     policy = shapes_policy(language_model.eval(), tokenizer, flow_model.eval())
     return policy.to(device)
+
+
+load_shapes_policy.training_defaults = SHAPES_TRAINING_DEFAULTS

@@ -50,16 +50,6 @@ class T2IReasonScenario(Scenario):
     default_reward: str = "shapes_verifier"
     default_policy = "shapes"
     default_evaluator = "shapes"
-    #: The recommended recipe: LN tuning of the language model, the image model at lr 1e-3 after a
-    #: warm-up with a cosine decay, and a stronger velocity MSE (how it was chosen:
-    #: docs/experiments/parameter-efficient-training.md; what it gives: docs/experiments/main-job.md).
-    training_defaults = {
-        "text_adapter": "ln_tuning",
-        "lr_image": 1e-3,
-        "warmup_iterations": 25,
-        "lr_schedule": "cosine",
-        "mse_weight": 3.0,
-    }
 
     def __init__(
         self,
