@@ -7,7 +7,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from unigrpo_env import PixelCodec, RewardInputs, RewardOutput, Scenario, Task, TextCodec
+from unigrpo_env import PixelCodec, RewardInputs, RewardOutput, Scenario, Task, TextCodec, World
 
 TOY_WORDS = ["<pad>", "<unk>", "</think>", "red", "green", "blue", "draw", "it", "again", "a", "dot"]
 
@@ -56,6 +56,9 @@ class ToyScenario(Scenario):
 
     def tasks(self, split: str):
         return self._tasks[split]
+
+    def default_world(self) -> World:
+        return World.shifted(self.text_codec, self.image_codec, self.num_steps, self.shift)
 
 
 @pytest.fixture

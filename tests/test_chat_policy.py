@@ -11,7 +11,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 import unigrpo_env
-from unigrpo_env import PixelCodec, RewardOutput, Scenario, Task
+from unigrpo_env import PixelCodec, RewardOutput, Scenario, Task, World
 from unigrpo_env.agents import RolloutSettings, UnifiedPolicy, rollout
 from unigrpo_env.agents.chat_policy import add_think_tokens, chat_text_policy, reasoning_text, text_codec
 from unigrpo_env.agents.policy import CheckpointError
@@ -98,6 +98,9 @@ class ChatScenario(Scenario):
             Task(prompts=(p,), category="c", split=split, index=i)
             for i, p in enumerate(["draw a red circle", "make it green"])
         ]
+
+    def default_world(self) -> World:
+        return World.shifted(self.text_codec, self.image_codec, self.num_steps, self.shift)
 
 
 class MeanFlow(nn.Module):

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import nn
 
-from unigrpo_env import PixelCodec, RewardInputs, RewardOutput, Scenario, Task, TextCodec
+from unigrpo_env import PixelCodec, RewardInputs, RewardOutput, Scenario, Task, TextCodec, World
 from unigrpo_env.agents import Evaluator, TextSample, Trainer, UnifiedPolicy, UniGRPOConfig
 
 WORDS = ["<pad>", "<unk>", "</think>", "paint", "it", "red", "green", "blue"]
@@ -23,18 +23,12 @@ COLOURS = {"red": [255, 0, 0], "green": [0, 255, 0], "blue": [0, 0, 255]}
 
 
 class PaintScenario(Scenario):
-    """Paint a 4×4 canvas one colour; two denoising steps, at most three reasoning tokens."""
+    """Paint a canvas one colour: tasks and a reward (the world is the policy's)."""
 
     name = "paint"
 
     def __init__(self):
-        tokenizer = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-        tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-        tokenizer.add_special_tokens(WORDS[:3])
-        self.text_codec = TextCodec(tokenizer, end_of_thinking="</think>", max_tokens=3)
-        self.image_codec = PixelCodec(4)
         self.reward = ColourReward()
-        self.num_steps, self.shift = 2, 1.0
 
     def tasks(self, split: str) -> list[Task]:
         return [
@@ -101,9 +95,19 @@ class OneColourFlow(nn.Module):
         save_file({"colour": self.colour.detach().contiguous()}, str(Path(path) / "model.safetensors"))
 
 
+def paint_world() -> World:
+    """The policy's world: its word tokenizer (at most three reasoning tokens), a 4×4 pixel canvas,
+    two denoising steps."""
+    tokenizer = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.add_special_tokens(WORDS[:3])
+    return World.shifted(TextCodec(tokenizer, end_of_thinking="</think>", max_tokens=3), PixelCodec(4), 2)
+
+
 def paint_policy(scenario: PaintScenario) -> UnifiedPolicy:
-    codec = scenario.text_codec
-    return UnifiedPolicy(ContextFreeText(codec.vocab_size, codec.eot_id, codec.pad_id), OneColourFlow())
+    world = paint_world()
+    codec = world.text_codec
+    return UnifiedPolicy(ContextFreeText(codec.vocab_size, codec.eot_id, codec.pad_id), OneColourFlow(), world=world)
 
 
 def train(out_dir: Path) -> dict:

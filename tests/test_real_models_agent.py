@@ -9,7 +9,7 @@ import torch
 from test_chat_policy import chat_folder  # noqa: F401  (the fixture)
 from test_sd3_policy import tiny_pipeline
 
-from unigrpo_env import RewardOutput, Scenario, Task, VAECodec
+from unigrpo_env import RewardOutput, Scenario, Task, VAECodec, World
 from unigrpo_env.agents import UnifiedPolicy, UniGRPOAgent, UniGRPOConfig
 from unigrpo_env.agents.chat_policy import chat_text_policy, reasoning_text, text_codec
 from unigrpo_env.agents.sd3_policy import SD3FlowPolicy
@@ -31,6 +31,9 @@ class LatentPrompts(Scenario):
             Task(prompts=(p,), category=p.split()[-1], split=split, index=i)
             for i, p in enumerate(["draw a red circle", "draw a blue square"])
         ]
+
+    def default_world(self) -> World:
+        return World.shifted(self.text_codec, self.image_codec, self.num_steps, self.shift)
 
 
 @pytest.mark.parametrize("adapter", ["lora"])

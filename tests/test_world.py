@@ -94,3 +94,26 @@ def test_the_policy_and_the_world_must_agree_on_end_of_thinking():
     policy.text.eot_id = 5
     with pytest.raises(PolicyMismatchError, match="end-of-thinking id is 5, the environment's .'</think>'. 2"):
         check_policy_fits(policy, scenario)
+
+
+def test_the_scenario_base_class_holds_no_world():
+    # a scenario is tasks, splits and a reward; the codecs and the grid are the world's
+    for name in ("text_codec", "image_codec", "num_steps", "shift", "timesteps"):
+        assert not hasattr(Scenario, name) and name not in Scenario.__annotations__, name
+    assert set(Scenario.__annotations__) >= {"reward"}
+
+
+def test_a_scenario_written_before_the_world_still_plays_with_a_deprecation_warning():
+    class Old(TasksOnly):  # the old style: the world's parts as the scenario's attributes
+        name = "old"
+
+        def __init__(self):
+            super().__init__()
+            world = toy_world(num_steps=4, shift=1.0)
+            self.text_codec, self.image_codec, self.num_steps, self.shift = (
+                world.text_codec, world.image_codec, 4, 1.0,
+            )  # fmt: skip
+
+    with pytest.warns(DeprecationWarning, match="defines no default_world"):
+        env = unigrpo_env.InterleavedEnv(Old())
+    assert env.world.num_steps == 4 and torch.equal(env.world.timesteps(), flow.timestep_schedule(4, 1.0))

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from unigrpo_env import flow
 from unigrpo_env.codecs import PixelCodec, TextCodec
 from unigrpo_env.reward import RewardFunction
 from unigrpo_env.rewards import get_reward
@@ -22,6 +23,7 @@ from unigrpo_env.scenarios.shapes.scene import Scene
 from unigrpo_env.scenarios.shapes.tasks import ShapesTask, answer_text, task_split
 from unigrpo_env.scenarios.shapes.tokenizer import END_OF_THINKING, build_tokenizer
 from unigrpo_env.task import Task
+from unigrpo_env.world import World
 
 __all__ = ["T2IReasonScenario"]
 
@@ -74,6 +76,15 @@ class T2IReasonScenario(Scenario):
                 f"reward must be a reward name or spec, or a reward function without reward_options; got {reward!r}"
             )
         self.timesteps()  # validate num_steps and shift now, with the schedule's own error
+
+    def default_world(self) -> World:
+        """ShapesWorld's world: its tokenizer, its pixel canvas and a uniform grid of ``num_steps``
+        under ``shift`` (the world is the toy task family's own, so the scenario offers it)."""
+        return World.shifted(self.text_codec, self.image_codec, self.num_steps, self.shift)
+
+    def timesteps(self) -> torch.Tensor:
+        """The default world's ``num_steps + 1`` times from 1 (noise) to 0 (data)."""
+        return flow.timestep_schedule(self.num_steps, self.shift)
 
     @cached_property
     def _tasks(self) -> dict[str, list[Task]]:
