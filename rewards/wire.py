@@ -125,10 +125,10 @@ class RequestHeader:
         self.meta = meta
 
 
-def read_request_header(body: bytes, *, max_metadata_chars: int = MAX_METADATA_CHARS) -> RequestHeader:
+def read_request_header(body: bytes) -> RequestHeader:
     """Check a request's header (tensor names, dtypes, shapes, schema) without loading tensors.
     Its JSON is read within :mod:`unigrpo_env.bounded_json`'s bounds, and the metadata's JSON
-    may hold at most ``max_metadata_chars`` characters."""
+    may hold at most :data:`MAX_METADATA_CHARS` characters."""
     if len(body) < 8:
         raise WireFormatError("the body is not a safetensors blob (shorter than its 8-byte header length)")
     (length,) = struct.unpack("<Q", body[:8])
@@ -170,9 +170,9 @@ def read_request_header(body: bytes, *, max_metadata_chars: int = MAX_METADATA_C
     text = metadata[METADATA_KEY]
     if not isinstance(text, str):
         raise WireFormatError(f"the metadata {METADATA_KEY!r} must be a JSON string")
-    if len(text) > max_metadata_chars:
+    if len(text) > MAX_METADATA_CHARS:
         raise WireFormatError(
-            f"the metadata {METADATA_KEY!r} has {len(text)} characters, more than the {max_metadata_chars} accepted"
+            f"the metadata {METADATA_KEY!r} has {len(text)} characters, more than the {MAX_METADATA_CHARS} accepted"
         )
     try:
         meta = bounded_json.loads(text, what=f"the metadata {METADATA_KEY!r}")

@@ -110,18 +110,13 @@ def check_tree(
 ) -> None:
     """Check a tree of dicts, lists and plain values (read from YAML or JSON) against the bounds:
     its depth, its size counted with repetition (YAML aliases expanded), and finite floats only.
-    Iterative: a deep or aliased tree costs at most ``max_nodes`` visits."""
-    _walk(value, what, max_depth=max_depth, max_nodes=max_nodes, floats=True)
-
-
-def _walk(root: Any, what: str, *, max_depth: int, max_nodes: int | None, floats: bool) -> None:
-    """Walk ``root`` without recursion; raise :class:`BoundedJSONError` at the first value that
-    breaks a bound. A stack entry's trail is ``(parent's trail, key)``, spelled out on error only."""
-    if floats and isinstance(root, float) and not math.isfinite(root):
-        raise BoundedJSONError(f"{what} is {root}; finite numbers only")
-    if not isinstance(root, (dict, list, tuple)):
+    Iterative: a deep or aliased tree costs at most ``max_nodes`` visits. A stack entry's trail is
+    ``(parent's trail, key)``, spelled out on error only."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise BoundedJSONError(f"{what} is {value}; finite numbers only")
+    if not isinstance(value, (dict, list, tuple)):
         return
-    stack: list[tuple[Any, int, Any]] = [(root, 1, None)]
+    stack: list[tuple[Any, int, Any]] = [(value, 1, None)]
     visited = 0
     while stack:
         node, depth, trail = stack.pop()
@@ -136,7 +131,7 @@ def _walk(root: Any, what: str, *, max_depth: int, max_nodes: int | None, floats
                 )
             if isinstance(child, (dict, list, tuple)):
                 stack.append((child, depth + 1, (trail, key)))
-            elif floats and isinstance(child, float) and not math.isfinite(child):
+            elif isinstance(child, float) and not math.isfinite(child):
                 raise BoundedJSONError(f"{what} at {_path((trail, key))} is {child}; finite numbers only")
 
 
