@@ -21,39 +21,24 @@ Everything runs on loopback, in this process (the service in a thread, as the te
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import socket
-import struct
+import sys
 import threading
 import time
-from contextlib import contextmanager
+import warnings
+from pathlib import Path
 
 import httpx
 import torch
-import uvicorn
 
-from unigrpo_env import RewardInputs, Task, Trajectory
-from unigrpo_env.rewards import get_reward
+from unigrpo_env import Trajectory
 from unigrpo_env.rewards.remote import RemoteReward
-from unigrpo_env.rewards.server import create_app, listen
-from unigrpo_env.rewards.wire import MAX_METADATA_CHARS, METADATA_KEY, encode_request
-from unigrpo_env.trajectory import ImageSegment, TextSegment, Turn
 
-
-def long_trajectory(turns: int) -> Trajectory:
-    text = TextSegment(tokens=torch.tensor([1, 2]), log_probs=torch.tensor([-0.1, -0.2]))
-    image = ImageSegment(
-        x_t=torch.zeros(1, 1, 1, 1),
-        x_next=torch.zeros(1, 1, 1, 1),
-        t=torch.ones(1),
-        t_next=torch.zeros(1),
-        log_prob=torch.zeros(1),
-        stochastic=torch.zeros(1, dtype=torch.bool),
-    )
-    task = Task(prompts=("p",), category="c", split="train", index=0)
-    return Trajectory(scenario="toy", task=task, turns=[Turn(prompt="p", segments=[text, image])] * turns)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the tests' peers and builders
+from test_reward_service import batch, largest_metadata, raw_server, request_with, serving, trickle  # noqa: E402
+from test_trajectory_files import long_trajectory  # noqa: E402
 
 
 def trajectory_loads(turn_counts: list[int], folder: str) -> None:
@@ -70,102 +55,29 @@ def trajectory_loads(turn_counts: list[int], folder: str) -> None:
         )
 
 
-def batch(n: int) -> RewardInputs:
-    tasks = [Task(prompts=("p",), category="c", split="train", index=i) for i in range(n)]
-    return RewardInputs(
-        images=torch.zeros(n, 16, 16, 3, dtype=torch.uint8),
-        tasks=tasks,
-        texts=[["t"]] * n,
-        earlier_images=torch.zeros(n, 0, 16, 16, 3, dtype=torch.uint8),
-    )
-
-
-def trickling_server() -> tuple[str, threading.Event]:
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    listener.settimeout(0.1)
-    stop = threading.Event()
-
-    def handle(conn: socket.socket) -> None:
-        with conn:
-            try:
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    data += conn.recv(65536)
-                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100000\r\n\r\n")
-                while not stop.wait(0.2):
-                    conn.sendall(b" ")
-            except OSError:
-                pass
-
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                continue
-            threading.Thread(target=handle, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    return f"http://127.0.0.1:{listener.getsockname()[1]}", stop
-
-
-def trickle() -> None:
-    url, stop = trickling_server()
-    remote = RemoteReward(url, timeout=2.0, retries=1, backoff=0.5, max_batch=4)
+def trickled() -> None:
+    remote = RemoteReward("http://127.0.0.1:1", timeout=2.0, retries=1, backoff=0.5, max_batch=4)
     bound = (remote.retries + 1) * remote.timeout + remote.backoff * (2**remote.retries - 1)
-    start = time.monotonic()
-    import warnings
-
-    with warnings.catch_warnings(record=True) as caught:
+    with raw_server(trickle) as url, warnings.catch_warnings(record=True) as caught:
+        remote.url = url
         warnings.simplefilter("always")
-        out = remote(batch(3))
-    elapsed = time.monotonic() - start
-    stop.set()
+        start = time.monotonic()
+        out = remote(batch(3, seed=0))
+        elapsed = time.monotonic() - start
     print("2. RemoteReward(timeout=2, retries=1, backoff=0.5) against a byte every 0.2 s")
     print(f"   scores {out.scores.tolist()} after {elapsed:.2f} s (documented bound {bound:.1f} s)")
     print(f"   warning: {caught[0].message}")
     remote.close()
 
 
-@contextmanager
-def serving():
-    app = create_app(get_reward("jpeg_compressibility"), name="jpeg_compressibility")
-    sock = listen("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
-
-
-def body_with_metadata(text: str) -> bytes:
-    body = encode_request(batch(2))
-    (length,) = struct.unpack("<Q", body[:8])
-    header = json.loads(body[8 : 8 + length])
-    header["__metadata__"][METADATA_KEY] = text
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw + body[8 + length :]
-
-
 def health_latency(url: str) -> None:
-    tasks = json.dumps([{"prompts": ["p"], "category": "c", "split": "s", "index": i} for i in range(2)])
-    filler = json.dumps([[i, "x"] for i in range((MAX_METADATA_CHARS - 200) // 16)])
-    largest = '{"schema": "unigrpo-reward/1", "tasks": ' + tasks + ', "texts": [["a"], ["b"]], "x": ' + filler + "}"
+    largest = largest_metadata()
     print("3. /health while one request's metadata is parsed (worst of back-to-back calls)")
     for label, text in (
         (f"the largest accepted, {len(largest) / 1e6:.1f} M characters of tiny values", largest),
         ("46 MB (refused by its length)", " " * 46_000_000),
     ):
-        body = body_with_metadata(text)
+        body = request_with(meta_text=text)
         answered: list[httpx.Response] = []
 
         def send(body: bytes = body, answered: list = answered) -> None:
@@ -225,8 +137,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as folder:
         trajectory_loads(args.turns, folder)
-    trickle()
-    with serving() as url:
+    trickled()
+    with serving("jpeg_compressibility", log_level="warning") as url:
         health_latency(url)
         drops(url, args.drops)
 

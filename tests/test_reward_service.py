@@ -106,11 +106,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving(spec: str, **options):
-    """A reward service for ``spec`` in a background thread; yields its URL."""
+def serving(spec: str, *, log_level: str = "error", **options):
+    """A reward service for ``spec`` in a background thread (uvicorn's loggers at ``log_level``);
+    yields its URL."""
     app = create_app(get_reward(spec), name=spec, **options)
     sock = listen("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="error"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -508,27 +509,27 @@ def raw_server(answer):
         listener.close()
 
 
-def _trickle(conn, stop):  # a whole status line and headers, then the body a byte every 0.2 s
+def trickle(conn, stop):  # a whole status line and headers, then the body a byte every 0.2 s
     conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100000\r\n\r\n")
     while not stop.wait(0.2):
         conn.sendall(b" ")
 
 
-def _trickle_status(conn, stop):  # even the status line a byte at a time
+def trickle_status(conn, stop):  # even the status line a byte at a time
     for byte in b"HTTP/1.1 200 OK\r\n":
         if stop.wait(0.2):
             return
         conn.sendall(bytes([byte]))
 
 
-def _flood(conn, stop):  # an answer that never ends, sent as fast as it is read
+def flood(conn, stop):  # an answer that never ends, sent as fast as it is read
     conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n")
     chunk = b"[1," * 20000
     while not stop.is_set():
         conn.sendall(chunk)
 
 
-@pytest.mark.parametrize("answer", [_trickle, _trickle_status, _flood])
+@pytest.mark.parametrize("answer", [trickle, trickle_status, flood])
 def test_a_server_that_trickles_or_never_stops_is_cut_off_within_the_documented_bound(answer):
     # httpx's timeouts are per read: a byte a second used to keep one request alive for minutes
     remote = RemoteReward("http://127.0.0.1:1", timeout=1.0, retries=1, backoff=0.1)
@@ -543,7 +544,7 @@ def test_a_server_that_trickles_or_never_stops_is_cut_off_within_the_documented_
             elapsed = time.monotonic() - start
             assert out.scores.isnan().all() and elapsed < bound + 1.0, elapsed
             (message,) = [str(w.message) for w in caught if w.category is RemoteRewardWarning]
-            if answer is _flood:  # cut off by the answer's size, or by the deadline on a slow machine
+            if answer is flood:  # cut off by the answer's size, or by the deadline on a slow machine
                 assert "more than 67108864 bytes" in message or "within the timeout of 1 s" in message, message
             else:  # every attempt runs to its deadline
                 assert "within the timeout of 1 s (after 2 attempts)" in message and elapsed > bound - 0.2, message
@@ -598,7 +599,7 @@ def test_a_deeply_nested_answer_is_a_remote_reward_error_not_a_recursion_error()
         assert "nests deeper than" in envs.trajectory.reward_error
 
 
-def _request_with(header_edit=None, meta_text=None) -> bytes:
+def request_with(header_edit=None, meta_text=None) -> bytes:
     """A valid request body of 2 episodes, its safetensors header JSON or metadata text replaced."""
     body = encode_request(batch(2, seed=3))
     (length,) = struct.unpack("<Q", body[:8])
@@ -618,22 +619,22 @@ def encode_header(text: str) -> bytes:
 @pytest.mark.parametrize(
     "body,message",
     [
-        (lambda: _request_with(meta_text='{"schema": ' + "[" * 100_000 + "]" * 100_000 + "}"), "nests"),
+        (lambda: request_with(meta_text='{"schema": ' + "[" * 100_000 + "]" * 100_000 + "}"), "nests"),
         (
-            lambda: _request_with(
+            lambda: request_with(
                 header_edit=lambda h: json.dumps(h)[:-1] + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
             ),
             "nests",
         ),
-        (lambda: _request_with(meta_text='{"schema": "unigrpo-reward/1", "n": ' + "7" * 5000 + "}"), "more digits"),
+        (lambda: request_with(meta_text='{"schema": "unigrpo-reward/1", "n": ' + "7" * 5000 + "}"), "more digits"),
         (
-            lambda: _request_with(
+            lambda: request_with(
                 header_edit=lambda h: json.dumps(h).replace('"shape": [2', '"shape": [' + "2" * 5000, 1)
             ),
             "more digits",
         ),
-        (lambda: _request_with(meta_text='{"schema": "unigrpo-reward/1", "f": NaN}'), "finite numbers only"),
-        (lambda: _request_with(meta_text=" " * (9 * 2**20)), "more than the"),
+        (lambda: request_with(meta_text='{"schema": "unigrpo-reward/1", "f": NaN}'), "finite numbers only"),
+        (lambda: request_with(meta_text=" " * (9 * 2**20)), "more than the"),
     ],
 )
 def test_json_beyond_the_bounds_is_a_422_not_a_500(jpeg_url, body, message):
@@ -642,16 +643,24 @@ def test_json_beyond_the_bounds_is_a_422_not_a_500(jpeg_url, body, message):
     assert httpx.get(f"{jpeg_url}/health").status_code == 200  # still up
 
 
+def largest_metadata() -> str:
+    """Valid metadata of two episodes padded to nearly the largest size accepted, in the worst
+    shape to parse: a million small two-element lists."""
+    from unigrpo_env.rewards.wire import MAX_METADATA_CHARS
+
+    tasks = json.dumps([{"prompts": ["p"], "category": "c", "split": "s", "index": i} for i in range(2)])
+    filler = json.dumps([[i, "x"] for i in range((MAX_METADATA_CHARS - 200) // 16)])
+    return '{"schema": "unigrpo-reward/1", "tasks": ' + tasks + ', "texts": [["a"], ["b"]], "filler": ' + filler + "}"
+
+
 def test_a_large_metadata_header_is_parsed_off_the_event_loop(jpeg_url):
     # a 46 MB metadata used to be parsed on the loop and delay /health by 4.9 s; now it is refused by
     # its length, and the largest accepted one (of millions of tiny values) is parsed in a worker thread
     from unigrpo_env.rewards.wire import MAX_METADATA_CHARS
 
-    tasks = json.dumps([{"prompts": ["p"], "category": "c", "split": "s", "index": i} for i in range(2)])
-    filler = json.dumps([[i, "x"] for i in range((MAX_METADATA_CHARS - 200) // 16)])
-    meta = '{"schema": "unigrpo-reward/1", "tasks": ' + tasks + ', "texts": [["a"], ["b"]], "filler": ' + filler + "}"
+    meta = largest_metadata()
     assert len(meta) <= MAX_METADATA_CHARS
-    bodies = [_request_with(meta_text=meta), _request_with(meta_text=" " * (46 * 10**6))]
+    bodies = [request_with(meta_text=meta), request_with(meta_text=" " * (46 * 10**6))]
     for body in bodies:
         answered: list[httpx.Response] = []
         sender = threading.Thread(

@@ -116,7 +116,9 @@ def test_an_oversized_header_is_refused_before_its_tensors_are_read(saved, tmp_p
         Trajectory.load(path)
 
 
-def _long_trajectory(turns: int) -> Trajectory:
+def long_trajectory(turns: int) -> Trajectory:
+    """A trajectory of ``turns`` turns, each a 2-token text segment and a one-step image segment
+    (benchmarks/hostile_inputs.py times loading it too)."""
     from unigrpo_env import Task
     from unigrpo_env.trajectory import ImageSegment, TextSegment, Turn
 
@@ -140,7 +142,7 @@ def test_loading_is_linear_in_the_number_of_turns(tmp_path):
 
     seconds = {}
     for turns in (1_000, 8_000):
-        path = _long_trajectory(turns).save(tmp_path / f"{turns}.safetensors")
+        path = long_trajectory(turns).save(tmp_path / f"{turns}.safetensors")
         best = math.inf
         for _ in range(3):
             start = time.perf_counter()
