@@ -39,6 +39,7 @@ __all__ = [
     "attach_adapter",
     "has_adapter",
     "WithoutAdapter",
+    "starting_model",
     "adapter_disabled",
     "merged_model",
     "adapter_state",
@@ -117,6 +118,17 @@ def adapter_disabled(part: Any) -> Iterator[None]:
     """Inside the block ``part`` computes with its base weights (its adapter switched off)."""
     with part.model.disable_adapter():
         yield
+
+
+def starting_model(part: Any) -> Any:
+    """The frozen starting model of a policy side: the side itself seen with its adapter disabled
+    (:class:`WithoutAdapter`), or for a side trained in full a frozen copy made now. The copy shares
+    the side's plain attributes (a conditioner with its pipeline's text encoders, a tokenizer): only
+    the modules and tensors that train are copied."""
+    if has_adapter(part):
+        return WithoutAdapter(part)
+    shared = {id(v): v for v in vars(part).values() if not isinstance(v, (nn.Module, torch.Tensor, dict))}
+    return copy.deepcopy(part, memo=shared).requires_grad_(False).eval()
 
 
 class WithoutAdapter:

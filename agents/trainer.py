@@ -44,8 +44,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -57,6 +56,7 @@ from safetensors.torch import load_file, save_file
 from unigrpo_env import bounded_json
 from unigrpo_env.agents.adapters import adapter_state, has_adapter
 from unigrpo_env.agents.config import UniGRPOConfig
+from unigrpo_env.agents.engine import Engine
 from unigrpo_env.agents.evaluation import EvalReport, Evaluator
 from unigrpo_env.agents.parts import load_policy
 from unigrpo_env.agents.policy import UnifiedPolicy
@@ -104,40 +104,8 @@ def trained_state(policy: UnifiedPolicy, sides: list[str]) -> dict[str, torch.Te
         part = getattr(policy, side)
         weights = adapter_state(part, keep_vars=True) if has_adapter(part) else part.state_dict(keep_vars=True)
         for name, tensor in weights.items():
-            state[f"{side}.{name}"] = _whole_copy(tensor)
+            state[f"{side}.{name}"] = Engine.whole_copy(tensor)
     return state
-
-
-@contextmanager
-def _loading_whole(accelerator: Accelerator) -> Iterator[None]:
-    """Models loaded inside the block come whole. Under DeepSpeed ZeRO-3 Accelerate points
-    transformers at its DeepSpeed config (transformers' ``HfDeepSpeedConfig``), and
-    ``from_pretrained`` then loads partitioned (``deepspeed.zero.Init``, a collective): a copy that
-    the main process alone loads would wait for the others forever."""
-    kept = getattr(accelerator.state.deepspeed_plugin, "dschf", None)  # None unless DeepSpeed
-    if kept is None:
-        yield
-        return
-    from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
-
-    unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        set_hf_deepspeed_config(kept)
-
-
-def _whole_copy(tensor: torch.Tensor) -> torch.Tensor:
-    """A CPU copy of a weight in full: a DTensor (FSDP) is this process's shard of it, and a ZeRO-3
-    parameter (it has DeepSpeed's ``ds_id``) holds only its partition until gathered."""
-    if hasattr(tensor, "full_tensor"):
-        tensor = tensor.full_tensor()
-    elif hasattr(tensor, "ds_id"):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([tensor]):  # whole on every process inside the block
-            return tensor.detach().cpu().clone()
-    return tensor.detach().cpu().clone()
 
 
 class Trainer:
@@ -206,7 +174,7 @@ class Trainer:
         self.starting_policy = starting_policy or partial(
             load_policy, config.policy, config.checkpoint, scenario=config.scenario
         )
-        if not self.agent.shards_parameters:
+        if not self.agent.engine.shards_parameters:
             # the model's weights are in the checkpoint already, in safetensors: keep them out of
             # Accelerate's files (it would write the whole policy again) and restore them ourselves
             self.accelerator.register_save_state_pre_hook(lambda models, weights, folder: weights.clear())
@@ -234,11 +202,11 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp / ENGINE_STATE_DIR), safe_serialization=True, **self._engine_save_options())
+        acc.save_state(str(tmp / ENGINE_STATE_DIR), safe_serialization=True, **self.agent.engine.save_state_options())
         policy = acc.unwrap_model(self.agent.policy)
         trained = trained_state(policy, self.trained_sides)
         if self.is_main:
-            if self.agent.shards_parameters:
+            if self.agent.engine.shards_parameters:
                 self._save_merged_copy(trained, tmp)
             else:
                 policy.save_pretrained(tmp)  # plain models: adapters are merged into the saved weights
@@ -263,22 +231,10 @@ class Trainer:
             progress.write_text(json.dumps({"seconds": seconds}))
             os.replace(progress, self.out / "progress.json")
 
-    def _engine_save_options(self) -> dict[str, Any]:
-        """What ``save_state`` passes to the engine. DeepSpeed's checkpoint holds the module's
-        weights (torch pickles, beside its optimizer partitions): the frozen ones are left out,
-        being the starting policy's, in the checkpoint's policy folder already."""
-        return {"exclude_frozen_parameters": True} if self.agent.zero_stage is not None else {}
-
-    def _engine_load_options(self) -> dict[str, Any]:
-        """What ``load_state`` passes to the engine: DeepSpeed's module state without the frozen
-        weights (see :meth:`_engine_save_options`) loads non-strictly; the trained weights come
-        from the optimizer's fp32 partitions, and with ZeRO-2 also from ``trained_state.safetensors``."""
-        return {"load_module_strict": False} if self.agent.zero_stage is not None else {}
-
     def _save_merged_copy(self, trained: dict[str, torch.Tensor], folder: Path) -> None:
         """Under FSDP or ZeRO-3 no process holds the policy whole: write its checkpoint layout from a
         CPU copy of the starting policy, given the same trained sides and adapters, with ``trained`` put in."""
-        with _loading_whole(self.accelerator):
+        with self.agent.engine.loading_whole():
             copy = self.starting_policy()
         prepare_trained_sides(copy, self.config)
         missing = set(trained) - set(copy.state_dict())
@@ -298,8 +254,8 @@ class Trainer:
         policy = self.accelerator.unwrap_model(self.agent.policy)
         if (folder / ENGINE_STATE_DIR).is_dir():
             # the engine's state: the optimizer (and RNG states); under FSDP the sharded model too
-            self.accelerator.load_state(str(folder / ENGINE_STATE_DIR), **self._engine_load_options())
-            if not self.agent.shards_parameters:
+            self.accelerator.load_state(str(folder / ENGINE_STATE_DIR), **self.agent.engine.load_state_options())
+            if not self.agent.engine.shards_parameters:
                 self._load_trained_state(policy, folder)
             self.agent.iteration = int(json.loads((folder / TRAINER_STATE_FILE).read_text())["iteration"])
             return self.agent.iteration

@@ -17,52 +17,34 @@ One iteration, top to bottom:
    with separate learning rates for the text and the image parameters (after an optional linear
    warm-up) and gradient clipping.
 
-Under Accelerate each process runs its own rollouts. The training forward pass is one module call
-per minibatch (:class:`TrainingForward`), handed to ``accelerator.prepare`` with the optimizer, so
-the engine Accelerate wraps reduces the gradients itself: DDP for several processes (all-reduced in
-buckets overlapped with the backward pass), or FSDP2 (parameters, gradients and optimizer state
-sharded; each transformer block of the networks one unit, the rest of the policy the root unit).
-``accelerator.accumulate`` accumulates ``gradient_accumulation_steps`` minibatches into one
-optimizer step, reducing once per step. Under FSDP every other use of the policy — the rollouts,
-the recomputed old log-probabilities, evaluation and checkpoints — also runs through that module
-(:meth:`UniGRPOAgent.with_policy`), so the sharded parameters are gathered for it.
-
-Under DeepSpeed (Accelerate's DeepSpeed plugin, ZeRO stage 2 or 3) ``accelerator.prepare`` makes the
-module and the optimizer one ``DeepSpeedEngine``; ``accelerator.backward`` is the engine's backward
-and, at the last minibatch of a step, its ``step`` (clipping to the config's ``gradient_clipping``,
-which the agent sets to ``max_grad_norm``, the optimizer step, zeroing the gradients), so the
-optimizer's own ``step``/``zero_grad`` are no-ops and ``clip_grad_norm_`` returns the norm the
-engine clipped. ZeRO-2 partitions the gradients and the optimizer's state, the weights stay whole;
-ZeRO-3 partitions the weights too, and gathers each submodule's around that submodule's forward
-(DeepSpeed's hooks), wherever it is called from: the rollouts decode in step across processes
-(:func:`~unigrpo_env.agents.decoding.synchronized_decoding`), as under FSDP.
+Everything about devices, precision, processes and the distributed engine (the module and optimizer
+prepared together, the policy gathered for rollouts, the shared loss denominator) is
+:class:`~unigrpo_env.agents.engine.Engine`'s; here the Accelerator appears only through the calls
+every engine answers the same way (``autocast``, ``accumulate``, ``backward``, ``clip_grad_norm_``,
+``gather``).
 """
 
 from __future__ import annotations
 
-import copy
 import math
-import os
 import time
-import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
 
-from unigrpo_env import BatchTrajectory, flow
-from unigrpo_env.agents.adapters import WithoutAdapter, attach_adapter, has_adapter
+from unigrpo_env import flow
+from unigrpo_env.agents.adapters import attach_adapter
+from unigrpo_env.agents.batch import Batch, MinibatchLogProbs, OldLogProbs, TurnLogProbs
 from unigrpo_env.agents.checkpointing import enable_gradient_checkpointing
 from unigrpo_env.agents.config import UniGRPOConfig
-from unigrpo_env.agents.decoding import synchronized_decoding
+from unigrpo_env.agents.engine import Engine
 from unigrpo_env.agents.iteration_metrics import across_processes, reward_metrics
 from unigrpo_env.agents.losses import flow_grpo_loss, group_advantages, masked_batch_mean, text_grpo_loss, text_kl
-from unigrpo_env.agents.policy import TurnContext, UnifiedPolicy, check_policy_fits, world_of
+from unigrpo_env.agents.policy import UnifiedPolicy, check_policy_fits, world_of
 from unigrpo_env.agents.rollout import Rollout, RolloutSettings, rollout
 from unigrpo_env.lr_schedule import warmup_decay
 from unigrpo_env.registration import make_scenario
@@ -72,67 +54,15 @@ from unigrpo_env.vector import InterleavedVectorEnv
 
 __all__ = [
     "UniGRPOAgent",
-    "TrainingForward",
     "RewardFailureError",
     "Batch",
     "distributed_advantages",
     "prepare_trained_sides",
-    "configure_deepspeed",
 ]
 
 
 class RewardFailureError(RuntimeError):
     """The reward could not be computed for too much of a batch to learn from it."""
-
-
-@dataclass
-class Batch:
-    """A collected batch as the update needs it: the rollout (the environment's batched trajectory
-    and the policy's conditions), each turn's context, and the advantages."""
-
-    rollout: Rollout
-    contexts: list[TurnContext]
-    settings: RolloutSettings
-    advantages: torch.Tensor
-    valid: torch.Tensor
-    stats: dict[str, float] = field(default_factory=dict)
-    # with images_per_text > 1: the texts' own advantages and validity [N], and which episodes train
-    # their text (the first of each block of M that share it); None: the advantages above, every episode
-    text_advantages: torch.Tensor | None = None
-    text_valid: torch.Tensor | None = None
-    text_rows: torch.Tensor | None = None
-    # the frozen reference models' outputs, per key: (values [N, ...], which episodes are filled)
-    reference_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-
-    @property
-    def trajectory(self) -> BatchTrajectory:
-        return self.rollout.trajectory
-
-    @property
-    def rewards(self) -> torch.Tensor:
-        return self.rollout.trajectory.rewards
-
-    @property
-    def categories(self) -> list[str]:
-        return [task.category for task in self.rollout.trajectory.tasks]
-
-    def __len__(self) -> int:
-        return int(self.rewards.shape[0])
-
-    def reference(self, key: tuple, index: torch.Tensor, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """A frozen reference model's output for episodes ``index``, computed once per batch: the
-        reference never changes, so later PPO epochs reuse what the first epoch computed."""
-        cached = self.reference_cache.get(key)
-        if cached is not None and bool(cached[1][index.cpu()].all()):
-            return cached[0][index]
-        with torch.no_grad():
-            value = compute()
-        if cached is None:
-            cached = (value.new_zeros((len(self),) + tuple(value.shape[1:])), torch.zeros(len(self), dtype=torch.bool))
-            self.reference_cache[key] = cached
-        cached[0][index] = value
-        cached[1][index.cpu()] = True
-        return value
 
 
 def distributed_advantages(
@@ -155,36 +85,12 @@ def distributed_advantages(
     return all_advantages[start : start + n].cpu(), float(torch.isnan(all_rewards).float().mean())
 
 
-def warn_if_the_launchers_engine_is_off(accelerator: Accelerator) -> None:
-    """Warn when ``accelerate launch``'s config asked for FSDP or DeepSpeed (it sets
-    ``ACCELERATE_USE_FSDP`` / ``ACCELERATE_USE_DEEPSPEED``) but the Accelerator runs another engine:
-    Accelerate 1.x turns those plugins on only for GPUs, so CPU processes would train with DDP."""
-    for variable, engine, kind in (
-        ("ACCELERATE_USE_FSDP", "FSDP", DistributedType.FSDP),
-        ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed", DistributedType.DEEPSPEED),
-    ):
-        if os.environ.get(variable, "false").lower() in ("1", "true", "yes") and accelerator.distributed_type != kind:
-            warnings.warn(
-                f"the launcher's config asks for {engine}, but Accelerate enables it only on GPUs: these "
-                f"{accelerator.num_processes} process(es) train with {accelerator.distributed_type.value} instead",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-
-
-def _has_accelerator() -> bool:
-    """Whether this machine has a GPU or another accelerator torch can use."""
-    probe = getattr(torch, "accelerator", None)
-    if probe is not None and hasattr(probe, "is_available"):
-        return bool(probe.is_available())
-    return torch.cuda.is_available()
-
-
 def prepare_trained_sides(policy: UnifiedPolicy, config: UniGRPOConfig) -> tuple[bool, bool]:
     """Make the sides of ``policy`` that ``config.train`` names trainable, with the adapters the
     config chooses (``text_adapter``, ``image_adapter``), and freeze the others; returns whether
     the text and the image side train. The agent does this to the policy it trains, and a
-    checkpoint under FSDP to a fresh copy of the starting policy, so that the trained state fits it."""
+    checkpoint written from a fresh copy of the starting policy (an engine that shards the policy),
+    so that the trained state fits it."""
     train_text = config.train in ("both", "text")
     train_image = config.train in ("both", "image")
     policy.text.requires_grad_(train_text)
@@ -197,96 +103,8 @@ def prepare_trained_sides(policy: UnifiedPolicy, config: UniGRPOConfig) -> tuple
     return train_text, train_image
 
 
-def _starting_model(part: Any) -> Any:
-    """The frozen starting model of a policy side: its adapter disabled, or a copy made now. The
-    copy shares the side's plain attributes (a conditioner with its pipeline's text encoders, a
-    tokenizer): only the modules and tensors that train are copied."""
-    if has_adapter(part):
-        return WithoutAdapter(part)
-    if any(hasattr(p, "ds_id") for p in part.parameters()):
-        raise ValueError(
-            "the policy was loaded with its parameters already partitioned by DeepSpeed ZeRO-3 (deepspeed.zero.Init: "
-            "transformers' from_pretrained does so once an Accelerator with a ZeRO-3 plugin exists), so the agent "
-            "cannot copy the frozen reference of a side trained in full: load the policy before making the "
-            "Accelerator, as the CLI does (the engine partitions it when the agent prepares it)"
-        )
-    shared = {id(v): v for v in vars(part).values() if not isinstance(v, (torch.nn.Module, torch.Tensor, dict))}
-    return copy.deepcopy(part, memo=shared).requires_grad_(False).eval()
-
-
-def configure_deepspeed(ds_config: dict[str, Any], config: UniGRPOConfig, accelerator: Accelerator) -> None:
-    """Fill DeepSpeed's config (Accelerate's DeepSpeed plugin's, in place) with what the agent
-    decides, before ``accelerator.prepare`` hands it to the engine:
-
-    * ``gradient_clipping``: the engine clips in its ``step``, so it is ``max_grad_norm`` (``auto``
-      or absent: set; another number: an error, as the run would clip at a norm its config does not say);
-    * ``train_micro_batch_size_per_gpu`` (``auto``): the episodes of one minibatch in one process,
-      ``num_prompts · group_size / processes / minibatches`` (rounded up); there is no data loader,
-      so the engine only records it (``train_batch_size`` follows from it);
-    * no ``scheduler`` section: the agent sets each group's learning rate itself every iteration
-      (``warmup_iterations``, ``lr_schedule``), and an engine scheduler would overwrite them at every
-      step. An ``optimizer`` section is refused by Accelerate (the agent passes its own AdamW)."""
-    if "scheduler" in ds_config:
-        raise ValueError(
-            "the DeepSpeed config has a scheduler section: leave it out, the agent sets the learning rates itself "
-            "(warmup_iterations, lr_schedule)"
-        )
-    clipping = ds_config.get("gradient_clipping", "auto")
-    if clipping == "auto":
-        ds_config["gradient_clipping"] = config.max_grad_norm
-    elif float(clipping) != config.max_grad_norm:
-        raise ValueError(
-            f"the DeepSpeed config clips gradients to {clipping} but max_grad_norm is {config.max_grad_norm}: "
-            "set gradient_clipping to auto (the engine then clips to max_grad_norm) or make them equal"
-        )
-    if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
-        episodes = config.num_prompts * config.group_size // accelerator.num_processes
-        ds_config["train_micro_batch_size_per_gpu"] = max(1, math.ceil(episodes / config.minibatches))
-
-
 def _select(condition: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
     return {k: None if v is None else v[index.to(v.device)] for k, v in condition.items()}
-
-
-class TrainingForward(torch.nn.Module):
-    """The training forward pass of one minibatch as a module call: ``forward(index)`` is the
-    log-probabilities of the recorded actions of episodes ``index`` of the current batch (see
-    :meth:`UniGRPOAgent._log_probs`), with gradients.
-
-    It holds the policy as its submodule, so ``accelerator.prepare`` can hand it to the engine:
-    DDP wraps it, and every forward of a minibatch goes through the wrapper so the engine
-    synchronises the gradients of the backward that follows; FSDP2 shards it in place, unit by
-    unit (:attr:`_no_split_modules`). The batch is set beside the call (``batch``), not passed
-    through it, as engines move their inputs between devices.
-
-    ``forward(call=fn)`` runs ``fn()`` inside the module's forward instead: under FSDP that is how
-    anything else that uses the policy (a rollout, an evaluation) gets its parameters gathered,
-    as FSDP gathers a unit's parameters only around that unit's own forward."""
-
-    def __init__(self, policy: UnifiedPolicy, log_probs: Callable[[Batch, torch.Tensor], Any]):
-        super().__init__()
-        self.policy = policy
-        self._log_probs = log_probs
-        self.batch: Batch | None = None
-
-    @property
-    def _no_split_modules(self) -> list[str]:
-        """The block classes of the policy's networks (their own ``_no_split_modules``, as
-        transformers and diffusers declare them): FSDP's transformer-based wrap makes each block
-        one unit, and Accelerate reads this attribute of the model it prepares."""
-        names: dict[str, None] = {}
-        for module in self.policy.modules():
-            names.update(dict.fromkeys(getattr(module, "_no_split_modules", None) or []))
-        return list(names)
-
-    def forward(
-        self, index: torch.Tensor | None = None, *, call: Callable[[], Any] | None = None
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[str, Any]] | Any:
-        if call is not None:
-            return call()
-        if self.batch is None or index is None:
-            raise RuntimeError("set the batch of the minibatch and pass its episode indices")
-        return self._log_probs(self.batch, index)
 
 
 class UniGRPOAgent:
@@ -310,14 +128,8 @@ class UniGRPOAgent:
         accelerator: Accelerator | None = None,
     ):
         self.config = config
-        self.accelerator = accelerator or Accelerator(
-            # without a GPU, say so: Accelerate then runs several processes (torchrun) on the CPU
-            cpu=config.cpu or not _has_accelerator(),
-            mixed_precision=config.mixed_precision,
-            gradient_accumulation_steps=config.gradient_accumulation_steps,
-        )
-        if accelerator is None:
-            warn_if_the_launchers_engine_is_off(self.accelerator)
+        self.engine = Engine(config, accelerator)  # devices, precision, processes, the distributed engine
+        self.accelerator = self.engine.accelerator
         self.train_text, self.train_image = prepare_trained_sides(policy, config)
         if config.gradient_checkpointing:
             for side, part, trained in (
@@ -331,22 +143,20 @@ class UniGRPOAgent:
         # frozen copy (made before the engine shards the policy, so it is a whole copy).
         self.reference = None
         if self.train_image and config.regularizer != "none":
-            self.reference = _starting_model(policy.image)
+            self.reference = self.engine.starting_model(policy.image)
         self.reference_text = None
         if self.train_text and config.kl_text > 0:
-            self.reference_text = _starting_model(policy.text)
-        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
-            configure_deepspeed(self.accelerator.state.deepspeed_plugin.deepspeed_config, config, self.accelerator)
+            self.reference_text = self.engine.starting_model(policy.text)
         groups = []
         if self.train_text:
             groups.append({"params": policy.text_parameters(), "lr": config.lr_text, "name": "text"})
         if self.train_image:
             groups.append({"params": policy.image_parameters(), "lr": config.lr_image, "name": "image"})
-        # the training pass and the optimizer through the engine together (DDP wraps the module;
-        # FSDP2 shards it in place and points the optimizer's groups at the shards; DeepSpeed makes
-        # both one engine, whose optimizer keeps the groups, their names and learning rates)
-        self.training_forward, self.optimizer = self.accelerator.prepare(
-            TrainingForward(self.policy, self._log_probs), torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+        # the training pass (the log-probabilities of a minibatch of the batch being trained on,
+        # self._batch) and the optimizer, through the engine together
+        self._batch: Batch | None = None
+        self.training_forward, self.optimizer = self.engine.prepare(
+            self.policy, self._training_pass, torch.optim.AdamW(groups, weight_decay=config.weight_decay)
         )
         self.scenario = scenario if scenario is not None else make_scenario(config.scenario, **config.scenario_options)
         self.world = world_of(policy, self.scenario)  # the model's codecs and time grid
@@ -379,32 +189,10 @@ class UniGRPOAgent:
         )
         self.iteration = 0
 
-    @property
-    def zero_stage(self) -> int | None:
-        """DeepSpeed's ZeRO stage (0 to 3), or None when the engine is not DeepSpeed."""
-        if self.accelerator.distributed_type != DistributedType.DEEPSPEED:
-            return None
-        return int(self.accelerator.state.deepspeed_plugin.zero_stage)
-
-    @property
-    def shards_parameters(self) -> bool:
-        """Whether the engine partitions the policy's parameters across processes (FSDP, ZeRO-3)."""
-        return self.accelerator.distributed_type == DistributedType.FSDP or self.zero_stage == 3
-
     def with_policy(self, fn: Callable[[], Any]) -> Any:
         """``fn()``, which uses the policy outside the training pass (a rollout, an evaluation, a
-        checkpoint), with the policy's parameters whole: under FSDP it runs inside the engine's
-        module, whose forward gathers the root unit's shards (each block gathers its own when
-        called); under ZeRO-3 it is called directly, as DeepSpeed's hooks gather every submodule's
-        parameters around its forward wherever it is called from; under both, decoding loops are
-        synchronised across processes (:mod:`unigrpo_env.agents.decoding`), as every gather is a
-        collective. Otherwise it is called directly."""
-        if not self.shards_parameters:
-            return fn()
-        with synchronized_decoding():  # every process decodes until all are done (the engine gathers per call)
-            if self.zero_stage == 3:
-                return fn()
-            return self.training_forward(call=fn)
+        checkpoint), with the policy's parameters whole (:meth:`Engine.with_policy`)."""
+        return self.engine.with_policy(self.training_forward, fn)
 
     # -- 1. collect ------------------------------------------------------------------------------
 
@@ -450,15 +238,9 @@ class UniGRPOAgent:
         rollout_seconds = time.perf_counter() - started
         trajectory = result.trajectory
         advantages, valid, failed_fraction = self._advantages(result, prompts)
-        batch = Batch(
-            rollout=result,
-            contexts=[result.context(k) for k in range(len(trajectory.turns))],
-            settings=settings,
-            advantages=advantages,
-            valid=valid,
-        )
-        if c.images_per_text > 1:
-            self._text_and_image_advantages(batch, prompts)
+        batch = Batch.of(result, settings, advantages, valid)
+        if c.images_per_text > 1:  # the one place images_per_text shapes the update
+            self._share_texts(batch, prompts)
         batch.stats = {
             **reward_metrics(trajectory.rewards, trajectory.reward_components, batch.categories),  # this process's
             "reward_failed_fraction": failed_fraction,
@@ -487,7 +269,7 @@ class UniGRPOAgent:
         )
         return advantages, ~torch.isnan(result.rewards), failed_fraction
 
-    def _text_and_image_advantages(self, batch: Batch, prompts: np.ndarray) -> None:
+    def _share_texts(self, batch: Batch, prompts: np.ndarray) -> None:
         """M = ``images_per_text`` images per reasoning (the M consecutive episodes of a block):
 
         * text: ``R_text = mean of its M images' rewards`` (NaN ones left out), and
@@ -507,51 +289,47 @@ class UniGRPOAgent:
         text_advantages, _ = distributed_advantages(
             self.accelerator, text_rewards, group_ids, eps=c.advantage_eps, global_std=c.global_std
         )
-        batch.text_advantages = text_advantages
-        batch.text_valid = ~torch.isnan(text_rewards)
-        batch.text_rows = torch.arange(n) % m == 0
-        batch.advantages = group_advantages(rewards, block, eps=c.advantage_eps)
+        image_advantages = group_advantages(rewards, block, eps=c.advantage_eps)
+        batch.share_texts(m, text_advantages, ~torch.isnan(text_rewards), image_advantages)
 
     # -- 3. update ---------------------------------------------------------------------------------
 
-    def _log_probs(
-        self, batch: Batch, index: torch.Tensor
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[str, list]]:
+    def _training_pass(self, index: torch.Tensor) -> MinibatchLogProbs:
+        """The training forward pass of episodes ``index`` of the batch being trained on."""
+        if self._batch is None:
+            raise RuntimeError("no batch to train on: the training pass runs inside update()")
+        return self._log_probs(self._batch, index)
+
+    def _log_probs(self, batch: Batch, index: torch.Tensor) -> MinibatchLogProbs:
         """Log-probabilities of the recorded actions of episodes ``index`` under the current policy,
-        with gradients: per turn the tokens ``[n, L]`` and the SDE steps ``[n, S]``, plus what the
-        regularisers and RatioNorm need (``extras["text_reference"]``: the reference language
-        model's log-probabilities per text turn; ``extras["image"]``: per image turn)."""
+        with gradients, per turn: the tokens ``[n, L]`` (of the episodes whose text trains) and the
+        SDE steps ``[n, S]``, with what the regularisers and RatioNorm need (:class:`TurnLogProbs`)."""
         policy, settings = self.policy, batch.settings
-        text_lp: list[torch.Tensor] = []
-        image_lp: list[torch.Tensor] = []
-        extras: dict[str, Any] = {"text_reference": [], "image": []}
-        # the episodes whose text trains: all, or the first of each block sharing one (images_per_text)
-        text_index = index if batch.text_rows is None else index[batch.text_rows[index.cpu()].to(index.device)]
-        extras["text_index"] = text_index
+        text_index = batch.text_index(index)
+        turns: dict[int, TurnLogProbs] = {}
         for k, turn in enumerate(batch.trajectory.turns):
+            out = turns[k] = TurnLogProbs()
             if self.train_text and len(text_index):
                 tokens, _ = turn.text.padded()
                 args = (batch.contexts[k].select(text_index), tokens[text_index], turn.text.lengths[text_index])
-                text_lp.append(policy.text.log_probs(*args, temperature=settings.temperature))
+                out.text = policy.text.log_probs(*args, temperature=settings.temperature)
                 if self.reference_text is not None:
-                    extras["text_reference"].append(
-                        batch.reference(
-                            ("text", k),
-                            text_index,
-                            partial(self.reference_text.log_probs, *args, temperature=settings.temperature),
-                        )
+                    out.text_reference = batch.reference(
+                        ("text", k),
+                        text_index,
+                        partial(self.reference_text.log_probs, *args, temperature=settings.temperature),
                     )
             image = turn.image
             if self.train_image and image.sde_steps:
                 condition = _select(batch.rollout.conditions[k], index)
-                step_lp, reg_terms, norm_terms = [], [], []
+                step_lp, reg_terms = [], []
                 for s in image.sde_steps:
                     x_t, x_next = image.latents[index, s], image.latents[index, s + 1]
                     t, t_next = float(image.times[s]), float(image.times[s + 1])
                     v = policy.image.velocity(x_t, t, condition, cfg_scale=settings.cfg_scale)
                     log_prob, mean, std = flow.sde_step_log_prob(v, x_t, t, t_next, settings.noise_level, x_next)
                     step_lp.append(log_prob)
-                    norm_terms.append((mean, batch.rollout.sde_means[k][s][index], std))
+                    out.ratio_norm.append((mean, batch.rollout.sde_means[k][s][index], std))
                     if self.reference is not None:
                         v_ref = batch.reference(
                             ("velocity", k, s),
@@ -563,79 +341,73 @@ class UniGRPOAgent:
                         else:
                             _, mean_ref, _ = flow.sde_step_log_prob(v_ref, x_t, t, t_next, settings.noise_level, x_next)
                             reg_terms.append(flow.latent_kl(mean, mean_ref, std))
-                image_lp.append(torch.stack(step_lp, dim=1))
-                extras["image"].append(
-                    {"reg": torch.stack(reg_terms, dim=1) if reg_terms else None, "ratio_norm": norm_terms}
-                )
-        return text_lp, image_lp, extras
+                out.image = torch.stack(step_lp, dim=1)
+                out.regularizer = torch.stack(reg_terms, dim=1) if reg_terms else None
+        return MinibatchLogProbs(index=index, text_index=text_index, turns=turns)
 
     def _loss(
-        self, batch: Batch, index: torch.Tensor, old: dict[str, list[torch.Tensor]], *, fill_old: bool = False
+        self, batch: Batch, index: torch.Tensor, old: OldLogProbs, *, fill_old: bool = False
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        c = self.config
-        advantages = batch.advantages[index].to(self.accelerator.device)
-        valid = batch.valid[index].to(self.accelerator.device)
-        self.accelerator.unwrap_model(self.training_forward).batch = batch
-        text_lp, image_lp, extras = self.training_forward(index)
-        text_index = extras["text_index"]
+        """``−(J_text + λ·J_flow) + β·regulariser (+ β_text·KL_text)`` of the minibatch ``index``,
+        each side averaged over its trained turns; with ``fill_old`` (the first minibatch, before any
+        update) this very pass, detached, is the old policy's."""
+        c, device = self.config, self.engine.device
+        self._batch = batch
+        minibatch = self.training_forward(index)
         if fill_old:  # the first minibatch: the policy has not moved yet, this pass is the old policy
-            self._store_old(old, index, text_lp, image_lp, text_index)
-        stats: dict[str, float] = {}
-        loss = torch.zeros((), device=self.accelerator.device)
+            old.store(minibatch)
+        text_index = minibatch.text_index
+        advantages, valid = batch.advantages[index].to(device), batch.valid[index].to(device)
+        text_advantages = batch.text_advantages[text_index].to(device)
+        text_valid = batch.text_valid[text_index].to(device)
         # several processes: every mean divides by the whole minibatch's count over W (losses.py)
-        divide = self._shared_denominator if self.accelerator.num_processes > 1 else None
-        text_advantages, text_valid = advantages, valid
-        if batch.text_advantages is not None:  # images_per_text > 1: the texts' own advantages
-            text_advantages = batch.text_advantages[text_index].to(self.accelerator.device)
-            text_valid = batch.text_valid[text_index].to(self.accelerator.device)
-        for k, log_probs in enumerate(text_lp):
+        divide = self.engine.mean_denominator()
+        stats: dict[str, float] = {}
+        loss = torch.zeros((), device=device)
+        texts, images = minibatch.texts(), minibatch.images()
+        for k, log_probs in texts:
             text = batch.trajectory.turns[k].text
             lengths = text.lengths[text_index].to(log_probs.device)
             mask = torch.arange(log_probs.shape[1], device=log_probs.device)[None] < lengths[:, None]
             reduction = {"loss_type": c.text_loss_type, "max_tokens": text.max_tokens, "denominator": divide}
             text_loss, s = text_grpo_loss(
-                log_probs, old["text"][k][text_index], mask, text_advantages, c.clip_range_text, text_valid, **reduction
+                log_probs, old.text[k][text_index], mask, text_advantages, c.clip_range_text, text_valid, **reduction
             )
-            loss = loss + text_loss / len(text_lp)
-            if extras["text_reference"]:  # GRPO's β·KL to the starting language model
-                kl = text_kl(log_probs, extras["text_reference"][k], mask, text_valid, **reduction)
-                loss = loss + c.kl_text * kl / len(text_lp)
-                stats["kl_text"] = stats.get("kl_text", 0.0) + float(kl.detach()) / len(text_lp)
+            loss = loss + text_loss / len(texts)
+            reference = minibatch.turns[k].text_reference
+            if reference is not None:  # GRPO's β·KL to the starting language model
+                kl = text_kl(log_probs, reference, mask, text_valid, **reduction)
+                loss = loss + c.kl_text * kl / len(texts)
+                stats["kl_text"] = stats.get("kl_text", 0.0) + float(kl.detach()) / len(texts)
             stats.update(s)
-            stats["loss_text"] = stats.get("loss_text", 0.0) + float(text_loss.detach()) / len(text_lp)
-        for k, log_probs in enumerate(image_lp):
-            old_lp = old["image"][k][index]
+            stats["loss_text"] = stats.get("loss_text", 0.0) + float(text_loss.detach()) / len(texts)
+        for k, turn in images:
+            log_probs, old_lp = turn.image, old.image[k][index]
             if c.ratio_norm:
                 normed = [
                     flow.ratio_norm(log_probs[:, j] - old_lp[:, j], mean, mean_old, std)
-                    for j, (mean, mean_old, std) in enumerate(extras["image"][k]["ratio_norm"])
+                    for j, (mean, mean_old, std) in enumerate(turn.ratio_norm)
                 ]
                 log_probs = old_lp + torch.stack(normed, dim=1)
             image_loss, s = flow_grpo_loss(log_probs, old_lp, advantages, c.clip_range_image, valid, denominator=divide)
-            loss = loss + c.image_loss_weight * image_loss / len(image_lp)
+            loss = loss + c.image_loss_weight * image_loss / len(images)
             stats.update(s)
-            stats["loss_image"] = stats.get("loss_image", 0.0) + float(image_loss.detach()) / len(image_lp)
-            reg = extras["image"][k]["reg"]
+            stats["loss_image"] = stats.get("loss_image", 0.0) + float(image_loss.detach()) / len(images)
+            reg = turn.regularizer
             if reg is not None:
                 if divide is not None:
                     reg_value = masked_batch_mean(reg.mean(dim=1), valid, divide)
                 else:  # one process: the expression the recorded runs used (its sum order, bit for bit)
                     reg_value = reg.mean(dim=1)[valid].mean() if bool(valid.any()) else reg.sum() * 0.0
-                loss = loss + c.regularizer_coef * reg_value / len(image_lp)
+                loss = loss + c.regularizer_coef * reg_value / len(images)
                 stats[f"regularizer_{c.regularizer}"] = stats.get(f"regularizer_{c.regularizer}", 0.0) + float(
                     reg_value.detach()
-                ) / len(image_lp)
+                ) / len(images)
         stats["loss"] = float(loss.detach())
         return loss, stats
 
-    def _shared_denominator(self, count: torch.Tensor) -> torch.Tensor:
-        """``Σ_processes count / W``: what each of the W processes divides its share's sum by, so
-        that the engine's mean of their gradients is the gradient of the whole minibatch's mean."""
-        total = self.accelerator.reduce(count.detach().to(torch.float32).reshape(1), reduction="sum")
-        return (total[0] / self.accelerator.num_processes).to(count.dtype)
-
     @torch.no_grad()
-    def _old_log_probs(self, batch: Batch, parts: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+    def _old_log_probs(self, batch: Batch, parts: list[torch.Tensor]) -> OldLogProbs:
         """The rollout policy's log-probabilities of the episodes in ``parts`` (the first epoch's
         minibatches after the first), recomputed with the training forward pass before any update.
         The first minibatch needs no extra pass: its own forward pass, detached, is the old policy
@@ -649,33 +421,11 @@ class UniGRPOAgent:
         shape, in the same autocast, the old log-probabilities are exactly what the loss's forward
         pass gives before an update, so the ratio is exactly 1 on policy; the rollout's own values
         differ from them by the reported ``*_log_prob_drift``."""
-        n = len(batch)
-        old: dict[str, list[torch.Tensor]] = {"text": [], "image": []}
-        for turn in batch.trajectory.turns:
-            if self.train_text:
-                old["text"].append(torch.full(turn.text.padded()[0].shape, math.nan, device=self.accelerator.device))
-            if self.train_image and turn.image.sde_steps:
-                old["image"].append(
-                    torch.full((n, len(turn.image.sde_steps)), math.nan, device=self.accelerator.device)
-                )
+        old = OldLogProbs.empty(batch, text=self.train_text, image=self.train_image, device=self.engine.device)
         for index in parts:
             with self.accelerator.autocast():  # as the loss's forward pass runs
-                text_lp, image_lp, extras = self.with_policy(partial(self._log_probs, batch, index))
-            self._store_old(old, index, text_lp, image_lp, extras["text_index"])
+                old.store(self.with_policy(partial(self._log_probs, batch, index)))
         return old
-
-    @staticmethod
-    def _store_old(
-        old: dict[str, list[torch.Tensor]],
-        index: torch.Tensor,
-        text_lp: list[torch.Tensor],
-        image_lp: list[torch.Tensor],
-        text_index: torch.Tensor,
-    ) -> None:
-        for k, lp in enumerate(text_lp):
-            old["text"][k][text_index] = lp.detach().float()
-        for k, lp in enumerate(image_lp):
-            old["image"][k][index] = lp.detach().float()
 
     def learning_rate_scale(self, iteration: int) -> float:
         """The learning rates' multiplier at ``iteration`` (counted from 0): a linear warm-up
@@ -710,16 +460,16 @@ class UniGRPOAgent:
                         loss, step_stats = self._loss(batch, index, old, fill_old=first)
                     if first:
                         stats.update(self._drift(batch, old))
-                    # divided by gradient_accumulation_steps, as Accelerate does; under DeepSpeed the
-                    # engine's backward, and at the step's last minibatch its step (clip, step, zero)
+                    # divided by gradient_accumulation_steps, as Accelerate does (an engine that
+                    # steps inside its backward does so here at the step's last minibatch: engine.py)
                     acc.backward(loss)
                     t1 = time.perf_counter()
                     if acc.sync_gradients:
-                        # the norm before clipping (under DeepSpeed: the one the engine clipped in its step)
+                        # the norm before clipping (or the one the engine clipped in its own step)
                         step_stats["grad_norm"] = float(
                             acc.clip_grad_norm_(self._trained_parameters(), c.max_grad_norm)
                         )
-                    self.optimizer.step()  # a no-op until the step's last minibatch (under DeepSpeed: always)
+                    self.optimizer.step()  # a no-op until the step's last minibatch (or always, see above)
                     self.optimizer.zero_grad(set_to_none=True)
                     optimizer_seconds += time.perf_counter() - t1
                     loss_seconds += t1 - t0
@@ -730,6 +480,7 @@ class UniGRPOAgent:
         stats["first_ratio_image_max_dev"] = first.get("image_ratio_max_dev", 0.0)
         for key in dict.fromkeys(k for h in history for k in h):
             stats[key] = float(np.mean([h[key] for h in history if key in h]))
+        self._batch = None  # the batch is not kept past its update
         stats["lr_scale"] = scale
         stats["time_loss_backward"] = loss_seconds
         stats["time_optimizer"] = optimizer_seconds
@@ -738,12 +489,12 @@ class UniGRPOAgent:
     def _trained_parameters(self) -> list[torch.nn.Parameter]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
-    def _drift(self, batch: Batch, old: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+    def _drift(self, batch: Batch, old: OldLogProbs) -> dict[str, float]:
         """How far the recomputed log-probabilities are from those recorded during the rollout (a
         check that rollout and training compute the same policy)."""
         drift: dict[str, float] = {}
         turns = batch.trajectory.turns
-        for k, lp in enumerate(old["text"]):
+        for k, lp in sorted(old.text.items()):
             text = turns[k].text
             mask = torch.arange(lp.shape[1], device=lp.device)[None] < text.lengths.to(lp.device)[:, None]
             mask &= ~torch.isnan(lp)  # texts not trained (shared by a block, images_per_text) are never recomputed
@@ -751,8 +502,8 @@ class UniGRPOAgent:
             drift["text_log_prob_drift"] = max(
                 drift.get("text_log_prob_drift", 0.0), float(diff.max()) if diff.numel() else 0.0
             )
-        for k, lp in enumerate(old["image"]):
-            image = [turn.image for turn in turns if turn.image.sde_steps][k]
+        for k, lp in sorted(old.image.items()):
+            image = turns[k].image
             diff = (lp - image.log_probs[:, image.sde_steps].to(lp.device)).abs()
             drift["image_log_prob_drift"] = max(
                 drift.get("image_log_prob_drift", 0.0), float(diff.max()) if diff.numel() else 0.0

@@ -462,11 +462,12 @@ def test_the_agent_trains_on_edit_dialogues_unchanged(tiny_checkpoint):
     batch = agent.collect(0)
     assert len(batch.trajectory.turns) == 3 and all(t.image.sde_steps for t in batch.trajectory.turns)
     assert {"reward/shapes_scene", "reward/edit_fidelity"} <= set(batch.stats)
-    text_lp, image_lp, _ = agent._log_probs(batch, torch.arange(len(batch)))
-    assert len(text_lp) == 3 and len(image_lp) == 3
+    minibatch = agent._log_probs(batch, torch.arange(len(batch)))
+    assert sorted(minibatch.turns) == [0, 1, 2] and len(minibatch.texts()) == 3 and len(minibatch.images()) == 3
     for k in range(3):  # each turn's log-probabilities depend on the parameters
         policy.zero_grad()
-        (text_lp[k].sum() + image_lp[k].sum()).backward(retain_graph=True)
+        turn = minibatch.turns[k]
+        (turn.text.sum() + turn.image.sum()).backward(retain_graph=True)
         assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in policy.text.parameters())
         assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in policy.image.parameters())
     policy.zero_grad()
@@ -789,7 +790,7 @@ def test_the_launchers_mixed_precision_applies_unless_the_config_names_one(tiny_
 def test_a_launcher_asking_for_an_engine_accelerate_does_not_run_here_is_a_warning(tiny_checkpoint):
     """`accelerate launch` with an FSDP config on a machine without GPUs: Accelerate runs the
     processes without FSDP, and the agent says so instead of training with another engine silently."""
-    from unigrpo_env.agents.unigrpo import warn_if_the_launchers_engine_is_off
+    from unigrpo_env.agents.engine import warn_if_the_launchers_engine_is_off
 
     config = UniGRPOConfig(checkpoint=str(tiny_checkpoint), num_prompts=1, group_size=2, cpu=True)
     with pytest.MonkeyPatch.context() as patch:

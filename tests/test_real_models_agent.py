@@ -92,15 +92,16 @@ def test_in_bf16_autocast_every_on_policy_ratio_is_exactly_1_and_the_rollout_agr
     every = torch.arange(len(batch))
     with torch.no_grad():
         with agent.accelerator.autocast():
-            text_bf16, image_bf16, _ = agent._log_probs(batch, every)
-        text_fp32, image_fp32, _ = agent._log_probs(batch, every)
+            bf16 = agent._log_probs(batch, every).turns[0]
+        fp32 = agent._log_probs(batch, every).turns[0]
+    text_bf16, image_bf16, text_fp32, image_fp32 = bf16.text, bf16.image, fp32.text, fp32.image
     turn = batch.trajectory.turns[0]
     recorded_text, recorded_image = turn.text.padded()[1], turn.image.log_probs[:, turn.image.sde_steps]
-    assert (image_bf16[0] - recorded_image).abs().max() <= stats["image_log_prob_drift"] + 1e-6
-    assert (image_fp32[0] - recorded_image).abs().max() > 1e-5  # bf16 really was in use
+    assert (image_bf16 - recorded_image).abs().max() <= stats["image_log_prob_drift"] + 1e-6
+    assert (image_fp32 - recorded_image).abs().max() > 1e-5  # bf16 really was in use
     mask = torch.arange(recorded_text.shape[1])[None] < turn.text.lengths[:, None]
-    assert ((text_bf16[0] - recorded_text).abs()[mask]).max() <= stats["text_log_prob_drift"] + 1e-6
-    assert not torch.equal(text_fp32[0][mask], recorded_text[mask])
+    assert ((text_bf16 - recorded_text).abs()[mask]).max() <= stats["text_log_prob_drift"] + 1e-6
+    assert not torch.equal(text_fp32[mask], recorded_text[mask])
     # on this CPU bf16's kernels give the same numbers at the rollout's and the training's shapes
     # (drift 0.0); on GPUs they need not, which is why the old log-probabilities are recomputed
     assert stats["image_log_prob_drift"] < 0.05 and stats["text_log_prob_drift"] < 0.05

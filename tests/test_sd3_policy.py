@@ -147,11 +147,11 @@ def test_the_frozen_text_encoders_and_vae_follow_the_transformer_and_the_referen
     VAE (not the policy's parameters) follow on the first condition, so prompts are encoded there
     (shown with the meta device, which every machine has). The frozen reference copy of a side
     trained in full shares the conditioner (no second host copy of T5) and copies the MMDiT."""
-    from unigrpo_env.agents.unigrpo import _starting_model
+    from unigrpo_env.agents.adapters import starting_model
 
     pipe = tiny_pipeline()
     policy = _policy(pipe)
-    reference = _starting_model(policy)
+    reference = starting_model(policy)
     assert reference.conditioner is policy.conditioner and reference.model is not policy.model
     assert all(p.device.type == "cpu" for p in pipe.text_encoder_3.parameters())
     policy.model.to("meta")
