@@ -11,10 +11,11 @@ copies of the normalisation layers, Zhao et al. 2023, arXiv 2312.11420). The ada
 * :class:`WithoutAdapter` calls the same policy side with its adapter disabled: the starting
   model, which the regulariser and the text KL compare against (docs/design.md, section 3: the
   reference is the base weights with the adapter disabled), without a second copy of it;
-* :func:`merged_model` gives a plain copy of an adapted network with its adapter merged into the
-  base weights; the policies' ``save_pretrained`` writes that, so a saved folder is an ordinary
-  checkpoint that ``unigrpo eval`` reads like any other; :func:`adapter_state` /
-  :func:`load_adapter_state` carry the adapter weights themselves across ``--resume``.
+* :func:`save_model` writes an adapted network as its class's ordinary checkpoint with the adapter
+  merged into the base weights, shard by shard, without a second copy of the model
+  (:func:`save_merged`), so a saved folder is one that ``unigrpo eval`` reads like any other;
+  :func:`save_adapter` writes the adapter itself (``peft``'s format, and diffusers' LoRA format
+  for an image model); :func:`adapter_state` gives the adapter weights that ``--resume`` restores.
 
 For a large model an adapter saves memory (no optimizer state or reference copy of the base
 weights). What the adapters were measured to do on ShapesWorld's language model:
@@ -25,8 +26,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -41,9 +44,10 @@ __all__ = [
     "WithoutAdapter",
     "starting_model",
     "adapter_disabled",
-    "merged_model",
+    "save_model",
+    "save_merged",
+    "save_adapter",
     "adapter_state",
-    "load_adapter_state",
 ]
 
 AdapterKind = Literal["full", "lora", "ln_tuning"]
@@ -151,14 +155,132 @@ class WithoutAdapter:
             return self.part.log_probs(*args, **kwargs)
 
 
-def merged_model(model: nn.Module) -> nn.Module:
-    """``model`` itself, or for a ``peft`` model a copy with its adapter merged into the base weights
-    (``W + (α/r)·B·A``; the trained norm layers in place of the old): what ``save_pretrained`` writes."""
+#: The merged checkpoint is written shard by shard; a shard's merged weights are the only copies
+#: held while it is written, so this bounds the extra memory of a save.
+MERGED_SHARD_SIZE = "1GB"
+
+
+def save_model(model: nn.Module, path: str | Path, *, max_shard_size: int | str = MERGED_SHARD_SIZE) -> None:
+    """``model.save_pretrained(path)``; for a ``peft`` model, the model with its adapter merged
+    (:func:`save_merged`), so the folder is an ordinary checkpoint of the model's class."""
     from peft import PeftModel
 
     if isinstance(model, PeftModel):
-        return copy.deepcopy(model).merge_and_unload()
-    return model
+        save_merged(model, path, max_shard_size=max_shard_size)
+    else:
+        model.save_pretrained(str(path))
+
+
+def save_merged(model: nn.Module, path: str | Path, *, max_shard_size: int | str = MERGED_SHARD_SIZE) -> None:
+    """Write a ``peft`` model's base model with its adapter merged (``W + (α/r)·B·A``; LN tuning's
+    trained norm layers in place of the old) as its class's own checkpoint — a ``transformers`` or
+    ``diffusers`` folder that ``from_pretrained`` reads — without a second copy of the model.
+
+    The model is left exactly as it was (nothing is merged in place): the weight names are the base
+    model's (``q_proj.base_layer.weight`` → ``q_proj.weight``, adapter weights left out), the
+    checkpoint is split into shards of at most ``max_shard_size`` (``huggingface_hub``'s split, as
+    the libraries' own ``save_pretrained`` does), and each adapted layer's merged weights are
+    computed from a copy of that one layer when its shard is written and dropped after it, so a
+    save holds at most one shard's merged weights beside the model (safetensors writes tensors
+    from their memory, without a byte copy). Tied weights are left out as ``transformers`` does."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from safetensors.torch import save_file
+
+    base = model.get_base_model()
+    kind = _library_of(base)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tuners = {name: module for name, module in base.named_modules() if isinstance(module, BaseTunerLayer)}
+    # plain name -> (the base tensor, the adapted layer it belongs to or None, its name in that layer's base)
+    plain: dict[str, tuple[torch.Tensor, str | None, str]] = {}
+    for name, tensor in base.state_dict(keep_vars=True).items():
+        parts = name.split(".")
+        owner = next((".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in tuners), None)
+        if owner is None:
+            plain[name] = (tensor.detach(), None, name)
+            continue
+        rest = name[len(owner) + 1 :]
+        if rest.startswith("base_layer."):  # the base layer's own weights; the rest are the adapter's
+            local = rest[len("base_layer.") :]
+            plain[f"{owner}.{local}"] = (tensor.detach(), owner, local)
+    tensors = {name: value[0] for name, value in plain.items()}
+    if kind == "transformers":
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+        tensors = remove_tied_weights_from_state_dict(tensors, base)
+    pattern = "model{suffix}.safetensors" if kind == "transformers" else "diffusion_pytorch_model{suffix}.safetensors"
+    split = split_torch_state_dict_into_shards(tensors, filename_pattern=pattern, max_shard_size=max_shard_size)
+    for filename, names in split.filename_to_tensors.items():
+        merged_layers: dict[str, dict[str, torch.Tensor]] = {}
+        shard: dict[str, torch.Tensor] = {}
+        for name in names:
+            tensor, owner, local = plain[name]
+            if owner is not None:
+                if owner not in merged_layers:
+                    merged_layers[owner] = _merged_layer_state(tuners[owner])
+                tensor = merged_layers[owner][local]
+            shard[name] = tensor.contiguous()
+        save_file(shard, str(path / filename), metadata={"format": "pt"})
+        del shard, merged_layers
+    if split.is_sharded:
+        index = {"metadata": {**split.metadata}, "weight_map": split.tensor_to_filename}
+        (path / (pattern.format(suffix="") + ".index.json")).write_text(json.dumps(index, indent=2, sort_keys=True))
+    if kind == "transformers":
+        base.config.architectures = [type(base).__name__]
+        base.config.save_pretrained(str(path))
+        generation = getattr(base, "generation_config", None)
+        if generation is not None and base.can_generate():
+            generation.save_pretrained(str(path))
+    else:
+        base.save_config(str(path))
+
+
+def _library_of(model: nn.Module) -> str:
+    """``transformers`` or ``diffusers``: whose checkpoint layout the model's ``save_pretrained`` writes."""
+    for cls in type(model).__mro__:
+        root = cls.__module__.split(".")[0]
+        if cls.__name__ == "PreTrainedModel" and root == "transformers":
+            return "transformers"
+        if cls.__name__ == "ModelMixin" and root == "diffusers":
+            return "diffusers"
+    raise AdapterError(
+        f"cannot write a merged checkpoint of {type(model).__name__}: expected a transformers PreTrainedModel or a "
+        "diffusers ModelMixin"
+    )
+
+
+def _merged_layer_state(layer: nn.Module) -> dict[str, torch.Tensor]:
+    """The state of an adapted layer's base layer with the adapter merged in, from a copy of that
+    one layer (peft's own ``merge``), so the model's layer is untouched."""
+    copied = copy.deepcopy(layer)
+    copied.merge()
+    return {name: tensor.detach() for name, tensor in copied.get_base_layer().state_dict().items()}
+
+
+def save_adapter(part: Any, folder: str | Path) -> None:
+    """Write a policy side's adapter as an adapter: ``peft``'s ``save_pretrained`` (``adapter_config.json``,
+    ``adapter_model.safetensors``: ``PeftModel.from_pretrained(base, folder)`` loads it); for a LoRA
+    on a ``diffusers`` model also ``pytorch_lora_weights.safetensors`` in diffusers' format (the
+    ``transformer.`` prefix and the adapter's configuration in the metadata), which a pipeline's
+    ``load_lora_weights(folder)`` loads."""
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    model = part.model
+    folder = Path(folder)
+    model.save_pretrained(str(folder))
+    config = model.peft_config[model.active_adapter]
+    base = model.get_base_model()
+    if isinstance(config, LoraConfig) and _library_of(base) == "diffusers":
+        from diffusers.loaders import SD3LoraLoaderMixin  # any transformer pipeline's loader: one format
+
+        prefix = "base_model.model."
+        weights = {
+            k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in get_peft_model_state_dict(model).items()
+        }
+        SD3LoraLoaderMixin.save_lora_weights(
+            str(folder), transformer_lora_layers=weights, transformer_lora_adapter_metadata=config.to_dict()
+        )
 
 
 def adapter_state(policy: nn.Module, *, keep_vars: bool = False) -> dict[str, torch.Tensor]:
@@ -170,14 +292,3 @@ def adapter_state(policy: nn.Module, *, keep_vars: bool = False) -> dict[str, to
         for name, tensor in policy.state_dict(keep_vars=keep_vars).items()
         if any(key in name for key in ("lora_", "ln_tuning_layers"))
     }
-
-
-def load_adapter_state(policy: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Put adapter weights saved by :func:`adapter_state` back; every saved name must exist."""
-    expected = set(adapter_state(policy))
-    if set(state) != expected:
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise AdapterError(
-            f"the saved adapter does not fit this policy (missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
-    policy.load_state_dict(state, strict=False)

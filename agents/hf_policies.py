@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unigrpo_env import flow
-from unigrpo_env.agents.adapters import merged_model
+from unigrpo_env.agents.adapters import save_model
 from unigrpo_env.agents.decoding import all_finished
 from unigrpo_env.agents.policy import TextSample, TurnContext
 
@@ -56,9 +56,9 @@ class CausalLMTextPolicy(nn.Module):
         return next(self.model.parameters()).device
 
     def save_pretrained(self, path: str) -> None:
-        """Save the model (and its tokenizer, if given) with ``save_pretrained``; a peft adapter is
-        merged into a copy first, so the folder is an ordinary checkpoint."""
-        merged_model(self.model).save_pretrained(path)
+        """Save the model (and its tokenizer, if given) with ``save_pretrained``; with a peft adapter,
+        the model with the adapter merged (an ordinary checkpoint, written without a second copy)."""
+        save_model(self.model, path)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(path)
 
@@ -176,8 +176,8 @@ class ConditionedFlowPolicy(nn.Module):
         self.unconditional = unconditional
 
     def save_pretrained(self, path: str) -> None:
-        """Save the model with ``save_pretrained`` (a peft adapter merged into a copy first)."""
-        merged_model(self.model).save_pretrained(path)
+        """Save the model with ``save_pretrained`` (with a peft adapter, merged: :func:`save_model`)."""
+        save_model(self.model, path)
 
     def condition(self, context: TurnContext) -> dict[str, Any]:
         device = next(self.model.parameters()).device

@@ -25,6 +25,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from unigrpo_env.agents.adapters import has_adapter, save_adapter
+
 __all__ = [
     "TurnContext",
     "TextSample",
@@ -187,10 +189,16 @@ class UnifiedPolicy(nn.Module):
         self.world = world
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Save both halves in the checkpoint layout: ``language_model/`` and ``flow_model/``."""
+        """Save both halves in the checkpoint layout: ``language_model/`` and ``flow_model/`` (an
+        adapted half with its adapter merged), and each adapter as an adapter in
+        ``adapters/text/`` / ``adapters/image/`` (:func:`~unigrpo_env.agents.adapters.save_adapter`)."""
         path = Path(path)
         self.text.save_pretrained(str(path / "language_model"))
         self.image.save_pretrained(str(path / "flow_model"))
+        for side in ("text", "image"):
+            part = getattr(self, side)
+            if has_adapter(part):
+                save_adapter(part, path / "adapters" / side)
 
     def text_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.text.parameters() if p.requires_grad]

@@ -12,7 +12,10 @@ on, optionally a reward that replaces the scenario's and the held-out evaluator 
       reward_curve.png     training reward per iteration, held-out reward before and after
       checkpoints/         ckpt-NNNNNN/, LATEST (the newest complete one); each checkpoint holds
                              the policy in the checkpoint layout (with peft adapters merged into the
-                             weights: an ordinary checkpoint, which `unigrpo eval` reads),
+                             weights, written shard by shard without a second copy: an ordinary
+                             checkpoint, which `unigrpo eval` reads), adapters/text/ and adapters/image/
+                             (each adapter as an adapter: peft's format, and diffusers' LoRA format
+                             for an image model's LoRA),
                              trained_state.safetensors (what trained: adapters, or a side's every
                              weight), trainer_state.json (the iteration) and engine/ (Accelerate's
                              save_state: the optimizer, the RNG states; under FSDP also the
