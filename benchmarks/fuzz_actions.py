@@ -169,7 +169,7 @@ def snapshot(env: Any) -> dict[str, Any]:
         "phase": raw.phase,
         "observation": raw._observation(),
         "text_open": engine.text_open.clone(),
-        "action_space": (space.phase, space.text.max_length),
+        "action_space": repr(space),
         "torch_rng": engine.generator.get_state().clone(),
         "numpy_rng": copy.deepcopy(raw.np_random.bit_generator.state),
     }

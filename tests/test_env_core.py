@@ -106,7 +106,7 @@ def test_step_before_reset_and_after_end(toy_scenario):
 def _state(env):
     """A copy of what the env holds (the trajectory is a view of its record: copy it, so that a
     change to the record would show)."""
-    return copy.deepcopy(env.trajectory), env.phase, env.action_space.phase
+    return copy.deepcopy(env.trajectory), env.phase, repr(env.action_space)
 
 
 INVALID_TEXT = [
@@ -227,12 +227,56 @@ def test_random_agent_finishes_episodes(toy_scenario):
     env = InterleavedEnv(toy_scenario)
     env.action_space.seed(0)
     for seed in range(5):
-        env.reset(seed=seed)
+        obs, _ = env.reset(seed=seed)
         for _ in range(100):
-            *_, terminated, _, _ = env.step(env.action_space.sample())
+            obs, _, terminated, _, _ = env.step(env.action_space.sample(mask=obs))  # the observation masks the sample
             if terminated:
                 break
         assert terminated
+
+
+def test_single_action_space_is_a_static_description(toy_scenario):
+    """As the vector env's: the env never changes its space; the observation masks a sample."""
+    env = InterleavedEnv(toy_scenario)
+    space = env.action_space
+    described = repr(space)
+    unmasked = space.sample()  # before any reset (Gymnasium's check_env): a segment valid at every start
+    obs, _ = env.reset(seed=0)
+    assert isinstance(unmasked, TextAction) and space.contains(unmasked)
+    env.step(unmasked)
+    obs, *_ = env.step(TextAction(tokens=[2]))  # end of thinking: the image phase
+    assert obs.phase == "image" and env.action_space is space and repr(space) == described
+    assert isinstance(space.sample(mask=obs), FlowAction) and space.contains(space.sample(mask=obs))
+    assert space.contains(TextAction(tokens=[3]))  # of the space, though not valid in this state
+    with pytest.raises(E.WrongPhaseError):
+        env.step(TextAction(tokens=[3]))
+    with pytest.raises(ValueError, match="mask=obs"):
+        space.sample(mask="image")
+
+
+def test_vector_info_is_arrays_with_gymnasiums_masks(toy_scenario):
+    """Every value of the vector env's info is an array over the episodes beside its ``_key``
+    mask, so Gymnasium's DictInfoToList gives one dict per episode."""
+    from gymnasium.wrappers.vector import DictInfoToList
+
+    envs = DictInfoToList(unigrpo_env.make_vec(toy_scenario, num_prompts=2, group_size=2))
+    obs, infos = envs.reset(seed=0)
+    assert [info["group_id"] for info in infos] == [0, 0, 1, 1] and all("category" in info for info in infos)
+    raw = envs.unwrapped
+    while True:
+        action = raw.action_space.sample(mask=obs)
+        obs, rewards, terminated, _, infos = envs.step(action)
+        if terminated.all():
+            break
+    assert len(infos) == 4 and all(set(info["reward_components"]) >= {"colour"} for info in infos)
+    assert [info["reward_components"]["colour"] for info in infos] == raw.trajectory.reward_components[
+        "colour"
+    ].tolist()
+    vector_info = raw._info()
+    for key in vector_info:
+        if not key.startswith("_"):
+            mask = vector_info[f"_{key}"]
+            assert mask.dtype == np.bool_ and mask.shape == (4,) and mask.all()
 
 
 # -- batched environment -------------------------------------------------------------------------

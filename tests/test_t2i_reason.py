@@ -48,9 +48,9 @@ def test_random_agent_finishes_episodes(env_id):
     env = gym.make(env_id)
     env.action_space.seed(0)
     for seed in range(3):
-        env.reset(seed=seed)
+        obs, _ = env.reset(seed=seed)
         for _ in range(500):
-            _, reward, terminated, truncated, info = env.step(env.action_space.sample())
+            obs, reward, terminated, truncated, info = env.step(env.action_space.sample(mask=obs))
             if terminated:
                 break
         assert terminated and not truncated and 0.0 <= reward <= 1.0
@@ -137,7 +137,7 @@ def sde_episode(env, seed: int):
     terminated = False
     while not terminated:
         if obs.phase == "text":
-            action = env.action_space.sample()
+            action = env.action_space.sample(mask=obs)
         else:
             x_next, log_prob, _, _ = flow.sde_step(
                 -obs.x_t.unsqueeze(0), obs.x_t.unsqueeze(0), obs.t, obs.t_next, 0.7, generator=generator

@@ -1,7 +1,7 @@
 """The batched trajectory: everything N episodes stepped together did, as batched tensors.
 
 A batched environment (:class:`~unigrpo_env.vector.InterleavedVectorEnv`) records its episodes
-in one :class:`BatchTrajectory` (``envs.trajectory``, also ``info["trajectory"]``). It is the one
+in one :class:`BatchTrajectory` (``envs.trajectory``). It is the one
 record of a batch: the agent's rollouts, losses and evaluation read it, and the per-episode
 :class:`~unigrpo_env.trajectory.Trajectory` is a view of one of its rows
 (:meth:`BatchTrajectory.episode`). Per turn it holds

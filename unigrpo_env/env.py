@@ -94,7 +94,6 @@ class InterleavedEnv(gym.Env[Observation, "TextAction | FlowAction"]):
         super().reset(seed=seed)
         (task,) = pick_tasks(self.scenario, self.split, 1, self.np_random, options or {})
         self._engine.start([task], seeded_generator(self.np_random, self.device), seed=seed)
-        self._sync_action_space()
         return self._observation(), self._info()
 
     def step(self, action: TextAction | FlowAction) -> tuple[Observation, float, bool, bool, dict[str, Any]]:
@@ -125,7 +124,6 @@ class InterleavedEnv(gym.Env[Observation, "TextAction | FlowAction"]):
             raise InvalidActionError(
                 f"expected a unigrpo_env.TextAction or unigrpo_env.FlowAction, got {type(action).__name__}"
             )
-        self._sync_action_space()
         reward = float(engine.trajectory.rewards[0]) if terminated else 0.0
         return self._observation(), reward, terminated, False, self._info()
 
@@ -165,11 +163,6 @@ class InterleavedEnv(gym.Env[Observation, "TextAction | FlowAction"]):
         if not self._engine.started:
             raise RuntimeError("the environment has not been reset; call reset() first")
         return self._engine.episode_trajectory(0)
-
-    def _sync_action_space(self) -> None:
-        engine = self._engine
-        self.action_space.phase = engine.phase
-        self.action_space.text.max_length = int(engine.tokens_left()[0]) if engine.phase == "text" else 0
 
     def _observation(self) -> Observation:
         engine = self._engine

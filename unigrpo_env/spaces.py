@@ -4,10 +4,11 @@
   :class:`~unigrpo_env.TextAction`, ``contains()`` validates one.
 * :class:`FlowActionSpace` — next latents of a fixed shape; ``sample()`` returns a
   :class:`~unigrpo_env.FlowAction` with a standard-normal ``x_next``.
-* :class:`InterleavedActionSpace` — the environment's ``action_space``: both of the above, and
-  the phase the environment is in, which the environment keeps current. Sampling and membership
-  follow the phase, so ``env.step(env.action_space.sample())`` is always valid (a random agent
-  finishes episodes). This is the phase-dependent analogue of Gymnasium's action masks.
+* :class:`InterleavedActionSpace` — the environment's ``action_space``: both of the above, a
+  static description as Gymnasium's spaces are. Which of the two is valid at a step depends on
+  the state, so — like Gymnasium's action masks — ``sample`` takes the current observation as its
+  ``mask``: ``env.step(env.action_space.sample(mask=obs))`` is always valid (a random agent
+  finishes episodes).
 * :class:`ObservationSpace` — membership of an :class:`~unigrpo_env.Observation`.
 """
 
@@ -20,7 +21,7 @@ import torch
 from gymnasium import spaces
 
 from unigrpo_env.actions import FlowAction, TextAction
-from unigrpo_env.observation import Observation, Phase
+from unigrpo_env.observation import Observation
 
 __all__ = ["TextActionSpace", "FlowActionSpace", "InterleavedActionSpace", "ObservationSpace"]
 
@@ -29,8 +30,8 @@ class TextActionSpace(spaces.Space[TextAction]):
     """Segments of 1 to ``max_length`` token ids in ``[0, vocab_size)`` for one episode, where
     the end-of-thinking token may only come last.
 
-    ``max_length`` is how many tokens the current text phase still accepts; the environment
-    updates it after every text step.
+    ``max_length`` is the most tokens a text phase accepts (the codec's limit); in a given state
+    the phase accepts ``obs.tokens_left`` more (:meth:`sample_segment`).
     """
 
     def __init__(self, vocab_size: int, eot_id: int, max_length: int, seed: int | np.random.Generator | None = None):
@@ -45,16 +46,15 @@ class TextActionSpace(spaces.Space[TextAction]):
 
     def sample(self, mask: Any = None, probability: Any = None) -> TextAction:
         """A random segment of ``1 … max(1, max_length // 2)`` uniform token ids, never the
-        end-of-thinking token: the token limit closes a random agent's text phase after a few
-        steps. So a sample drawn at any point of a text phase is also valid at the start of the
-        next one (Gymnasium's ``check_env`` samples an action before it calls ``reset``)."""
+        end-of-thinking token (valid at the start of any text phase)."""
         if mask is not None or probability is not None:
             raise NotImplementedError("TextActionSpace.sample does not take a mask or probability")
         return TextAction(tokens=self.sample_segment(self.max_length))
 
     def sample_segment(self, max_length: int) -> torch.Tensor:
-        """The token ids of a random segment for a phase that accepts ``max_length`` more tokens
-        (as :meth:`sample` draws them)."""
+        """The token ids of a random segment for a phase that accepts ``max_length`` more tokens:
+        ``1 … max(1, max_length // 2)`` of them, so the token limit closes a random agent's text
+        phase after a few steps."""
         length = int(self.np_random.integers(1, max(1, max_length // 2) + 1))
         ids = self.np_random.integers(0, self.vocab_size - 1, size=length)
         ids = ids + (ids >= self.eot_id)  # uniform over the vocabulary without the end-of-thinking id
@@ -119,13 +119,18 @@ class FlowActionSpace(spaces.Space[FlowAction]):
 
 
 class InterleavedActionSpace(spaces.Space[Any]):
-    """The action space of an interleaved environment: ``text`` in the text phase, ``image`` in the
-    image phase. ``phase`` is kept current by the environment that owns the space."""
+    """The action space of an interleaved environment: a segment of ``text`` in a text phase, a
+    next latent of ``image`` in an image phase. Static: the environment never changes it.
+
+    ``sample(mask=obs)`` with the current :class:`~unigrpo_env.Observation` gives an action valid
+    in that state (a segment that fits the tokens left, or a latent); ``sample()`` without a mask
+    gives a text segment, valid at the start of every episode (Gymnasium's ``check_env`` samples
+    before it resets). ``contains`` says whether an action is one of either kind; whether it is
+    valid now is the environment's check in ``step``."""
 
     def __init__(self, text: TextActionSpace, image: FlowActionSpace, seed: int | None = None):
         self.text = text
         self.image = image
-        self.phase: Phase = "text"
         super().__init__(shape=None, dtype=None, seed=seed)
 
     @property
@@ -138,19 +143,25 @@ class InterleavedActionSpace(spaces.Space[Any]):
         sub = self.np_random.integers(0, 2**31 - 1, size=2)
         return (int(own), int(self.text.seed(int(sub[0]))), int(self.image.seed(int(sub[1]))))
 
-    @property
-    def current(self) -> spaces.Space[Any]:
-        """The sub-space of the current phase (the text space once the episode is done)."""
-        return self.image if self.phase == "image" else self.text
-
-    def sample(self, mask: Any = None, probability: Any = None) -> TextAction | FlowAction:
-        return self.current.sample(mask, probability)
+    def sample(self, mask: Observation | None = None, probability: Any = None) -> TextAction | FlowAction:
+        if probability is not None or not (mask is None or isinstance(mask, Observation)):
+            raise ValueError(
+                "the valid action depends on the phase: pass the current observation as the mask, "
+                "env.action_space.sample(mask=obs)"
+            )
+        if mask is None:
+            return self.text.sample()
+        if mask.phase == "image":
+            return self.image.sample()
+        if mask.phase != "text":
+            raise ValueError("the episode has ended: reset() before sampling another action")
+        return TextAction(tokens=self.text.sample_segment(mask.tokens_left))
 
     def contains(self, x: Any) -> bool:
-        return self.current.contains(x)
+        return self.text.contains(x) or self.image.contains(x)
 
     def __repr__(self) -> str:
-        return f"InterleavedActionSpace(phase={self.phase!r}, text={self.text!r}, image={self.image!r})"
+        return f"InterleavedActionSpace(text={self.text!r}, image={self.image!r})"
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, InterleavedActionSpace) and other.text == self.text and other.image == self.image

@@ -14,6 +14,12 @@ reward of the whole batch. Autoreset is disabled: call ``reset()`` to start the 
 Actions: one batched action (``TextAction(tokens=[N, L], lengths=[N])`` or
 ``FlowAction(x_next=[N, C, H, W])``) or a sequence of N per-episode actions (``None`` or an empty
 segment for an episode whose text phase is closed).
+
+``info`` follows Gymnasium's vector convention: every value is an array over the N episodes
+(``group_id``, ``category``; at the end ``reward_components``, a dict of such arrays, and
+``reward_error`` where the scorer failed), each beside its mask ``_key``, so Gymnasium's
+``DictInfoToList`` wrapper turns it into N per-episode dicts. The batch's record is
+``envs.trajectory``.
 """
 
 from __future__ import annotations
@@ -206,7 +212,7 @@ class InterleavedVectorEnv(VectorEnv):
 
     @property
     def trajectory(self) -> BatchTrajectory:
-        """The batch's record so far (also ``info["trajectory"]``): one object from ``reset`` to the
+        """The batch's record so far: one object from ``reset`` to the
         next, written in place as the batch steps; ``reset`` starts a new one."""
         if not self._engine.started:
             raise RuntimeError("the environment has not been reset; call reset() first")
@@ -363,15 +369,25 @@ class InterleavedVectorEnv(VectorEnv):
         )
 
     def _info(self) -> dict[str, Any]:
+        """Gymnasium's vector ``info``: every value an array over the N episodes, beside its mask
+        ``_key`` (which episodes have it; a dict's entries are masked inside it the same way)."""
         engine = self._engine
         trajectory = engine.trajectory
         info: dict[str, Any] = {
             "group_id": self.group_ids.numpy().copy(),
             "category": np.array([task.category for task in engine.tasks], dtype=object),
-            "trajectory": trajectory,
         }
         if trajectory.terminated:
             info["reward_components"] = {k: v.numpy().copy() for k, v in trajectory.reward_components.items()}
-            if trajectory.reward_error is not None:
-                info["reward_error"] = trajectory.reward_error
-        return info
+            if trajectory.reward_error is not None:  # the scorer raised: every episode's reward is NaN
+                info["reward_error"] = np.full(self.num_envs, trajectory.reward_error, dtype=object)
+        return _masked(info, self.num_envs)
+
+
+def _masked(info: dict[str, Any], n: int) -> dict[str, Any]:
+    """``info`` with Gymnasium's mask ``_key`` beside each key (every episode has every value)."""
+    out: dict[str, Any] = {}
+    for key, value in info.items():
+        out[key] = _masked(value, n) if isinstance(value, dict) else value
+        out[f"_{key}"] = np.ones(n, dtype=np.bool_)
+    return out
