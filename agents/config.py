@@ -25,13 +25,39 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from unigrpo_env.bounded_json import BoundedJSONError, check_tree, loads, shorten
 
-__all__ = ["UniGRPOConfig", "ConfigError", "TEXT_LEARNING_RATES", "MAX_SEED"]
+__all__ = ["UniGRPOConfig", "ConfigError", "TEXT_LEARNING_RATES", "MAX_SEED", "RENAMED", "migrate_saved_config"]
 
 #: The largest seed (seeds are integers in [0, 2^32 - 1], as numpy's and Python's conventions have
 #: them; the agent derives its per-iteration torch seeds from it without overflowing 64 bits).
 MAX_SEED = 2**32 - 1
 #: The largest config file read (a config is a few kB).
 MAX_CONFIG_BYTES = 2**20
+
+
+#: The fields of earlier releases, the one place their migrations live: old name -> what replaced it.
+#: A config file or flag that uses an old name is refused with this message; a saved run's
+#: ``config.json`` is carried over (:func:`migrate_saved_config`), so ``--resume`` still works.
+RENAMED: dict[str, str] = {
+    "steps": "steps was renamed iterations (training iterations; num_steps in scenario_options are denoising steps)",
+    "regularizer_weight": (
+        "regularizer_weight was replaced by mse_weight (velocity MSE) and kl_weight (latent KL), one per regulariser"
+    ),
+}
+
+
+def migrate_saved_config(saved: dict[str, Any]) -> dict[str, Any]:
+    """A run folder's ``config.json`` from an older release, in today's fields (see :data:`RENAMED`):
+    ``steps`` becomes ``iterations``, and the shared ``regularizer_weight`` (None = the
+    regulariser's default) becomes that regulariser's own weight."""
+    saved = dict(saved)
+    if "steps" in saved:
+        saved["iterations"] = saved.pop("steps")
+    if "regularizer_weight" in saved:
+        weight = saved.pop("regularizer_weight")
+        field = {"mse": "mse_weight", "kl": "kl_weight"}.get(saved.get("regularizer", "mse"))
+        if weight is not None and field is not None:
+            saved[field] = weight
+    return saved
 
 
 #: ``lr_text`` when none is given, by ``text_adapter``: the largest rates measured to keep ShapesWorld's
@@ -196,14 +222,9 @@ class UniGRPOConfig(BaseModel):
     def _resolve(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        if "regularizer_weight" in data:
-            raise ValueError(
-                "regularizer_weight was replaced by mse_weight (velocity MSE) and kl_weight (latent KL), one per regulariser"
-            )
-        if "steps" in data:
-            raise ValueError(
-                "steps was renamed iterations (training iterations; num_steps in scenario_options are denoising steps)"
-            )
+        for old in RENAMED:
+            if old in data:
+                raise ValueError(RENAMED[old])
         return data
 
     @field_validator("scenario_options", "policy_options")

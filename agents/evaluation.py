@@ -37,7 +37,7 @@ from unigrpo_env.reward import RewardFunction
 from unigrpo_env.scenario import Scenario
 from unigrpo_env.vector import InterleavedVectorEnv
 
-__all__ = ["CategoryScores", "EvalReport", "EpisodeMetric", "Evaluator"]
+__all__ = ["CategoryScores", "EvalReport", "EpisodeMetric", "Evaluator", "scores_by_category"]
 
 
 class CategoryScores(BaseModel):
@@ -52,10 +52,6 @@ class CategoryScores(BaseModel):
     correct: float
     count: int
     unscored: int = 0
-
-    @property
-    def scored(self) -> int:
-        return self.count - self.unscored
 
 
 class EvalReport(BaseModel):
@@ -182,13 +178,13 @@ class Evaluator:
             cfg_scale=cfg_scale,
             temperature=temperature,
             num_steps=world.num_steps,
-            pipeline=_by_category(categories, [r for r, _ in pipeline], [c for _, c in pipeline]),
+            pipeline=scores_by_category(categories, [r for r, _ in pipeline], [c for _, c in pipeline]),
             probes={
-                name: _by_category(categories, [r for r, _ in rows[name]], [c for _, c in rows[name]])
+                name: scores_by_category(categories, [r for r, _ in rows[name]], [c for _, c in rows[name]])
                 for name in probes
             },
             metrics={
-                name: {c: s.correct for c, s in _by_category(categories, rows[name], rows[name]).items()}
+                name: {c: s.correct for c, s in scores_by_category(categories, rows[name], rows[name]).items()}
                 for name in self.metrics
             },
             labels={name: self.labels[name] for name in (*self.metrics, *probes)},
@@ -212,9 +208,12 @@ class Evaluator:
             _turn_strips(tasks, categories, rows, _grid_indices(categories, per_category=2), out / "turns.png")
 
 
-def _by_category(
+def scores_by_category(
     categories: Sequence[str], rewards: Sequence[float], correct: Sequence[float]
 ) -> dict[str, CategoryScores]:
+    """Per category the mean reward and correct rate of its episodes (NaN rewards left out and
+    counted as ``unscored``), and ``"overall"``: the mean over the categories (each category
+    weighs the same, as GenEval averages), over every episode's count."""
     groups: dict[str, list[int]] = defaultdict(list)
     for i, c in enumerate(categories):
         groups[c].append(i)

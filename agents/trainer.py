@@ -58,7 +58,7 @@ from safetensors.torch import load_file, save_file
 
 from unigrpo_env import bounded_json
 from unigrpo_env.agents.adapters import adapter_state, has_adapter
-from unigrpo_env.agents.config import UniGRPOConfig
+from unigrpo_env.agents.config import UniGRPOConfig, migrate_saved_config
 from unigrpo_env.agents.engine import Engine
 from unigrpo_env.agents.evaluation import EvalReport, Evaluator
 from unigrpo_env.agents.parts import load_policy
@@ -93,7 +93,7 @@ def load_run_config(out_dir: str | Path, **overrides: Any) -> UniGRPOConfig:
         raise RunFolderError(f"cannot resume the run in {str(out_dir)!r}: {exc}") from None
     if not isinstance(data, dict):
         raise RunFolderError(f"cannot resume the run in {str(out_dir)!r}: its config.json is not a JSON object")
-    return UniGRPOConfig.model_validate({**_migrated(data), **overrides})
+    return UniGRPOConfig.model_validate({**migrate_saved_config(data), **overrides})
 
 
 def trained_state(policy: UnifiedPolicy, sides: list[str]) -> dict[str, torch.Tensor]:
@@ -423,18 +423,3 @@ def _plot_rewards(metrics_path: Path, summary: dict[str, Any], path: Path) -> No
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def _migrated(saved: dict) -> dict:
-    """A run folder's ``config.json`` from an older release, in today's fields: the shared
-    ``regularizer_weight`` (None = the regulariser's default) became that regulariser's own weight,
-    and ``steps`` became ``iterations``."""
-    saved = dict(saved)
-    if "steps" in saved:
-        saved["iterations"] = saved.pop("steps")
-    if "regularizer_weight" in saved:
-        weight = saved.pop("regularizer_weight")
-        field = {"mse": "mse_weight", "kl": "kl_weight"}.get(saved.get("regularizer", "mse"))
-        if weight is not None and field is not None:
-            saved[field] = weight
-    return saved

@@ -16,7 +16,7 @@ otherwise, or those of ``--config FILE`` given to every run):
                                          the average strength of t2i_reason's MSE 3; this arm's
                                          file replaces a --config given to the others)
 
-Every finished run is also evaluated with CFG 2 (``unigrpo eval --checkpoint <final> --cfg 2``),
+Every finished run is also evaluated with CFG 2 (``unigrpo eval --checkpoint <final> --eval-cfg 2``),
 and so is the starting checkpoint once per seed, so the CFG comparison evaluates both arms with
 CFG. ``--jobs 2`` runs two at a time with one torch thread each; wall times are then per run on
 one thread beside another run.
@@ -85,7 +85,7 @@ def _run_one(root: Path, arm: str, seed: int, iterations: int | None, config: st
             "t2i_reason",
             "--checkpoint",
             str(final),
-            "--cfg",
+            "--eval-cfg",
             str(EVAL_CFG),
             "--seed",
             str(seed),
@@ -103,7 +103,7 @@ def _base_one(root: Path, seed: int, threads: int) -> str:
             "eval",
             "scenario",
             "t2i_reason",
-            "--cfg",
+            "--eval-cfg",
             str(EVAL_CFG),
             "--seed",
             str(seed),

@@ -7,7 +7,7 @@
     unigrpo list scenarios|rewards|policies|evaluators|pretrainers
     unigrpo init scenario NAME [--dir DIR]
     unigrpo pretrain shapes --out DIR [--seed S]
-    unigrpo eval scenario t2i_reason [--checkpoint DIR] [--cfg SCALE] [--seed S] [--out DIR]
+    unigrpo eval scenario t2i_reason [--checkpoint DIR] [--eval-cfg SCALE] [--seed S] [--out DIR]
     unigrpo serve reward NAME [--host 127.0.0.1] [--port 8000] [--token-file F] [--max-batch N] [--max-body-mb M]
 
 Scenario, reward, policy and evaluator names may also be ``module:Name`` references, and installed
@@ -214,14 +214,12 @@ def run(
         TimeRemainingColumn,
     )
 
-    from unigrpo_env.agents.config import UniGRPOConfig
+    from unigrpo_env.agents.config import RENAMED, UniGRPOConfig
     from unigrpo_env.agents.parts import build_parts
     from unigrpo_env.agents.trainer import Trainer, load_run_config
 
     if old_steps is not None:
-        raise UserError(
-            "--steps was renamed --iterations (training iterations; denoising steps are the scenario option num_steps)"
-        )
+        raise UserError("--" + RENAMED["steps"].replace("renamed ", "renamed --"))
     overrides: dict = {}
     for key, value in {
         "iterations": iterations,
@@ -476,9 +474,14 @@ def eval_(
     policy: str | None = typer.Option(
         None, "--policy", help="The policy kind (default: the scenario's; see `unigrpo list policies`)."
     ),
-    cfg: float = typer.Option(
-        1.0, "--cfg", min=1.0, callback=finite, help="Classifier-free guidance scale of the image model (1 = none)."
+    eval_cfg: float = typer.Option(
+        1.0,
+        "--eval-cfg",
+        min=1.0,
+        callback=finite,
+        help="Classifier-free guidance scale of the image model (1 = none), as in unigrpo run.",
     ),
+    old_cfg: str | None = typer.Option(None, "--cfg", hidden=True, help="Renamed --eval-cfg."),
     seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="Seed of the text sampling and the initial noise."),
     out: Path | None = typer.Option(None, "--out", file_okay=False, help="Folder for eval.json and grid.png."),
     split: str = typer.Option("heldout", "--split", help="Task split to evaluate."),
@@ -506,6 +509,8 @@ def eval_(
     ),
 ) -> None:
     """Score a policy on a scenario's held-out tasks: a GenEval-style table per category."""
+    if old_cfg is not None:
+        raise UserError("--cfg was renamed --eval-cfg (the evaluation's guidance scale, as in unigrpo run)")
     models = {"text_model": text_model, "image_model": image_model, "image_size": image_size}
     models = {k: v for k, v in models.items() if v is not None}
     given = {"prompts": str(prompts) if prompts else None, "reward": reward}
@@ -514,7 +519,7 @@ def eval_(
         name,
         checkpoint=checkpoint,
         policy=policy,
-        cfg=cfg,
+        cfg=eval_cfg,
         seed=seed,
         out=out,
         split=split,

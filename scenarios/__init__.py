@@ -12,9 +12,4 @@ wherever a scenario name does.
 from unigrpo_env.registration import SCENARIOS, register_scenario
 from unigrpo_env.scenario import Scenario
 
-__all__ = ["Scenario", "register_scenario", "list_scenarios", "SCENARIOS"]
-
-
-def list_scenarios() -> list[str]:
-    """Names of the registered scenarios (built-in, registered in code, and installed plugins)."""
-    return SCENARIOS.names()
+__all__ = ["Scenario", "register_scenario", "SCENARIOS"]

@@ -57,7 +57,7 @@ CASES = [
     (["serve", "reward", "jpeg_compressibility", "--max-body-mb", "inf"], "--max-body-mb': expected a finite"),
     # non-finite numbers everywhere a number is read
     (["eval", "scenario", "t2i_reason", "--temperature", "inf"], "--temperature': expected a finite number"),
-    (["eval", "scenario", "t2i_reason", "--cfg", "nan"], "--cfg"),
+    (["eval", "scenario", "t2i_reason", "--eval-cfg", "nan"], "--eval-cfg"),
     (["run", "scenario", "t2i_reason", "--rollout-cfg", "inf"], "--rollout-cfg': expected a finite number"),
     (["run", "scenario", "t2i_reason", "--config", "{tmp}/nan_option.yaml"], "shift is nan"),
     (["run", "scenario", "t2i_reason", "--config", "{tmp}/inf.json"], "Infinity is not a JSON number"),
@@ -120,7 +120,7 @@ def _float_flags() -> list[tuple[tuple[str, ...], str]]:
 
 def test_every_float_flag_refuses_non_finite_numbers(tmp_path, capsys):
     flags = _float_flags()
-    assert {flag for _, flag in flags} >= {"--eval-cfg", "--rollout-cfg", "--cfg", "--temperature", "--max-body-mb"}
+    assert {flag for _, flag in flags} >= {"--eval-cfg", "--rollout-cfg", "--temperature", "--max-body-mb"}
     for path, flag in flags:
         for text in ("inf", "-inf", "nan"):
             args = [a.replace("{tmp}", str(tmp_path)) for a in PREFIXES[path]] + [flag, text]

@@ -208,8 +208,9 @@ def test_edit_scene_changes_exactly_one_thing():
     rng = np.random.default_rng(0)
     for _ in range(200):
         scene = random_scene(rng)
-        edited, kind = edit_scene(rng, scene)
-        assert kind in EDIT_KINDS and edited != scene
+        edit = edit_scene(rng, scene)
+        edited, kind = edit.after, edit.kind
+        assert kind in EDIT_KINDS and edited != scene and edit.before == scene
         if kind == "add":
             assert len(edited.objects) == len(scene.objects) + 1
         elif kind == "remove":
@@ -266,3 +267,15 @@ def test_evaluation_reports_categories():
     assert 0.0 <= result["correct"] <= 1.0 and 0.0 <= result["score"] <= 1.0
     edits = evaluate_edits(model, num_steps=1)
     assert edits["num_edits"] > 0 and 0.0 <= edits["correct"] <= 1.0
+
+
+def test_one_edit_generator_for_pretraining_and_dialogues():
+    """The dialogues' worded edits are the pretraining's scene edits, words drawn after: from the
+    same generator state both give the same edited scene."""
+    from unigrpo_env.scenarios.shapes.edits import apply_random_edit
+
+    for seed in range(300):
+        scene = random_scene(np.random.default_rng(10_000 + seed))
+        worded = apply_random_edit(np.random.default_rng(seed), scene)
+        edit = edit_scene(np.random.default_rng(seed), scene)
+        assert (worded.scene, worded.kind) == (edit.after, edit.kind)

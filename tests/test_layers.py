@@ -1,5 +1,6 @@
-"""The layers and the package: dependencies point one way (cli -> agents -> scenarios/rewards ->
-core, with ShapesWorld a scenario package on top that nothing below imports), nothing outside the
+"""The layers and the package: dependencies point one way (cli -> agents -> core, cli ->
+scenarios -> rewards -> core; agents imports neither scenarios nor rewards; ShapesWorld a scenario
+package on top of agents and rewards that nothing below imports), nothing outside the
 core reads the episode engine's private state, and the wheel's package list cannot drop a folder."""
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ FORBIDDEN = {
     "unigrpo_env": ("unigrpo_env.agents", "unigrpo_env.cli", "unigrpo_env.scenarios", "unigrpo_env.rewards"),
     "unigrpo_env.rewards": ("unigrpo_env.agents", "unigrpo_env.cli", "unigrpo_env.scenarios"),
     "unigrpo_env.scenarios": ("unigrpo_env.agents", "unigrpo_env.cli", "unigrpo_env.scenarios.shapes"),
-    "unigrpo_env.agents": ("unigrpo_env.cli", "unigrpo_env.scenarios.shapes"),
+    # the agent takes a Scenario and a RewardFunction (the core's protocols), never a scenario's or reward's module
+    "unigrpo_env.agents": ("unigrpo_env.cli", "unigrpo_env.scenarios", "unigrpo_env.rewards"),
     "unigrpo_env.scenarios.shapes": ("unigrpo_env.cli",),
     "unigrpo_env.cli": ("unigrpo_env.scenarios.shapes",),
 }
@@ -128,3 +130,14 @@ def test_every_package_folder_is_in_the_wheel():
             expected.add(".".join((name, *sub.relative_to(ROOT / folder).parts)))
     assert expected == listed, f"pyproject's packages {sorted(listed)} differ from the folders {sorted(expected)}"
     assert (ROOT / "unigrpo_env" / "py.typed").is_file()
+
+
+def test_the_algorithm_names_no_engine():
+    """agents/unigrpo.py reads as the algorithm: every DDP/FSDP/DeepSpeed specific is the engine's
+    (agents/engine.py)."""
+    source = (ROOT / "agents" / "unigrpo.py").read_text()
+    found = sorted(
+        set(re.findall(r"(?i)fsdp|deepspeed|zero_stage|zero-?[123]\b|\bZeRO\b|DistributedType|ds_id", source))
+    )
+    assert not found, f"agents/unigrpo.py names an engine: {found}"
+    assert "class TrainingForward" not in source and "Accelerator(" not in source

@@ -186,7 +186,8 @@ def run_cli(*args):
     [
         (["eval", "scenario", "t2i_reason", "--checkpoint", "/nonexistent/ckpt"], "does not exist"),
         (["eval", "scenario", "no_such_scenario"], "unknown scenario"),
-        (["eval", "scenario", "t2i_reason", "--cfg", "0.5"], "--cfg"),
+        (["eval", "scenario", "t2i_reason", "--eval-cfg", "0.5"], "--eval-cfg"),
+        (["eval", "scenario", "t2i_reason", "--cfg", "2"], "--cfg was renamed --eval-cfg"),
         (["eval", "scenario", "t2i_reason", "--bogus"], "No such option"),
         (["list", "everything"], "everything"),
     ],

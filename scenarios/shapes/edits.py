@@ -46,6 +46,8 @@ __all__ = [
     "EDIT_KINDS",
     "EditTurn",
     "EditDialogue",
+    "SceneEdit",
+    "edit_scene",
     "apply_random_edit",
     "edit_dialogue",
     "dialogue_split",
@@ -160,8 +162,28 @@ def _applicable(scene: Scene) -> list[str]:
     return [kind for kind in EDIT_KINDS if ok[kind]]
 
 
-def apply_random_edit(rng: np.random.Generator, scene: Scene, kind: str | None = None) -> EditTurn:
-    """One random edit of ``scene`` (of ``kind`` if given), worded as an instruction."""
+@dataclass(frozen=True)
+class SceneEdit:
+    """One edit of a scene, before any wording: its ``kind``, the scenes ``before`` and ``after``,
+    the object it touches (``index`` into ``before.objects``), that object as the edit leaves it
+    (``result``: recoloured, reshaped, moved or added; None when removed or swapped) and, for a
+    swap, the other object (``other``)."""
+
+    kind: str
+    before: Scene
+    after: Scene
+    index: int
+    result: SceneObject | None = None
+    other: int | None = None
+
+
+def edit_scene(rng: np.random.Generator, scene: Scene, kind: str | None = None) -> SceneEdit:
+    """ShapesWorld's one edit generator: ``scene`` with one random edit (of ``kind`` if given and
+    applicable). The image model's pretraining draws its edit pairs with it, and
+    :func:`apply_random_edit` words its edits as instructions.
+
+    Kinds: ``recolour`` / ``reshape`` an object, ``move`` one to an empty cell, ``add`` a random
+    object in an empty cell, ``remove`` one, ``swap`` the cells of two objects that differ."""
     applicable = _applicable(scene)
     if kind is None:
         kind = _choice(rng, applicable)
@@ -172,31 +194,20 @@ def apply_random_edit(rng: np.random.Generator, scene: Scene, kind: str | None =
     empty = [c for c in _ALL_CELLS if c not in used]
     i = int(rng.integers(len(objects)))
     obj = objects[i]
-    ref = reference(scene, obj)
-    facts = ""
+    other = None
+    result = None
     if kind == "recolour":
-        colour = _choice(rng, [c for c in COLOURS if c != obj.colour])
-        phrase = _choice(rng, colour_phrases(colour))
-        objects[i] = SceneObject(obj.shape, colour, obj.cell)
-        instruction, facts = f"make {ref} {phrase.text}", phrase.reasoning
+        result = objects[i] = SceneObject(obj.shape, _choice(rng, [c for c in COLOURS if c != obj.colour]), obj.cell)
     elif kind == "reshape":
-        shape = _choice(rng, [s for s in SHAPES if s != obj.shape])
-        phrase = _choice(rng, shape_phrases(shape))
-        objects[i] = SceneObject(shape, obj.colour, obj.cell)
-        instruction, facts = f"turn {ref} into {noun_phrase(phrase)}", phrase.reasoning
+        result = objects[i] = SceneObject(_choice(rng, [s for s in SHAPES if s != obj.shape]), obj.colour, obj.cell)
     elif kind == "move":
-        cell = _choice(rng, empty)
-        objects[i] = SceneObject(obj.shape, obj.colour, cell)
-        instruction = f"move {ref} to {cell_name(cell)}"
+        result = objects[i] = SceneObject(obj.shape, obj.colour, _choice(rng, empty))
     elif kind == "add":
         shape, colour, cell = _choice(rng, SHAPES), _choice(rng, tuple(COLOURS)), _choice(rng, empty)
-        sp, cp = _choice(rng, shape_phrases(shape)), _choice(rng, colour_phrases(colour))
-        objects.append(SceneObject(shape, colour, cell))
-        instruction = f"add {noun_phrase(sp, cp)} at {cell_name(cell)}"
-        facts = " ".join(f for f in (sp.reasoning, cp.reasoning) if f)
+        result = SceneObject(shape, colour, cell)
+        objects.append(result)
     elif kind == "remove":
         objects.pop(i)
-        instruction = f"remove {ref}"
     else:  # swap: two objects that look different trade cells
         pairs = [
             (a, b)
@@ -204,11 +215,40 @@ def apply_random_edit(rng: np.random.Generator, scene: Scene, kind: str | None =
             for b in range(a + 1, len(objects))
             if (objects[a].shape, objects[a].colour) != (objects[b].shape, objects[b].colour)
         ]
-        a, b = _choice(rng, pairs)
-        oa, ob = objects[a], objects[b]
-        objects[a], objects[b] = SceneObject(oa.shape, oa.colour, ob.cell), SceneObject(ob.shape, ob.colour, oa.cell)
-        instruction = f"swap {reference(scene, oa)} and {reference(scene, ob)}"
-    return EditTurn(instruction, kind, facts, Scene(tuple(objects)))
+        i, other = _choice(rng, pairs)
+        oa, ob = objects[i], objects[other]
+        objects[i], objects[other] = (
+            SceneObject(oa.shape, oa.colour, ob.cell),
+            SceneObject(ob.shape, ob.colour, oa.cell),
+        )
+    return SceneEdit(kind, scene, Scene(tuple(objects)), i, result, other)
+
+
+def apply_random_edit(rng: np.random.Generator, scene: Scene, kind: str | None = None) -> EditTurn:
+    """One random edit of ``scene`` (of ``kind`` if given, :func:`edit_scene`), worded as an
+    instruction: the words (a riddle-book phrase for a new colour or shape) are drawn after the edit."""
+    edit = edit_scene(rng, scene, kind)
+    before, result = edit.before.objects, edit.result
+    ref = reference(scene, before[edit.index])
+    facts = ""
+    if edit.kind == "recolour":
+        phrase = _choice(rng, colour_phrases(result.colour))
+        instruction, facts = f"make {ref} {phrase.text}", phrase.reasoning
+    elif edit.kind == "reshape":
+        phrase = _choice(rng, shape_phrases(result.shape))
+        instruction, facts = f"turn {ref} into {noun_phrase(phrase)}", phrase.reasoning
+    elif edit.kind == "move":
+        instruction = f"move {ref} to {cell_name(result.cell)}"
+    elif edit.kind == "add":
+        new = result
+        sp, cp = _choice(rng, shape_phrases(new.shape)), _choice(rng, colour_phrases(new.colour))
+        instruction = f"add {noun_phrase(sp, cp)} at {cell_name(new.cell)}"
+        facts = " ".join(f for f in (sp.reasoning, cp.reasoning) if f)
+    elif edit.kind == "remove":
+        instruction = f"remove {ref}"
+    else:
+        instruction = f"swap {ref} and {reference(scene, before[edit.other])}"
+    return EditTurn(instruction, edit.kind, facts, edit.after)
 
 
 def _seed(*parts: object) -> int:

@@ -36,11 +36,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from unigrpo_env import flow
+from unigrpo_env.agents.evaluation import scores_by_category
 from unigrpo_env.codecs import PixelCodec
 from unigrpo_env.lr_schedule import warmup_decay
 
 from .constraints import RELATION_CELLS
 from .detect import detect_objects
+from .edits import EDIT_KINDS, edit_scene
 from .flow_model import ShapesFlowTransformer
 from .render import render
 from .scene import CELLS, COLOURS, MAX_OBJECTS, SHAPES, Scene, SceneObject, describe
@@ -66,7 +68,6 @@ __all__ = [
 
 ProgressFn = Callable[[int, int, float], None]
 
-EDIT_KINDS: tuple[str, ...] = ("recolour", "reshape", "move", "add", "remove", "swap")
 
 #: Canonical layouts of the riddle tasks (cell tuples), used for the "layout" half of the scenes.
 _LAYOUT_CELLS: tuple[tuple[tuple[int, int], ...], ...] = tuple(
@@ -183,62 +184,6 @@ def _other(rng: np.random.Generator, options: Sequence[str], current: str) -> st
     return choices[rng.integers(len(choices))]
 
 
-def edit_scene(rng: np.random.Generator, scene: Scene, kind: str | None = None) -> tuple[Scene, str]:
-    """``scene`` with one random edit (of ``kind`` if given and applicable); returns (scene, kind).
-
-    Kinds: ``recolour`` / ``reshape`` an object, ``move`` one to an empty cell, ``add`` a random
-    object in an empty cell, ``remove`` one, ``swap`` the cells of two objects that differ."""
-    objects = list(scene.objects)
-    n = len(objects)
-    used = {o.cell for o in objects}
-    empty = [c for c in _ALL_CELLS if c not in used]
-    swappable = [
-        (i, j)
-        for i in range(n)
-        for j in range(i + 1, n)
-        if (objects[i].shape, objects[i].colour) != (objects[j].shape, objects[j].colour)
-    ]
-    applicable = [
-        k
-        for k, ok in (
-            ("recolour", True),
-            ("reshape", True),
-            ("move", bool(empty)),
-            ("add", n < MAX_OBJECTS and bool(empty)),
-            ("remove", n > 1),
-            ("swap", bool(swappable)),
-        )
-        if ok
-    ]
-    if kind is None:
-        kind = applicable[rng.integers(len(applicable))]
-    elif kind not in applicable:
-        raise ValueError(f"edit {kind!r} does not apply to {describe(scene)!r}; applicable: {applicable}")
-    i = int(rng.integers(n))
-    obj = objects[i]
-    if kind == "recolour":
-        objects[i] = SceneObject(obj.shape, _other(rng, _COLOUR_NAMES, obj.colour), obj.cell)
-    elif kind == "reshape":
-        objects[i] = SceneObject(_other(rng, SHAPES, obj.shape), obj.colour, obj.cell)
-    elif kind == "move":
-        objects[i] = SceneObject(obj.shape, obj.colour, empty[rng.integers(len(empty))])
-    elif kind == "add":
-        objects.append(
-            SceneObject(
-                SHAPES[rng.integers(len(SHAPES))],
-                _COLOUR_NAMES[rng.integers(len(_COLOUR_NAMES))],
-                empty[rng.integers(len(empty))],
-            )
-        )
-    elif kind == "remove":
-        objects.pop(i)
-    else:  # swap
-        a, b = swappable[rng.integers(len(swappable))]
-        oa, ob = objects[a], objects[b]
-        objects[a], objects[b] = SceneObject(oa.shape, oa.colour, ob.cell), SceneObject(ob.shape, ob.colour, oa.cell)
-    return Scene(tuple(objects)), kind
-
-
 # ----------------------------------------------------------------------------------- data
 
 
@@ -285,7 +230,7 @@ class FlowDataGenerator:
             scene = random_scene(rng, cfg.layout_fraction)
             if edit:
                 previous.append(scene)
-                scene, _ = edit_scene(rng, scene)
+                scene = edit_scene(rng, scene).after
             targets.append(scene)
         texts = ["" if drop else describe(s) for s, drop in zip(targets, drop_text)]
         text_ids = encode_texts(texts, self.tokenizer, cfg.max_text_tokens)
@@ -525,18 +470,18 @@ def evaluate_true_descriptions(
     text_ids = encode_texts([t.description for t in tasks], max_len=model.config.max_text_tokens)
     images = _sample_all(model, text_ids, None, num_steps, shift, cfg_scale, seed, batch_size)
     results = [verify(img, task) for img, task in zip(images, tasks)]
-    per_category = {}
-    for category in CATEGORIES:
-        rows = [r for r, t in zip(results, tasks) if t.category == category]
-        if rows:
-            per_category[category] = {
-                "correct": float(np.mean([r.correct for r in rows])),
-                "score": float(np.mean([r.score for r in rows])),
-                "n": len(rows),
-            }
+    # the same per-category means as the RL evaluation's (the verifier's score is the reward)
+    scores = scores_by_category(
+        [t.category for t in tasks], [r.score for r in results], [float(r.correct) for r in results]
+    )
+    per_category = {
+        c: {"correct": scores[c].correct, "score": scores[c].reward, "n": scores[c].count}
+        for c in CATEGORIES
+        if c in scores
+    }
     return {
-        "correct": float(np.mean([v["correct"] for v in per_category.values()])),
-        "score": float(np.mean([v["score"] for v in per_category.values()])),
+        "correct": scores["overall"].correct,
+        "score": scores["overall"].reward,
         "per_category": per_category,
         "num_tasks": len(tasks),
         "seconds": time.perf_counter() - start,
@@ -561,7 +506,7 @@ def evaluate_edits(
     rng = np.random.default_rng(seed)
     tasks = task_split(split)
     before = [t.target for t in tasks]
-    edited = [edit_scene(rng, s) for s in before]
+    edited = [(e.after, e.kind) for e in (edit_scene(rng, s) for s in before)]
     size = model.config.image_size
     codec = PixelCodec(size)
     cond = codec.encode(torch.from_numpy(np.stack([render(s, size) for s in before]))) if use_cond_image else None
