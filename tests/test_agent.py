@@ -394,7 +394,7 @@ def test_each_regulariser_has_its_own_weight_and_the_text_rate_follows_the_adapt
     assert config.lr_text == 5e-3
     assert UniGRPOConfig.model_validate(UniGRPOConfig(text_adapter="lora").model_dump()).lr_text == 1e-3
     # an older run folder's config.json still resumes: its shared weight moves to its regulariser's field
-    from unigrpo_env.agents.trainer import _migrated
+    from unigrpo_env.agents.config import migrate_saved_config as _migrated
 
     assert UniGRPOConfig.model_validate(_migrated({"regularizer": "kl", "regularizer_weight": 0.5})).kl_weight == 0.5
     assert UniGRPOConfig.model_validate(_migrated({"regularizer_weight": 3.0})).mse_weight == 3.0
