@@ -171,13 +171,20 @@ def test_trajectory_files_are_not_pickles(tmp_path):
         Trajectory.load(tmp_path / "bad.safetensors")
 
 
-def test_readme_env_step_example_runs(tmp_path, monkeypatch):
+def test_readme_env_step_and_batched_examples_run(tmp_path, monkeypatch):
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## `env.step()` in your own code", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
+    namespace = {"__name__": "readme_example"}
+    exec(compile(code, "README.md", "exec"), namespace)
     assert (tmp_path / "episode.safetensors").exists()
+    # the batched example follows it in the README, in the same session (names imported above)
+    batched = readme.split("## Batched environments", 1)[1]
+    code = re.search(r"```python\n(.*?)```", batched, re.S).group(1)
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["batch"].rewards.shape == (32,) and bool((namespace["batch"].rewards == 1.0).all())
+    assert namespace["info"]["_reward_components"].all()  # Gymnasium's vector info, as the README says
 
 
 def test_make_rejects_unknown_scenarios_and_options():
