@@ -102,7 +102,8 @@ def turn_context(trajectory: BatchTrajectory, turn: int) -> TurnContext:
     ]
     tokens, _ = turns[turn].text.padded()
     return TurnContext(  # copies: the record's buffers keep changing while the turn is played
-        prompts=[tuple(task.prompts[: turn + 1]) for task in trajectory.tasks],
+        # the recorded prompts (an episode that no longer plays has "" for the turns it did not play)
+        prompts=[tuple(t.prompts[i] or "" for t in turns[: turn + 1]) for i in range(len(trajectory))],
         history=history,
         images=trajectory.turn_images(turn).cpu(),
         reasoning=tokens.clone(),

@@ -103,6 +103,15 @@ def prepare_trained_sides(policy: UnifiedPolicy, config: UniGRPOConfig) -> tuple
     return train_text, train_image
 
 
+def _played(batch: Batch, turn: int, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``valid`` of the episodes ``index``, restricted to those that played ``turn`` (an episode
+    the scenario's answer ended earlier has no actions there to learn from)."""
+    rows = batch.trajectory.turns[turn]
+    if rows.all_rows:
+        return valid
+    return valid & rows.rows[index.cpu()].to(valid.device)
+
+
 def _select(condition: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
     return {k: None if v is None else v[index.to(v.device)] for k, v in condition.items()}
 
@@ -367,38 +376,42 @@ class UniGRPOAgent:
         texts, images = minibatch.texts(), minibatch.images()
         for k, log_probs in texts:
             text = batch.trajectory.turns[k].text
+            played = _played(batch, k, text_index, text_valid)  # the episodes that played turn k
             lengths = text.lengths[text_index].to(log_probs.device)
             mask = torch.arange(log_probs.shape[1], device=log_probs.device)[None] < lengths[:, None]
             reduction = {"loss_type": c.text_loss_type, "max_tokens": text.max_tokens, "denominator": divide}
             text_loss, s = text_grpo_loss(
-                log_probs, old.text[k][text_index], mask, text_advantages, c.clip_range_text, text_valid, **reduction
+                log_probs, old.text[k][text_index], mask, text_advantages, c.clip_range_text, played, **reduction
             )
             loss = loss + text_loss / len(texts)
             reference = minibatch.turns[k].text_reference
             if reference is not None:  # GRPO's β·KL to the starting language model
-                kl = text_kl(log_probs, reference, mask, text_valid, **reduction)
+                kl = text_kl(log_probs, reference, mask, played, **reduction)
                 loss = loss + c.kl_text * kl / len(texts)
                 stats["kl_text"] = stats.get("kl_text", 0.0) + float(kl.detach()) / len(texts)
             stats.update(s)
             stats["loss_text"] = stats.get("loss_text", 0.0) + float(text_loss.detach()) / len(texts)
         for k, turn in images:
             log_probs, old_lp = turn.image, old.image[k][index]
+            played = _played(batch, k, index, valid)
             if c.ratio_norm:
                 normed = [
                     flow.ratio_norm(log_probs[:, j] - old_lp[:, j], mean, mean_old, std)
                     for j, (mean, mean_old, std) in enumerate(turn.ratio_norm)
                 ]
                 log_probs = old_lp + torch.stack(normed, dim=1)
-            image_loss, s = flow_grpo_loss(log_probs, old_lp, advantages, c.clip_range_image, valid, denominator=divide)
+            image_loss, s = flow_grpo_loss(
+                log_probs, old_lp, advantages, c.clip_range_image, played, denominator=divide
+            )
             loss = loss + c.image_loss_weight * image_loss / len(images)
             stats.update(s)
             stats["loss_image"] = stats.get("loss_image", 0.0) + float(image_loss.detach()) / len(images)
             reg = turn.regularizer
             if reg is not None:
                 if divide is not None:
-                    reg_value = masked_batch_mean(reg.mean(dim=1), valid, divide)
+                    reg_value = masked_batch_mean(reg.mean(dim=1), played, divide)
                 else:  # one process: the expression the recorded runs used (its sum order, bit for bit)
-                    reg_value = reg.mean(dim=1)[valid].mean() if bool(valid.any()) else reg.sum() * 0.0
+                    reg_value = reg.mean(dim=1)[played].mean() if bool(played.any()) else reg.sum() * 0.0
                 loss = loss + c.regularizer_coef * reg_value / len(images)
                 stats[f"regularizer_{c.regularizer}"] = stats.get(f"regularizer_{c.regularizer}", 0.0) + float(
                     reg_value.detach()
@@ -505,6 +518,8 @@ class UniGRPOAgent:
         for k, lp in sorted(old.image.items()):
             image = turns[k].image
             diff = (lp - image.log_probs[:, image.sde_steps].to(lp.device)).abs()
+            if not turns[k].all_rows:  # episodes that did not play turn k have no recorded steps
+                diff = diff[turns[k].rows.to(lp.device)]
             drift["image_log_prob_drift"] = max(
                 drift.get("image_log_prob_drift", 0.0), float(diff.max()) if diff.numel() else 0.0
             )

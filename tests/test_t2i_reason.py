@@ -165,7 +165,7 @@ def test_trajectory_files_are_not_pickles(tmp_path):
     env = unigrpo_env.make("t2i_reason")
     path = sde_episode(env, 0).save(tmp_path / "t.safetensors")
     raw = path.read_bytes()
-    assert b"\x80\x04" not in raw[:16] and b"unigrpo-trajectory/1" in raw
+    assert b"\x80\x04" not in raw[:16] and b"unigrpo-trajectory/2" in raw
     (tmp_path / "bad.safetensors").write_bytes(b"\x80\x04not a trajectory")
     with pytest.raises(TrajectoryFileError, match="not a readable safetensors file"):  # nothing unpickled
         Trajectory.load(tmp_path / "bad.safetensors")

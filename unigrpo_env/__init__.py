@@ -28,6 +28,7 @@ from unigrpo_env.errors import (
     TokenOutOfVocabularyError,
     WrongPhaseError,
 )
+from unigrpo_env.feedback import FeedbackError, TurnFeedback, TurnInputs
 from unigrpo_env.observation import BatchObservation, Observation
 from unigrpo_env.registration import make, make_scenario, make_vec, register_gym_ids
 from unigrpo_env.reward import RewardFunction, RewardInputs, RewardOutput
@@ -44,6 +45,9 @@ __version__ = "0.1.0"
 register_gym_ids()
 
 __all__ = [
+    "TurnInputs",
+    "TurnFeedback",
+    "FeedbackError",
     "flow",
     "TextAction",
     "FlowAction",

@@ -127,22 +127,52 @@ class ImageRecord(_Record):
         """The indices of the steps taken so far that were sampled (SDE steps)."""
         return [s for s in range(self.steps_taken) if bool(self.stochastic[s])]
 
-    def record_step(self, x_next: torch.Tensor, log_prob: torch.Tensor | None, stochastic: bool) -> None:
-        """Write step ``steps_taken``'s outcome (the engine calls this after validation)."""
+    def record_step(
+        self, x_next: torch.Tensor, log_prob: torch.Tensor | None, stochastic: bool, rows: torch.Tensor | None = None
+    ) -> None:
+        """Write step ``steps_taken``'s outcome (the engine calls this after validation); with
+        ``rows`` (``[N]`` bool), only theirs: the other episodes' latents stay where they were."""
         s = self.steps_taken
-        self.latents[:, s + 1] = x_next
-        if log_prob is not None:
-            self.log_probs[:, s] = log_prob
+        if rows is None:
+            self.latents[:, s + 1] = x_next
+            if log_prob is not None:
+                self.log_probs[:, s] = log_prob
+        else:
+            keep = rows.view(-1, *([1] * (x_next.dim() - 1)))
+            self.latents[:, s + 1] = torch.where(keep, x_next, self.latents[:, s])
+            if log_prob is not None:
+                self.log_probs[:, s] = torch.where(rows, log_prob, torch.full_like(log_prob, math.nan))
         self.stochastic[s] = stochastic
         self.steps_taken = s + 1
 
 
 class BatchTurn(_Record):
-    """One user turn of N episodes: each episode's prompt, then its text and image phases."""
+    """One user turn of N episodes: which of them played it, each one's prompt, then the text and
+    image phases, and the turn's rewards.
 
-    prompts: tuple[str, ...]
+    Attributes:
+        prompts: each episode's user prompt of this turn (None for one that did not play it): the
+            source of truth of what was asked, which every reader uses (not ``task.prompts``).
+        rows: ``[N]`` bool, the episodes that played this turn (all of them at the first turn;
+            later, those the environment's answer kept going). Rows that did not play it have
+            empty text and latents that were never stepped.
+        text: the text phase.
+        image: the image phase (None until it begins).
+        rewards: ``[N]`` float32, this turn's reward from the scenario's answer (NaN: none).
+        feedback: per episode, what the scenario's answer said beside the next prompt (``info``).
+    """
+
+    prompts: tuple[str | None, ...]
+    rows: torch.Tensor
     text: TextRecord
     image: ImageRecord | None = None
+    rewards: torch.Tensor | None = None
+    feedback: list[dict] | None = None
+
+    @property
+    def all_rows(self) -> bool:
+        """Whether every episode of the batch played this turn."""
+        return bool(self.rows.all())
 
 
 class BatchTrajectory(_Record):
@@ -155,11 +185,14 @@ class BatchTrajectory(_Record):
         group_ids: ``[N]`` which prompt group each episode belongs to.
         seed: the seed of the ``reset`` that started the batch, if one was given.
         turns: the turns so far, in order.
-        rewards: ``[N]`` float32 terminal rewards once the episodes ended (NaN where unscored).
+        rewards: ``[N]`` float32 terminal rewards once the episodes ended (NaN where unscored), each
+            of the episode's own last image.
         reward_components: the reward's named parts, ``[N]`` each.
         reward_error: the scorer's error message where it raised (every reward is then NaN).
         reward_seconds: how long scoring took.
-        terminated: whether the episodes have ended.
+        terminated: whether every episode has ended.
+        ended: ``[N]`` bool, which episodes have ended (each at the turn its scenario's answer
+            ended it; all of them once ``terminated``).
     """
 
     scenario: str
@@ -173,6 +206,7 @@ class BatchTrajectory(_Record):
     reward_error: str | None = None
     reward_seconds: float = 0.0
     terminated: bool = False
+    ended: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -191,7 +225,8 @@ class BatchTrajectory(_Record):
 
     def turn_images(self, turns: int | None = None) -> torch.Tensor:
         """The finished images of the first ``turns`` turns (default: every finished one),
-        ``[N, K, H, W, 3]`` uint8 (K may be 0)."""
+        ``[N, K, H, W, 3]`` uint8 (K may be 0). A row that did not play a turn has a blank (zero)
+        image there: see :meth:`turns_played`."""
         done = [turn.image.images for turn in self.turns if turn.image is not None and turn.image.images is not None]
         done = done[:turns] if turns is not None else done
         if not done:
@@ -199,8 +234,20 @@ class BatchTrajectory(_Record):
             return torch.zeros((self.num_episodes, 0, size, size, 3), dtype=torch.uint8)
         return torch.stack(done, dim=1)
 
+    def turns_played(self) -> torch.Tensor:
+        """``[N]`` how many turns each episode played (its turns are the first ones: an episode
+        that stops plays no later turn)."""
+        if not self.turns:
+            return torch.zeros(self.num_episodes, dtype=torch.long)
+        return torch.stack([turn.rows.cpu() for turn in self.turns], dim=1).sum(dim=1)
+
+    def prompts_of(self, i: int, turns: int | None = None) -> tuple[str, ...]:
+        """Episode ``i``'s user prompts of the first ``turns`` turns it played (default: all)."""
+        played = [turn.prompts[i] for turn in self.turns[:turns] if turn.prompts[i] is not None]
+        return tuple(played)
+
     def episode(self, i: int) -> Trajectory:
-        """Episode ``i``'s :class:`~unigrpo_env.Trajectory` as it stands now.
+        """Episode ``i``'s :class:`~unigrpo_env.Trajectory` as it stands now: the turns it played.
 
         A view: its tensors are slices of this record's, so building it copies no tensor and
         costs the same at every step; it keeps showing this moment (later steps write elsewhere).
@@ -208,7 +255,9 @@ class BatchTrajectory(_Record):
         if not 0 <= i < self.num_episodes:
             raise IndexError(f"episode index {i} outside [0, {self.num_episodes})")
         turns = []
-        for k, turn in enumerate(self.turns):
+        for turn in self.turns:
+            if turn.prompts[i] is None:  # a turn this episode did not play
+                continue
             text = turn.text
             count = int(text.lengths[i])
             segments: list[TextSegment | ImageSegment] = [
@@ -228,13 +277,17 @@ class BatchTrajectory(_Record):
                         image=None if image.images is None else image.images[i],
                     )
                 )
-            turns.append(Turn(prompt=self.tasks[i].prompts[k], segments=segments))
+            reward = None if turn.rewards is None or math.isnan(float(turn.rewards[i])) else float(turn.rewards[i])
+            turns.append(Turn(prompt=turn.prompts[i], segments=segments, reward=reward))
+        ended = self.terminated or (self.ended is not None and bool(self.ended[i]))
         return Trajectory(
             scenario=self.scenario,
             task=self.tasks[i],
             seed=self.seed,
             turns=turns,
-            reward=None if self.rewards is None else float(self.rewards[i]),
-            reward_components={name: float(values[i]) for name, values in self.reward_components.items()},
-            terminated=self.terminated,
+            reward=None if self.rewards is None or not ended else float(self.rewards[i]),
+            reward_components={name: float(values[i]) for name, values in self.reward_components.items()}
+            if ended
+            else {},
+            terminated=ended,
         )

@@ -3,7 +3,10 @@
 One episode is one trajectory of the MDP of docs/design.md, section 1: for each turn, text-token steps
 (:class:`~unigrpo_env.TextAction`) until the end-of-thinking token or the token limit, then
 ``num_steps`` flow-denoising steps (:class:`~unigrpo_env.FlowAction`); the reward arrives with
-the last step of the last turn. ``info["trajectory"]`` always holds the trajectory so far.
+the last step of the last turn, and the step that finishes a turn's image carries that turn's
+reward where the scenario's answer gives one (``Scenario.respond``; the answer itself is
+``info["feedback"]``: the next prompt, or None when the episode ends). ``info["trajectory"]``
+always holds the trajectory so far.
 
 Example::
 
@@ -14,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import gymnasium as gym
@@ -100,6 +104,7 @@ class InterleavedEnv(gym.Env[Observation, "TextAction | FlowAction"]):
         """Validate ``action`` completely, then apply it. An invalid action raises a subclass of
         :class:`~unigrpo_env.errors.InvalidActionError` and leaves the environment unchanged."""
         engine = self._engine
+        turn_reward = None
         if isinstance(action, TextAction):
             engine.check_phase("text")
             if action.batched or action.tokens.numel() == 0:
@@ -120,11 +125,16 @@ class InterleavedEnv(gym.Env[Observation, "TextAction | FlowAction"]):
             # log_prob: a number (0-d) or [1]; check_flow refuses other shapes, [1, 1] included
             checked = engine.check_flow(action.x_next.unsqueeze(0), action.log_prob, action.is_stochastic)
             terminated = engine.apply_flow(checked)
+            feedback = engine.last_feedback
+            if feedback is not None and not math.isnan(float(feedback["rewards"][0])):
+                turn_reward = float(feedback["rewards"][0])  # the turn's own reward, from the scenario's answer
         else:
             raise InvalidActionError(
                 f"expected a unigrpo_env.TextAction or unigrpo_env.FlowAction, got {type(action).__name__}"
             )
         reward = float(engine.trajectory.rewards[0]) if terminated else 0.0
+        if turn_reward is not None:
+            reward = turn_reward + reward
         return self._observation(), reward, terminated, False, self._info()
 
     def render(self) -> np.ndarray | None:
@@ -169,13 +179,13 @@ class InterleavedEnv(gym.Env[Observation, "TextAction | FlowAction"]):
         text = engine.current.text
         count = int(text.lengths[0])
         image = engine.phase == "image"
-        task = engine.tasks[0]
+        prompts = engine.trajectory.prompts_of(0)
         return Observation(
             phase=engine.phase,
             turn=engine.turn,
             num_turns=engine.num_turns,
-            prompt=task.prompts[engine.turn],
-            prompts=tuple(task.prompts[: engine.turn + 1]),
+            prompt=prompts[-1],
+            prompts=prompts,
             tokens=text.tokens[0, :count].clone(),
             tokens_left=int(engine.tokens_left()[0]) if engine.phase == "text" else 0,
             x_t=engine.x_t[0].clone() if image else None,
@@ -190,6 +200,11 @@ class InterleavedEnv(gym.Env[Observation, "TextAction | FlowAction"]):
         engine = self._engine
         info: dict[str, Any] = {"trajectory": engine.episode_trajectory(0), "category": engine.tasks[0].category}
         trajectory = engine.trajectory
+        feedback = engine.last_feedback
+        if feedback is not None:  # this step finished a turn's image: the scenario's answer
+            info["feedback"] = {"next_prompt": feedback["next_prompts"][0], **feedback["info"][0]}
+            if feedback["error"] is not None:
+                info["feedback_error"] = feedback["error"]
         if trajectory.terminated:
             info["reward_components"] = {k: float(v[0]) for k, v in trajectory.reward_components.items()}
             if trajectory.reward_error is not None:

@@ -11,7 +11,12 @@ interleaved MDP (docs/design.md, sections 1 and 4) live here once:
   serves the whole batch.
 * The initial latent ``x_1 ~ N(0, I)`` of every image is drawn here, from the generator seeded by
   ``reset(seed=...)``.
-* The reward arrives once, when the last turn's image is finished, scored for the whole batch.
+* After each image the scenario answers (``Scenario.respond``, :mod:`unigrpo_env.feedback`): each
+  row's next prompt or the end of its episode, and optionally a turn reward. Rows that ended
+  wait, as rows that closed their text phase wait: their actions are ignored and their records
+  not stepped (``alive``). A row's terminal reward scores its own last image when it ends (the
+  rows ending at the same turn in one call); with the default answer every row ends after the
+  last prompt, so the whole batch is scored once, at the end.
 * Every action is validated completely before anything changes (:meth:`check_text`,
   :meth:`check_flow`); :meth:`apply_text` / :meth:`apply_flow` then cannot fail.
 
@@ -26,6 +31,7 @@ import math
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +51,7 @@ from unigrpo_env.errors import (
     TokenOutOfVocabularyError,
     WrongPhaseError,
 )
+from unigrpo_env.feedback import TurnInputs, check_feedback
 from unigrpo_env.observation import Phase
 from unigrpo_env.reward import RewardFunction, RewardInputs
 from unigrpo_env.scenario import Scenario
@@ -108,7 +115,11 @@ class EpisodeBatch:
         self.phase: Phase = "done"
         self.turn = 0
         self.text_open = torch.zeros(self.n, dtype=torch.bool, device=self.device)
+        self.alive = torch.zeros(self.n, dtype=torch.bool, device=self.device)
+        self.max_turns = scenario.check_max_turns()
         self.generator: torch.Generator | None = None
+        #: What the scenario answered at the end of the last step's turn (None: that step ended no turn).
+        self.last_feedback: dict[str, Any] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -122,7 +133,12 @@ class EpisodeBatch:
 
     @property
     def num_turns(self) -> int:
-        return self.tasks[0].num_turns if self.tasks else 0
+        """The turns this batch may play: ``max_turns``, else its tasks' most prompts (an answer
+        that goes on beyond them raises it to the turn being played)."""
+        if not self.tasks:
+            return 0
+        planned = self.max_turns if self.max_turns is not None else max(task.num_turns for task in self.tasks)
+        return max(planned, self.turn + 1)
 
     @property
     def max_tokens(self) -> int:
@@ -140,9 +156,8 @@ class EpisodeBatch:
         new episodes get a new :class:`BatchTrajectory`; the previous one is left as it was."""
         if len(tasks) != self.n:
             raise ValueError(f"expected {self.n} tasks, got {len(tasks)}")
-        turns = {task.num_turns for task in tasks}
-        if len(turns) != 1 or 0 in turns:
-            raise ValueError(f"all tasks of a batch must have the same, positive number of turns; got {sorted(turns)}")
+        if any(task.num_turns == 0 for task in tasks):
+            raise ValueError("every task needs at least one prompt (its first turn's)")
         self.trajectory = BatchTrajectory(
             scenario=self.scenario.name,
             tasks=list(tasks),
@@ -150,16 +165,21 @@ class EpisodeBatch:
             group_ids=torch.zeros(self.n, dtype=torch.long) if group_ids is None else group_ids,
             seed=seed,
         )
+        self.trajectory.ended = torch.zeros(self.n, dtype=torch.bool)
         self.generator = generator
         self.turn = 0
-        self._begin_text()
+        self.alive = torch.ones(self.n, dtype=torch.bool, device=self.device)
+        self.last_feedback = None
+        self._begin_text(tuple(task.prompts[0] for task in tasks))
 
-    def _begin_text(self) -> None:
+    def _begin_text(self, prompts: tuple[str | None, ...]) -> None:
+        """A new turn for the rows still alive, with their ``prompts`` (None for the others)."""
         self.phase = "text"
-        prompts = tuple(task.prompts[self.turn] for task in self.tasks)
         text = TextRecord.empty(self.n, self.max_tokens, self.text_codec.pad_id, self.device)
-        self.trajectory.turns.append(BatchTurn(prompts=prompts, text=text))
-        self.text_open = torch.ones(self.n, dtype=torch.bool, device=self.device)
+        rows = self.alive.to("cpu", copy=True)  # a copy: alive changes as rows end
+        self.trajectory.turns.append(BatchTurn(prompts=prompts, rows=rows, text=text))
+        self.text_open = self.alive.clone()
+        self._all_alive = bool(rows.all())
 
     def _begin_image(self) -> None:
         """Close the text phase and draw the initial latent x_1 ~ N(0, I) for every episode."""
@@ -240,6 +260,8 @@ class EpisodeBatch:
         given = lengths
         if lengths.dtype in (torch.uint16, torch.uint32, torch.uint64):  # no comparisons for these dtypes
             lengths = lengths.to(torch.long)  # values from 2**63 wrap to negative ones, refused just below
+        if not self._all_alive:  # episodes that ended: whatever they were given is ignored
+            lengths = torch.where(self.alive, lengths, torch.zeros_like(lengths))
         if bool(((lengths < 0) | (lengths > width)).any()):
             raise ActionShapeError(f"lengths must lie in [0, {width}], got {given.tolist()}")
         positions = torch.arange(width, device=self.device)
@@ -308,7 +330,8 @@ class EpisodeBatch:
         if x_next.dtype != torch.float32:
             raise ActionDTypeError(f"x_next must be float32 (the flow math runs in float32), got {x_next.dtype}")
         self.check_device(x_next, "x_next")
-        if not bool(torch.isfinite(x_next).all()):
+        playing = x_next if self._all_alive else x_next[self.alive]  # episodes that ended: ignored
+        if not bool(torch.isfinite(playing).all()):
             raise NonFiniteActionError("x_next contains NaN or infinite values")
         if log_prob is not None:
             if log_prob.dim() == 0 and self.n == 1:
@@ -318,7 +341,7 @@ class EpisodeBatch:
             if not log_prob.is_floating_point():
                 raise ActionDTypeError(f"log_prob must be floating point, got {log_prob.dtype}")
             self.check_device(log_prob, "log_prob")
-            if not bool(torch.isfinite(log_prob).all()):
+            if not bool(torch.isfinite(log_prob if self._all_alive else log_prob[self.alive]).all()):
                 raise NonFiniteActionError("log_prob contains NaN or infinite values")
             log_prob = log_prob.detach().to(torch.float32).clone()
         return CheckedFlow(x_next=x_next, log_prob=log_prob, stochastic=stochastic)
@@ -328,6 +351,7 @@ class EpisodeBatch:
     def apply_text(self, action: CheckedText) -> None:
         """Append each episode's segment; close episodes that wrote end-of-thinking or hit the limit;
         when all are closed, the image phase begins."""
+        self.last_feedback = None
         text = self.current.text
         tokens, lengths = action.tokens, action.lengths
         width = tokens.shape[1]
@@ -346,58 +370,143 @@ class EpisodeBatch:
             self._begin_image()
 
     def apply_flow(self, action: CheckedFlow) -> bool:
-        """Record the step and move every latent to ``x_next``. Returns True when the episode ended."""
+        """Record the step and move every playing latent to ``x_next`` (an ended episode's stays).
+        After the last step of an image, the scenario answers (:meth:`_end_turn`). Returns True
+        when every episode has ended."""
+        self.last_feedback = None
         image = self.current.image
-        image.record_step(action.x_next.detach(), action.log_prob, action.stochastic)  # copied into the record
+        rows = None if self._all_alive else self.alive
+        image.record_step(action.x_next.detach(), action.log_prob, action.stochastic, rows=rows)  # copied in
         if image.steps_taken < self.num_steps:
             return False
-        image.images = self.image_codec.decode(image.x_t)
-        if self.turn + 1 < self.num_turns:
+        if rows is None:
+            image.images = self.image_codec.decode(image.x_t)
+        else:  # only the rows that drew this turn are decoded; the others' images stay blank
+            size = self.image_codec.image_size
+            image.images = torch.zeros((self.n, size, size, 3), dtype=torch.uint8, device=self.device)
+            image.images[rows] = self.image_codec.decode(image.x_t[rows]).to(self.device)
+        return self._end_turn()
+
+    # -- the scenario's answer and the reward ---------------------------------------------------
+
+    def _end_turn(self) -> bool:
+        """Ask the scenario how each playing row goes on, end the rows it ends (and those at
+        ``max_turns``), score the rows that ended, and begin the next turn for the others."""
+        turn = self.current
+        rows = self.alive.nonzero().flatten().cpu()
+        n = len(rows)
+        prompts: list[str | None] = [None] * n
+        rewards, info, error = torch.full((n,), math.nan), [{} for _ in range(n)], None
+        try:
+            answer = _call_with_timeout(self.scenario.respond, self.turn_inputs(rows), self.reward_timeout, "respond")
+            prompts, rewards, info = check_feedback(answer, n)
+        except Exception as exc:  # noqa: BLE001 - a broken critic ends its rows, never the environment
+            error = shorten(f"{type(exc).__name__}: {exc}", 1000)
+        turn.rewards = torch.full((self.n,), math.nan)
+        turn.rewards[rows] = rewards
+        turn.feedback = [{} for _ in range(self.n)]
+        for row, entry in zip(rows.tolist(), info):
+            turn.feedback[row] = dict(entry)
+        last = self.max_turns is not None and self.turn + 1 >= self.max_turns
+        ending = torch.tensor([error is not None or last or p is None for p in prompts], dtype=torch.bool)
+        self.last_feedback = {"rows": rows, "next_prompts": prompts, "rewards": rewards, "info": info, "error": error}
+        ended = rows[ending]
+        if len(ended):
+            if error is not None:  # the answer failed: those rows end unscored, with the reason
+                self._fail(ended, f"respond: {error}")
+            else:
+                self._score(ended)
+            self.trajectory.ended[ended] = True
+            self.alive[ended.to(self.device)] = False
+        if bool(self.alive.any()):
             self.turn += 1
-            self._begin_text()
+            next_prompts: list[str | None] = [None] * self.n
+            for row, prompt, stop in zip(rows.tolist(), prompts, ending.tolist()):
+                if not stop:
+                    next_prompts[row] = prompt
+            self._begin_text(tuple(next_prompts))
             return False
         self.phase = "done"
-        self._score()
+        self.trajectory.terminated = True
         return True
 
-    # -- reward ------------------------------------------------------------------------------
-
-    def reward_inputs(self) -> RewardInputs:
-        trajectory = self.trajectory
-        turn_images = trajectory.turn_images()
-        texts = [
-            [self.text_codec.decode(turn.text.tokens[i, : int(turn.text.lengths[i])]) for turn in trajectory.turns]
-            for i in range(self.n)
-        ]
-        return RewardInputs(
-            images=turn_images[:, -1],
-            tasks=trajectory.tasks,
-            texts=texts,
-            earlier_images=turn_images[:, :-1],
-            group_ids=trajectory.group_ids,
+    def turn_inputs(self, rows: torch.Tensor) -> TurnInputs:
+        """What the scenario's ``respond`` sees of ``rows`` at the end of the current turn."""
+        trajectory, turn, index = self.trajectory, self.current, rows.tolist()
+        text = turn.text
+        return TurnInputs(
+            rows=rows,
+            turn=self.turn,
+            images=turn.image.images[rows.to(turn.image.images.device)].cpu(),
+            texts=[self.text_codec.decode(text.tokens[i, : int(text.lengths[i])]) for i in index],
+            tasks=[trajectory.tasks[i] for i in index],
+            prompts=[trajectory.prompts_of(i) for i in index],
+            group_ids=trajectory.group_ids[rows],
         )
 
-    def _score(self) -> None:
-        """Score the finished batch into the trajectory. A scorer that raises, or that has not
-        answered within ``reward_timeout`` seconds, gives NaN rewards and an error message
-        (reported in ``info``; a timeout also warns) instead of breaking the environment; NaN scores
-        pass through."""
+    def reward_inputs(self, rows: torch.Tensor | None = None) -> RewardInputs:
+        """What the reward sees of ``rows`` (None: every episode), which all ended at the current
+        turn: each one's own last image, its earlier images and its reasoning of every turn."""
         trajectory = self.trajectory
+        turn_images = trajectory.turn_images()
+        index = list(range(self.n)) if rows is None else rows.tolist()
+        texts = [
+            [self.text_codec.decode(turn.text.tokens[i, : int(turn.text.lengths[i])]) for turn in trajectory.turns]
+            for i in index
+        ]
+        if rows is not None:
+            turn_images = turn_images[rows.to(turn_images.device)]
+        return RewardInputs(
+            images=turn_images[:, -1],
+            tasks=[trajectory.tasks[i] for i in index] if rows is not None else trajectory.tasks,
+            texts=texts,
+            earlier_images=turn_images[:, :-1],
+            group_ids=trajectory.group_ids if rows is None else trajectory.group_ids[rows],
+        )
+
+    def _score(self, rows: torch.Tensor) -> None:
+        """Score the episodes ``rows`` (which ended at this turn) into the trajectory. A scorer that
+        raises, or that has not answered within ``reward_timeout`` seconds, gives NaN rewards and an
+        error message (reported in ``info``; a timeout also warns) instead of breaking the
+        environment; NaN scores pass through."""
+        trajectory = self.trajectory
+        everyone = len(rows) == self.n
         started = time.perf_counter()
         try:
-            out = _call_with_timeout(self.reward_function, self.reward_inputs(), self.reward_timeout)
+            inputs = self.reward_inputs(None if everyone else rows)
+            out = _call_with_timeout(self.reward_function, inputs, self.reward_timeout)
             scores = torch.as_tensor(out.scores, dtype=torch.float32).reshape(-1).cpu()
-            if scores.shape[0] != self.n:
-                raise ValueError(f"the reward returned {scores.shape[0]} scores for {self.n} episodes")
+            if scores.shape[0] != len(rows):
+                raise ValueError(f"the reward returned {scores.shape[0]} scores for {len(rows)} episodes")
             components = {
                 k: torch.as_tensor(v, dtype=torch.float32).reshape(-1).cpu() for k, v in out.components.items()
             }
-            trajectory.rewards, trajectory.reward_components = scores, components
+            if everyone:  # the whole batch at once (every episode ended at this turn): as it is
+                trajectory.rewards, trajectory.reward_components = scores, components
+            else:
+                self._rewards()[rows] = scores
+                for name, values in components.items():
+                    trajectory.reward_components.setdefault(name, torch.full((self.n,), math.nan))[rows] = values
         except Exception as exc:  # noqa: BLE001 - a broken scorer must not corrupt the episode
+            self._fail(rows, f"{type(exc).__name__}: {exc}")
+        trajectory.reward_seconds += time.perf_counter() - started
+
+    def _rewards(self) -> torch.Tensor:
+        trajectory = self.trajectory
+        if trajectory.rewards is None:
+            trajectory.rewards = torch.full((self.n,), math.nan)
+        return trajectory.rewards
+
+    def _fail(self, rows: torch.Tensor, message: str) -> None:
+        """The episodes ``rows`` end with NaN rewards and ``message`` (a scorer or critic chose it)."""
+        trajectory = self.trajectory
+        if len(rows) == self.n:
             trajectory.rewards, trajectory.reward_components = torch.full((self.n,), math.nan), {}
-            trajectory.reward_error = shorten(f"{type(exc).__name__}: {exc}", 1000)  # a scorer chooses its message
-        trajectory.reward_seconds = time.perf_counter() - started
-        trajectory.terminated = True
+        else:
+            self._rewards()[rows] = math.nan
+            for values in trajectory.reward_components.values():
+                values[rows] = math.nan
+        trajectory.reward_error = shorten(message, 1000)
 
     # -- views ------------------------------------------------------------------------------
 
@@ -416,10 +525,11 @@ class EpisodeBatch:
 # -- helpers shared by the single and the batched environment ----------------------------------
 
 
-def _call_with_timeout(reward: RewardFunction, inputs: RewardInputs, timeout: float | None) -> Any:
-    """``reward(inputs)``, or ``TimeoutError`` (and a warning) if it has not returned after
-    ``timeout`` seconds. The call runs in a daemon thread, which a hung scorer keeps (Python cannot
-    stop a thread), so the process can still exit; the episode goes on with NaN rewards."""
+def _call_with_timeout(reward: Callable[[Any], Any], inputs: Any, timeout: float | None, what: str = "reward") -> Any:
+    """``reward(inputs)`` (a scorer, or a scenario's ``respond``), or ``TimeoutError`` (and a
+    warning) if it has not returned after ``timeout`` seconds. The call runs in a daemon thread,
+    which a hung scorer keeps (Python cannot stop a thread), so the process can still exit; the
+    episode goes on with NaN rewards."""
     if timeout is None:
         return reward(inputs)
     result: dict[str, Any] = {}
@@ -430,11 +540,11 @@ def _call_with_timeout(reward: RewardFunction, inputs: RewardInputs, timeout: fl
         except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
             result["error"] = exc
 
-    worker = threading.Thread(target=call, name="reward", daemon=True)
+    worker = threading.Thread(target=call, name=what, daemon=True)
     worker.start()
     worker.join(timeout)
     if worker.is_alive():
-        message = f"the reward did not answer within {timeout:g} s (reward_timeout); its scores are NaN"
+        message = f"the {what} did not answer within {timeout:g} s (reward_timeout); its scores are NaN"
         warnings.warn(message, RuntimeWarning, stacklevel=3)
         raise TimeoutError(message)
     if "error" in result:

@@ -66,6 +66,8 @@ class BatchObservation(TensorRecord):
         x_t: ``[N, C, H, W]``, one tensor for all latents (image phase only).
         cond_images: ``[N, K, H, W, 3]`` uint8.
         group_ids: ``[N]`` which prompt group each episode belongs to.
+        alive: ``[N]`` bool, which episodes still play (the others ended at the scenario's answer:
+            their actions are ignored).
     """
 
     phase: Phase
@@ -82,3 +84,4 @@ class BatchObservation(TensorRecord):
     num_steps: int
     cond_images: torch.Tensor
     group_ids: torch.Tensor
+    alive: torch.Tensor | None = None

@@ -10,7 +10,10 @@ A scenario is a task family's side of an environment (the model's side is the
 * its **reward** — a scorer of finished batches (:mod:`unigrpo_env.rewards`), usually built
   from a registered name or a weighted-sum spec given as an option;
 * its **splits** — named task lists (``"train"`` for rollouts, ``"heldout"`` for evaluation on
-  prompts never trained on), listed in ``splits``.
+  prompts never trained on), listed in ``splits``;
+* how the environment **answers** after each image — :meth:`Scenario.respond`: each row's next
+  prompt or the end of its episode, and optionally a reward for the turn (the default: the
+  task's next prompt, none after its last; at most ``max_turns`` turns).
 
 :class:`~unigrpo_env.env.InterleavedEnv` and the batched environment turn any scenario and a
 world into Gymnasium environments. Scenarios register themselves with
@@ -26,6 +29,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from unigrpo_env.errors import TaskSplitError
+from unigrpo_env.feedback import TurnFeedback, TurnInputs
 from unigrpo_env.reward import RewardFunction
 from unigrpo_env.task import Task
 from unigrpo_env.world import World
@@ -80,13 +84,28 @@ class Scenario(ABC):
     training_defaults: ClassVar[dict[str, Any]] = {}
     default_policy: ClassVar[str | None] = None
     default_evaluator: ClassVar[str] = "default"
+    #: The most turns an episode plays (None: as many as :meth:`respond` goes on; the default
+    #: ``respond`` stops after the task's last prompt).
+    max_turns: int | None = None
 
     reward: RewardFunction
+
+    def respond(self, inputs: TurnInputs) -> TurnFeedback:
+        """The environment's answer after the image of turn ``inputs.turn``, for the rows that drew
+        it, batched (:mod:`unigrpo_env.feedback`): each row's next prompt (None ends its
+        episode) and, optionally, this turn's reward. Called under the reward's timeout and
+        failure guard: a ``respond`` that raises or hangs ends those rows, with NaN rewards and
+        the reason in ``info["feedback_error"]``.
+
+        The default is a fixed script: the task's next prompt, None after its last, no turn reward."""
+        k = inputs.turn + 1
+        return TurnFeedback(next_prompts=[task.prompts[k] if k < task.num_turns else None for task in inputs.tasks])
 
     @abstractmethod
     def tasks(self, split: str) -> Sequence[Task]:
         """The tasks of a split, in a fixed order (``reset(options={"task_index": i})`` picks
-        ``tasks(split)[i]``). All tasks of one batch must have the same number of turns."""
+        ``tasks(split)[i]``). A task's prompts are the turns the default :meth:`respond` plays;
+        the tasks of one batch may have different numbers of turns."""
 
     def default_world(self) -> World:
         """The world an environment of this scenario uses when it is given none. A scenario has
@@ -99,6 +118,13 @@ class Scenario(ABC):
             f"scenario {self.name!r} offers no default world: give its environment the policy's world "
             "(InterleavedEnv(scenario, world), make_vec(..., world=world); a run takes the policy's)"
         )
+
+    def check_max_turns(self) -> int | None:
+        """``max_turns``, checked: None or an integer >= 1."""
+        limit = self.max_turns
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"scenario {self.name!r}: max_turns must be an integer >= 1 or None, got {limit!r}")
+        return limit
 
     def check_split(self, split: str) -> Sequence[Task]:
         if split not in self.splits:

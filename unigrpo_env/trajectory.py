@@ -39,10 +39,13 @@ __all__ = [
     "Turn",
     "Trajectory",
     "TRAJECTORY_FORMAT",
+    "READABLE_FORMATS",
     "TrajectoryFileError",
 ]
 
-TRAJECTORY_FORMAT = "unigrpo-trajectory/1"
+TRAJECTORY_FORMAT = "unigrpo-trajectory/2"
+#: The formats :meth:`Trajectory.load` reads: version 1 (before turn rewards) and this one.
+READABLE_FORMATS = ("unigrpo-trajectory/1", TRAJECTORY_FORMAT)
 
 
 #: The largest JSON header a trajectory file may carry (a long episode's is a few kB).
@@ -68,6 +71,7 @@ class _TurnHeader(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: StrictStr
     segments: list[_SegmentHeader]
+    reward: StrictFloat | StrictInt | StrictStr | None = None  # version 2: the turn's reward
 
 
 class _Header(BaseModel):
@@ -179,10 +183,12 @@ Segment = Annotated[TextSegment | ImageSegment, Field(discriminator="kind")]
 
 
 class Turn(TensorRecord):
-    """One user turn: its prompt and the ordered segments the policy produced for it."""
+    """One user turn: its prompt, the ordered segments the policy produced for it, and the turn's
+    own reward where the environment gave one (``Scenario.respond``; None: none)."""
 
     prompt: str
     segments: list[Segment] = Field(default_factory=list)
+    reward: float | None = None
 
     @property
     def text(self) -> TextSegment | None:
@@ -229,7 +235,7 @@ class Trajectory(TensorRecord):
                         tensor.detach().to("cpu", copy=True).contiguous()
                     )  # views share storage
                 segs.append({"kind": seg.kind, "has_image": isinstance(seg, ImageSegment) and seg.image is not None})
-            turns_json.append({"prompt": turn.prompt, "segments": segs})
+            turns_json.append({"prompt": turn.prompt, "segments": segs, "reward": _json_float(turn.reward)})
         header = {
             "scenario": self.scenario,
             "task": self.task.model_dump(mode="json"),
@@ -274,7 +280,7 @@ class Trajectory(TensorRecord):
         # which matters for a file of many small tensors (the schema's dtypes all exist in numpy)
         with safe_open(str(path), framework="numpy") as f:
             metadata = f.metadata() or {}
-            if metadata.get("format") != TRAJECTORY_FORMAT:
+            if metadata.get("format") not in READABLE_FORMATS:
                 raise TrajectoryFileError(
                     f"{path} is not a trajectory file (expected metadata format {TRAJECTORY_FORMAT!r}, "
                     f"got {shorten(repr(metadata.get('format')), 80)})"
@@ -302,7 +308,7 @@ class Trajectory(TensorRecord):
             for j, seg in enumerate(turn.segments):
                 fields = {name: tensors[key] for name, key in _segment_keys(i, j, seg).items()}
                 segments.append(TextSegment(**fields) if seg.kind == "text" else ImageSegment(**fields))
-            turns.append(Turn(prompt=turn.prompt, segments=segments))
+            turns.append(Turn(prompt=turn.prompt, segments=segments, reward=_from_json_float(turn.reward)))
         return cls(
             scenario=header.scenario,
             task=Task.model_validate(header.task),
@@ -395,7 +401,7 @@ def _check_tensors(
                     return f"the tensors of {prefix[:-1]} disagree on the number of steps or the latent shape"
                 if seg.has_image and tensors[prefix + "image"].shape[-1] != 3:
                     return f"{prefix}image must be [H, W, 3]"
-    for value in (header.reward, *header.reward_components.values()):
+    for value in (header.reward, *header.reward_components.values(), *(turn.reward for turn in header.turns)):
         if isinstance(value, float) and not math.isfinite(value):
             return f"a reward of {value} (finite numbers only; NaN and infinities are written as strings)"
         if isinstance(value, str) and value not in ("nan", "inf", "-inf"):

@@ -235,6 +235,7 @@ class InterleavedVectorEnv(VectorEnv):
     def step(self, actions: Any) -> tuple[BatchObservation, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         """Validate the batch's action completely, then apply it to all episodes at once."""
         engine = self._engine
+        ended_before = None
         if isinstance(actions, (list, tuple)):
             actions = self._collate(actions)
         if isinstance(actions, TextAction):
@@ -251,14 +252,33 @@ class InterleavedVectorEnv(VectorEnv):
             engine.apply_text(checked)
             terminated = False
         elif isinstance(actions, FlowAction):
+            ended_before = engine.trajectory.ended.clone()
             checked = engine.check_flow(actions.x_next, actions.log_prob, actions.is_stochastic)
             terminated = engine.apply_flow(checked)
         else:
             raise InvalidActionError(
                 f"expected a batched TextAction/FlowAction or a list of {self.num_envs} actions, got {type(actions).__name__}"
             )
-        rewards = engine.trajectory.rewards.numpy().copy() if terminated else np.zeros(self.num_envs, dtype=np.float32)
-        dones = np.full(self.num_envs, terminated, dtype=np.bool_)
+        trajectory = engine.trajectory
+        feedback = engine.last_feedback
+        if (
+            terminated
+            and feedback is not None
+            and bool(ended_before.logical_not().all())
+            and _no_turn_rewards(feedback)
+        ):
+            # every episode ended at this step, none with a turn reward: the terminal rewards as they are
+            rewards = trajectory.rewards.numpy().copy()
+        else:
+            rewards = np.zeros(self.num_envs, dtype=np.float32)
+            if feedback is not None:  # this step finished a turn's image: turn rewards, and the rows that ended
+                turn = feedback["rewards"].numpy()
+                given = ~np.isnan(turn)
+                rewards[feedback["rows"].numpy()[given]] = turn[given]
+                now = (trajectory.ended & ~ended_before).numpy()
+                if now.any():  # the episodes that ended at this step: their terminal rewards
+                    rewards[now] += trajectory.rewards.numpy()[now]
+        dones = trajectory.ended.numpy().copy()  # each episode from its own last step on
         return self._observation(), rewards, dones, np.zeros(self.num_envs, dtype=np.bool_), self._info()
 
     def render(self) -> np.ndarray | None:
@@ -355,7 +375,8 @@ class InterleavedVectorEnv(VectorEnv):
             phase=engine.phase,
             turn=engine.turn,
             num_turns=engine.num_turns,
-            prompts=tuple(tuple(task.prompts[: engine.turn + 1]) for task in engine.tasks),
+            prompts=tuple(engine.trajectory.prompts_of(i) for i in range(self.num_envs)),
+            alive=engine.alive.clone(),
             tokens=text.tokens.clone(),
             token_counts=text.lengths.clone(),
             text_open=engine.text_open.clone(),
@@ -377,17 +398,34 @@ class InterleavedVectorEnv(VectorEnv):
             "group_id": self.group_ids.numpy().copy(),
             "category": np.array([task.category for task in engine.tasks], dtype=object),
         }
+        masks: dict[str, np.ndarray] = {}
+        feedback = engine.last_feedback
+        if feedback is not None:  # this step finished a turn's image: the scenario's answer, for its rows
+            rows = feedback["rows"].numpy()
+            answered = np.zeros(self.num_envs, dtype=np.bool_)
+            answered[rows] = True
+            next_prompt = np.full(self.num_envs, None, dtype=object)
+            next_prompt[rows] = np.array(feedback["next_prompts"] + [None], dtype=object)[:-1]
+            info["next_prompt"], masks["next_prompt"] = next_prompt, answered
+            if feedback["error"] is not None:
+                info["feedback_error"] = np.full(self.num_envs, feedback["error"], dtype=object)
+                masks["feedback_error"] = answered
         if trajectory.terminated:
             info["reward_components"] = {k: v.numpy().copy() for k, v in trajectory.reward_components.items()}
-            if trajectory.reward_error is not None:  # the scorer raised: every episode's reward is NaN
+            if trajectory.reward_error is not None:  # a scorer raised: those episodes' rewards are NaN
                 info["reward_error"] = np.full(self.num_envs, trajectory.reward_error, dtype=object)
-        return _masked(info, self.num_envs)
+        return _masked(info, self.num_envs, masks)
 
 
-def _masked(info: dict[str, Any], n: int) -> dict[str, Any]:
-    """``info`` with Gymnasium's mask ``_key`` beside each key (every episode has every value)."""
+def _masked(info: dict[str, Any], n: int, masks: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """``info`` with Gymnasium's mask ``_key`` beside each key: ``masks[key]`` where given (which
+    episodes have the value), else every episode."""
     out: dict[str, Any] = {}
     for key, value in info.items():
         out[key] = _masked(value, n) if isinstance(value, dict) else value
-        out[f"_{key}"] = np.ones(n, dtype=np.bool_)
+        out[f"_{key}"] = (masks or {}).get(key, np.ones(n, dtype=np.bool_))
     return out
+
+
+def _no_turn_rewards(feedback: dict[str, Any]) -> bool:
+    return bool(torch.isnan(feedback["rewards"]).all())
