@@ -38,6 +38,7 @@ class Batch:
         contexts: each turn's context.
         settings: how the rollout sampled.
         advantages: ``[N]`` each image's advantage; ``valid`` ``[N]``: its reward is a number.
+            With per-turn advantages (``turn_advantages``), each turn has its own.
         text_advantages / text_valid: ``[N]`` each text's advantage and validity (the images' unless
             :meth:`share_texts` made them the texts' own).
         text_rows: ``[N]`` bool, the episodes whose text trains (all, unless texts are shared).
@@ -55,6 +56,15 @@ class Batch:
     text_rows: torch.Tensor
     stats: dict[str, float] = field(default_factory=dict)
     reference_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    #: ``[N, K]`` per (episode, turn) advantages (``advantage`` 'turn' or 'batch'); None: ``advantages``
+    #: (and ``text_advantages``) for every turn.
+    turn_advantages: torch.Tensor | None = None
+
+    def advantages_at(self, turn: int, index: torch.Tensor, *, text: bool = False) -> torch.Tensor:
+        """The advantages of episodes ``index`` at ``turn`` (of their texts with ``text``)."""
+        if self.turn_advantages is not None:
+            return self.turn_advantages[index, turn]
+        return (self.text_advantages if text else self.advantages)[index]
 
     @classmethod
     def of(cls, rollout: Rollout, settings: RolloutSettings, advantages: torch.Tensor, valid: torch.Tensor) -> Batch:

@@ -147,6 +147,16 @@ class UniGRPOConfig(BaseModel):
     ratio_norm: bool = Field(default=False, description="GRPO-Guard's RatioNorm on the image ratios")
     global_std: bool = Field(default=False, description="flow_grpo's global-std advantages instead of per-group std")
     advantage_eps: float = Field(default=1e-4, gt=0.0)
+    advantage: Literal["trajectory", "turn", "batch"] = Field(
+        default="trajectory",
+        description=(
+            "how turn rewards (Scenario.respond) enter the advantages: 'trajectory' (the terminal reward plus every "
+            "turn reward, normalised per group, shared by every turn; without turn rewards, GRPO's), 'turn' (the "
+            "discounted return-to-go from each turn, normalised per group and turn over the rows that played it) "
+            "or 'batch' (the return-to-go normalised over the whole batch, GEM's ReBN)"
+        ),
+    )
+    turn_discount: float = Field(default=1.0, ge=0.0, le=1.0, description="γ of the return-to-go ('turn', 'batch')")
     regularizer: Literal["mse", "kl", "none"] = Field(
         default="mse", description="velocity MSE (UniGRPO), latent KL (Flow-GRPO) or none"
     )
@@ -253,6 +263,11 @@ class UniGRPOConfig(BaseModel):
             raise ValueError(
                 f"images_per_text ({m}) must divide group_size ({self.group_size}) and leave at least 2 texts per "
                 "prompt to compare (group_size / images_per_text >= 2)"
+            )
+        if m > 1 and self.advantage != "trajectory":
+            raise ValueError(
+                f"images_per_text ({m}) shares each text's advantage over its images: it takes advantage='trajectory', "
+                f"not {self.advantage!r}"
             )
         return self
 

@@ -5,7 +5,11 @@
 
 * Advantages: for the G rollouts of one prompt, ``Â_i = (R_i − mean_j R_j) / (std_j R_j + eps)``,
   shared by every token and every denoising step of rollout i (flow_grpo's "global std" variant
-  divides by the std of the whole batch instead).
+  divides by the std of the whole batch instead). With turn rewards (``Scenario.respond``) the
+  return is ``R_i = R_i^term + Σ_k r_{i,k}``; or, per turn, the return-to-go
+  ``G_{i,k} = Σ_{j≥k} γ^{j−k} r_{i,j} + γ^{K_i−1−k} R_i^term`` (:func:`returns_to_go`) normalised
+  per group and turn over the rows that played it, or over the whole batch (GEM's ReBN)
+  (:func:`turn_advantages`).
 * Text (GRPO): per-token ratio ``r = π_θ(y_k|·) / π_old(y_k|·)``, clipped surrogate
   ``min(r·Â, clip(r, 1 − ε, 1 + ε)·Â)``, averaged over a sequence's tokens, then over sequences
   (``loss_type="grpo"``). That mean weights a token by 1/|y_i|, which favours short sequences: with
@@ -40,6 +44,8 @@ __all__ = [
     "TEXT_LOSS_TYPES",
     "Denominator",
     "group_advantages",
+    "returns_to_go",
+    "turn_advantages",
     "clipped_surrogate",
     "text_grpo_loss",
     "text_kl",
@@ -79,6 +85,48 @@ def group_advantages(
         var = torch.zeros(len(groups), device=rewards.device).index_add_(0, index, centred.pow(2)) / count.clamp(min=1)
         scale = var.sqrt()[index]
     return torch.where(valid, centred / (scale + eps), torch.zeros_like(rewards))
+
+
+def returns_to_go(
+    turn_rewards: torch.Tensor, terminal: torch.Tensor, turns_played: torch.Tensor, discount: float = 1.0
+) -> torch.Tensor:
+    """``G [N, K]``: each row's discounted return from each turn it played,
+
+        ``G_{i,k} = Σ_{j=k}^{K_i−1} γ^{j−k} r_{i,j} + γ^{K_i−1−k} R_i``
+
+    with ``r_{i,j}`` the turn rewards ``[N, K]`` (NaN: none, counted 0), ``R_i`` the terminal
+    reward ``[N]`` (its own last image's, given at its last turn ``K_i − 1``) and ``K_i`` the turns
+    row i played. NaN where a row did not play a turn, and on every turn of a row whose terminal
+    reward is NaN (it could not be scored)."""
+    n, k_max = turn_rewards.shape
+    r = torch.nan_to_num(turn_rewards.to(torch.float32), nan=0.0)
+    terminal = terminal.to(torch.float32)
+    played = turns_played.to(torch.long)
+    out = torch.full((n, k_max), torch.nan)
+    running = torch.zeros(n)
+    for k in range(k_max - 1, -1, -1):
+        last = played == k + 1
+        running = torch.where(last, r[:, k] + terminal, r[:, k] + discount * running)
+        out[:, k] = torch.where(played > k, running, torch.full_like(running, torch.nan))
+    return out
+
+
+def turn_advantages(
+    returns: torch.Tensor, group_ids: torch.Tensor, *, mode: str = "turn", eps: float = 1e-4
+) -> torch.Tensor:
+    """Per (row, turn) advantages ``[N, K]`` from the returns-to-go ``G`` (:func:`returns_to_go`;
+    NaN: a turn the row did not play, or a row that could not be scored, advantage 0):
+
+    * ``turn``: ``(G_{i,k} − mean_{g,k}) / (std_{g,k} + eps)`` over the rows of group ``g`` that
+      played turn ``k``;
+    * ``batch``: ``(G_{i,k} − mean) / (std + eps)`` over every (row, turn) of the batch (GEM's
+      return batch normalisation)."""
+    if mode == "turn":
+        return torch.stack([group_advantages(returns[:, k], group_ids, eps=eps) for k in range(returns.shape[1])], 1)
+    if mode == "batch":
+        flat = returns.reshape(-1)
+        return group_advantages(flat, torch.zeros_like(flat, dtype=torch.long), eps=eps).reshape(returns.shape)
+    raise ValueError(f"unknown advantage mode {mode!r}: expected 'turn' or 'batch'")
 
 
 def clipped_surrogate(

@@ -43,7 +43,15 @@ from unigrpo_env.agents.checkpointing import enable_gradient_checkpointing
 from unigrpo_env.agents.config import UniGRPOConfig
 from unigrpo_env.agents.engine import Engine
 from unigrpo_env.agents.iteration_metrics import across_processes, reward_metrics
-from unigrpo_env.agents.losses import flow_grpo_loss, group_advantages, masked_batch_mean, text_grpo_loss, text_kl
+from unigrpo_env.agents.losses import (
+    flow_grpo_loss,
+    group_advantages,
+    masked_batch_mean,
+    returns_to_go,
+    text_grpo_loss,
+    text_kl,
+    turn_advantages,
+)
 from unigrpo_env.agents.policy import UnifiedPolicy, check_policy_fits, world_of
 from unigrpo_env.agents.rollout import Rollout, RolloutSettings, rollout
 from unigrpo_env.lr_schedule import warmup_decay
@@ -57,6 +65,7 @@ __all__ = [
     "RewardFailureError",
     "Batch",
     "distributed_advantages",
+    "distributed_turn_advantages",
     "prepare_trained_sides",
 ]
 
@@ -85,6 +94,31 @@ def distributed_advantages(
     return all_advantages[start : start + n].cpu(), float(torch.isnan(all_rewards).float().mean())
 
 
+def distributed_turn_advantages(
+    accelerator: Accelerator,
+    returns: torch.Tensor,
+    terminal: torch.Tensor,
+    group_ids: torch.Tensor,
+    *,
+    mode: str,
+    eps: float = 1e-4,
+) -> tuple[torch.Tensor, float]:
+    """Per (episode, turn) advantages over the returns-to-go ``[N, K]`` of *all* processes (each
+    process's K padded to the largest with NaN, "not played"), so a group split across processes
+    gets what it would get in one; returns this process's share ``[N, K]`` and the fraction of the
+    whole batch whose terminal reward failed (NaN)."""
+    device = accelerator.device
+    k = returns.shape[1]
+    padded = accelerator.pad_across_processes(returns.to(device), dim=1, pad_index=math.nan)
+    all_returns = accelerator.gather(padded)
+    all_groups = accelerator.gather(group_ids.to(device))
+    all_terminal = accelerator.gather(terminal.to(device))
+    advantages = turn_advantages(all_returns.cpu(), all_groups.cpu(), mode=mode, eps=eps)
+    n = returns.shape[0]
+    start = accelerator.process_index * n
+    return advantages[start : start + n, :k], float(torch.isnan(all_terminal).float().mean())
+
+
 def prepare_trained_sides(policy: UnifiedPolicy, config: UniGRPOConfig) -> tuple[bool, bool]:
     """Make the sides of ``policy`` that ``config.train`` names trainable, with the adapters the
     config chooses (``text_adapter``, ``image_adapter``), and freeze the others; returns whether
@@ -110,6 +144,20 @@ def _played(batch: Batch, turn: int, index: torch.Tensor, valid: torch.Tensor) -
     if rows.all_rows:
         return valid
     return valid & rows.rows[index.cpu()].to(valid.device)
+
+
+def _weighted(value: torch.Tensor, weights: dict[int, torch.Tensor] | None, turn: int, turns: int) -> torch.Tensor:
+    """``value`` of ``turn`` as its share of its side's mean over ``turns`` turns (:meth:`UniGRPOAgent._turn_weights`)."""
+    if weights is None:
+        return value / turns
+    return value * weights[turn].to(value.device)
+
+
+def _weighted_stat(value: torch.Tensor, weights: dict[int, torch.Tensor] | None, turn: int, turns: int) -> float:
+    """The logged share of ``value`` (:func:`_weighted`; with equal turns, as the recorded runs logged it)."""
+    if weights is None:
+        return float(value.detach()) / turns
+    return float(value.detach() * weights[turn])
 
 
 def _select(condition: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
@@ -246,8 +294,9 @@ class UniGRPOAgent:
             )
         rollout_seconds = time.perf_counter() - started
         trajectory = result.trajectory
-        advantages, valid, failed_fraction = self._advantages(result, prompts)
+        advantages, valid, failed_fraction, per_turn = self._advantages(result, prompts)
         batch = Batch.of(result, settings, advantages, valid)
+        batch.turn_advantages = per_turn
         if c.images_per_text > 1:  # the one place images_per_text shapes the update
             self._share_texts(batch, prompts)
         batch.stats = {
@@ -268,15 +317,38 @@ class UniGRPOAgent:
             )
         return batch
 
-    def _advantages(self, result: Rollout, prompts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, float]:
-        acc = self.accelerator
+    def _advantages(
+        self, result: Rollout, prompts: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]:
+        """The advantages of the batch: ``[N]`` shared by every turn (``advantage='trajectory'``:
+        the return ``R_i = R_i^term + Σ_k r_{i,k}``, which without turn rewards is the terminal
+        reward) or per (episode, turn) ``[N, K]`` (``'turn'``, ``'batch'``: the return-to-go,
+        :func:`~unigrpo_env.agents.losses.turn_advantages`); the episodes whose terminal reward is
+        a number; the failed fraction of the whole batch."""
+        acc, c = self.accelerator, self.config
+        trajectory = result.trajectory
         group_ids = torch.as_tensor(prompts)[
-            result.trajectory.group_ids
+            trajectory.group_ids
         ]  # the prompt's index: the same group in every process
-        advantages, failed_fraction = distributed_advantages(
-            acc, result.rewards, group_ids, eps=self.config.advantage_eps, global_std=self.config.global_std
+        terminal = result.rewards
+        turn_rewards = torch.stack(
+            [t.rewards if t.rewards is not None else torch.full((len(terminal),), math.nan) for t in trajectory.turns],
+            1,
         )
-        return advantages, ~torch.isnan(result.rewards), failed_fraction
+        valid = ~torch.isnan(terminal)
+        if c.advantage == "trajectory":
+            returns = terminal
+            if bool((~torch.isnan(turn_rewards)).any()):  # the turn rewards add to the return
+                returns = terminal + torch.nan_to_num(turn_rewards, nan=0.0).sum(dim=1)
+            advantages, failed_fraction = distributed_advantages(
+                acc, returns, group_ids, eps=c.advantage_eps, global_std=c.global_std
+            )
+            return advantages, valid, failed_fraction, None
+        returns = returns_to_go(turn_rewards, terminal, trajectory.turns_played(), c.turn_discount)
+        per_turn, failed_fraction = distributed_turn_advantages(
+            acc, returns, terminal, group_ids, mode=c.advantage, eps=c.advantage_eps
+        )
+        return per_turn[:, 0], valid, failed_fraction, per_turn
 
     def _share_texts(self, batch: Batch, prompts: np.ndarray) -> None:
         """M = ``images_per_text`` images per reasoning (the M consecutive episodes of a block):
@@ -366,34 +438,39 @@ class UniGRPOAgent:
         if fill_old:  # the first minibatch: the policy has not moved yet, this pass is the old policy
             old.store(minibatch)
         text_index = minibatch.text_index
-        advantages, valid = batch.advantages[index].to(device), batch.valid[index].to(device)
-        text_advantages = batch.text_advantages[text_index].to(device)
+        valid = batch.valid[index].to(device)
         text_valid = batch.text_valid[text_index].to(device)
         # several processes: every mean divides by the whole minibatch's count over W (losses.py)
         divide = self.engine.mean_denominator()
         stats: dict[str, float] = {}
         loss = torch.zeros((), device=device)
         texts, images = minibatch.texts(), minibatch.images()
+        # each side is averaged over its turns: equally while every episode played every turn (the
+        # recorded runs' expression), else by the (episode, turn) pairs each turn holds
+        text_weights = self._turn_weights(batch, [k for k, _ in texts], text_index, text_valid)
+        image_weights = self._turn_weights(batch, [k for k, _ in images], index, valid)
         for k, log_probs in texts:
             text = batch.trajectory.turns[k].text
             played = _played(batch, k, text_index, text_valid)  # the episodes that played turn k
+            text_advantages = batch.advantages_at(k, text_index, text=True).to(device)
             lengths = text.lengths[text_index].to(log_probs.device)
             mask = torch.arange(log_probs.shape[1], device=log_probs.device)[None] < lengths[:, None]
             reduction = {"loss_type": c.text_loss_type, "max_tokens": text.max_tokens, "denominator": divide}
             text_loss, s = text_grpo_loss(
                 log_probs, old.text[k][text_index], mask, text_advantages, c.clip_range_text, played, **reduction
             )
-            loss = loss + text_loss / len(texts)
+            loss = loss + _weighted(text_loss, text_weights, k, len(texts))
             reference = minibatch.turns[k].text_reference
             if reference is not None:  # GRPO's β·KL to the starting language model
                 kl = text_kl(log_probs, reference, mask, played, **reduction)
-                loss = loss + c.kl_text * kl / len(texts)
-                stats["kl_text"] = stats.get("kl_text", 0.0) + float(kl.detach()) / len(texts)
+                loss = loss + _weighted(c.kl_text * kl, text_weights, k, len(texts))
+                stats["kl_text"] = stats.get("kl_text", 0.0) + _weighted_stat(kl, text_weights, k, len(texts))
             stats.update(s)
-            stats["loss_text"] = stats.get("loss_text", 0.0) + float(text_loss.detach()) / len(texts)
+            stats["loss_text"] = stats.get("loss_text", 0.0) + _weighted_stat(text_loss, text_weights, k, len(texts))
         for k, turn in images:
             log_probs, old_lp = turn.image, old.image[k][index]
             played = _played(batch, k, index, valid)
+            advantages = batch.advantages_at(k, index).to(device)
             if c.ratio_norm:
                 normed = [
                     flow.ratio_norm(log_probs[:, j] - old_lp[:, j], mean, mean_old, std)
@@ -403,21 +480,37 @@ class UniGRPOAgent:
             image_loss, s = flow_grpo_loss(
                 log_probs, old_lp, advantages, c.clip_range_image, played, denominator=divide
             )
-            loss = loss + c.image_loss_weight * image_loss / len(images)
+            loss = loss + _weighted(c.image_loss_weight * image_loss, image_weights, k, len(images))
             stats.update(s)
-            stats["loss_image"] = stats.get("loss_image", 0.0) + float(image_loss.detach()) / len(images)
+            stats["loss_image"] = stats.get("loss_image", 0.0) + _weighted_stat(
+                image_loss, image_weights, k, len(images)
+            )
             reg = turn.regularizer
             if reg is not None:
                 if divide is not None:
                     reg_value = masked_batch_mean(reg.mean(dim=1), played, divide)
                 else:  # one process: the expression the recorded runs used (its sum order, bit for bit)
                     reg_value = reg.mean(dim=1)[played].mean() if bool(played.any()) else reg.sum() * 0.0
-                loss = loss + c.regularizer_coef * reg_value / len(images)
-                stats[f"regularizer_{c.regularizer}"] = stats.get(f"regularizer_{c.regularizer}", 0.0) + float(
-                    reg_value.detach()
-                ) / len(images)
+                loss = loss + _weighted(c.regularizer_coef * reg_value, image_weights, k, len(images))
+                stats[f"regularizer_{c.regularizer}"] = stats.get(f"regularizer_{c.regularizer}", 0.0) + _weighted_stat(
+                    reg_value, image_weights, k, len(images)
+                )
         stats["loss"] = float(loss.detach())
         return loss, stats
+
+    def _turn_weights(
+        self, batch: Batch, turns: list[int], index: torch.Tensor, valid: torch.Tensor
+    ) -> dict[int, torch.Tensor] | None:
+        """Each turn's weight in its side's mean, ``n_k / Σ_j n_j`` with ``n_k`` the scored episodes
+        of the minibatch that played turn ``k`` (over every process), or None while every episode
+        played every turn (each turn then weighs ``1 / K``, as the recorded runs computed it)."""
+        if all(batch.trajectory.turns[k].all_rows for k in turns):
+            return None
+        counts = torch.stack([_played(batch, k, index, valid).sum().to(torch.float32) for k in turns])
+        if self.accelerator.num_processes > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        shares = counts / counts.sum().clamp(min=1.0)
+        return dict(zip(turns, shares))
 
     @torch.no_grad()
     def _old_log_probs(self, batch: Batch, parts: list[torch.Tensor]) -> OldLogProbs:

@@ -21,7 +21,8 @@ each record is a dialogue, ``{"turns": [prompt, edit, edit, ...], ...}`` in JSON
 file, one dialogue a line with its turns separated by ``" || "``. The first turn draws from text
 alone, every later one from its instruction and the previous turn's image; one episode is the
 whole dialogue with one terminal reward, which sees the final image, the earlier images and every
-turn's text. All episodes of a batch have the same number of turns: ``num_turns`` keeps the
+turn's text. Each episode plays its own dialogue's turns (the environment's default answer ends
+it after its last), so one file may mix dialogues of different lengths; ``num_turns`` keeps the
 dialogues with at least that many and plays their first ``num_turns`` turns.
 """
 
@@ -200,8 +201,8 @@ class EditPromptsScenario(T2IPromptsScenario):
 
     Args:
         prompts: the dialogue file (``--prompts``).
-        num_turns: the turns of every episode; None: the file's dialogues must all have the same
-            number. Longer dialogues are played up to ``num_turns``, shorter ones left out.
+        num_turns: the turns of every episode; None: each dialogue's own. Longer dialogues are
+            played up to ``num_turns``, shorter ones left out.
         **options: those of :class:`T2IPromptsScenario`.
     """
 
@@ -216,13 +217,7 @@ class EditPromptsScenario(T2IPromptsScenario):
     def read_records(self, path: str) -> list[dict[str, Any]]:
         records = read_dialogue_file(path)
         lengths = sorted({len(r["turns"]) for r in records})
-        if self.num_turns is None:
-            if len(lengths) > 1:
-                kept = ", ".join(f"{k} keeps {sum(len(r['turns']) >= k for r in records)}" for k in lengths)
-                raise ValueError(
-                    f"{path!r} has dialogues of {' and '.join(map(str, lengths))} turns and a batch plays one number "
-                    f"of turns: choose num_turns ({kept})"
-                )
+        if self.num_turns is None:  # each dialogue plays its own turns
             return records
         records = [r for r in records if len(r["turns"]) >= self.num_turns]
         if not records:

@@ -48,10 +48,10 @@ def models(chat_folder, tmp_path_factory):  # noqa: F811
     return {"text": str(chat_folder), "image": str(folder / "kontext"), "prompts": str(dialogues)}
 
 
-def test_a_batch_plays_one_number_of_turns(models):
+def test_dialogues_play_their_own_turns_or_num_turns(models):
     options = {"reward": "jpeg_compressibility", "prompts": models["prompts"], "heldout_fraction": 0.4}
-    with pytest.raises(ValueError, match=r"dialogues of 2 and 3 turns .* choose num_turns \(2 keeps 5, 3 keeps 1\)"):
-        unigrpo_env.make_scenario("edit_prompts", **options)
+    mixed = unigrpo_env.make_scenario("edit_prompts", **options)  # 2- and 3-turn dialogues in one file
+    assert sorted(len(t.prompts) for t in mixed.tasks("train") + mixed.tasks("heldout")) == [2, 2, 2, 2, 3]
     two = unigrpo_env.make_scenario("edit_prompts", num_turns=2, **options)
     tasks = two.tasks("train") + two.tasks("heldout")
     assert len(tasks) == 5 and all(len(t.prompts) == 2 for t in tasks)
@@ -123,3 +123,13 @@ def test_a_two_turn_kontext_run_through_the_cli_trains_both_sides_and_saves_what
     assert first["image_latents"] is None and second["image_latents"].shape == (2, 4, 8, 8)
     encoded = policy.image.conditioner.codec(16).encode(played.trajectory.turn_images(1)[:, -1])
     assert torch.equal(second["image_latents"], encoded) and torch.isfinite(played.rewards).all()
+    # dialogues of different lengths in one batch: each episode plays its own turns
+    mixed = unigrpo_env.make_vec(
+        "edit_prompts", 2, 1, prompts=models["prompts"], reward="jpeg_compressibility", heldout_fraction=0.4,
+        world=policy.world,
+    )  # fmt: skip
+    tasks = mixed.scenario.tasks("train") + mixed.scenario.tasks("heldout")
+    three, two = next(t for t in tasks if len(t.prompts) == 3), next(t for t in tasks if len(t.prompts) == 2)
+    played = rollout(policy, mixed, seed=0, options={"tasks": [three, two]})
+    assert played.trajectory.turns_played().tolist() == [3, 2] and torch.isfinite(played.rewards).all()
+    assert [t.prompt for t in played.trajectory.episode(1).turns] == list(two.prompts)
