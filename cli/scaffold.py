@@ -153,9 +153,12 @@ tasks (:meth:`${cls}.shapes_tasks`) and reward (:class:`${reward_cls}`).
 
 from __future__ import annotations
 
+from unigrpo_env import TurnFeedback, TurnInputs
 from unigrpo_env.reward import RewardInputs, RewardOutput
 from unigrpo_env.rewards import get_reward, register_reward
 from unigrpo_env.scenarios import SCENARIOS, register_scenario
+from unigrpo_env.scenarios.shapes import verify
+from unigrpo_env.scenarios.shapes.rewards import shapes_task
 
 __all__ = ["${cls}", "${reward_cls}", "CATEGORIES", "HELDOUT_PER_CATEGORY"]
 
@@ -201,11 +204,32 @@ class ${cls}(T2IReasonScenario):
     """ShapesWorld riddles of the categories in :data:`CATEGORIES`, scored by ``${reward}``.
 
     Options (``unigrpo_env.make("${name}", **options)`` or ``scenario_options`` in a run config)
-    are those of ``t2i_reason``; ``reward`` may be any reward name or weighted-sum spec.
+    are those of ``t2i_reason`` (``reward`` may be any reward name or weighted-sum spec) and
+    ``retries``: how many more attempts a wrong image gets (0: one turn, the riddle's).
     """
 
     name = "${name}"
     default_reward = "${reward}"
+    #: What the user says after a wrong image (it needs words the policy's tokenizer knows only
+    #: when the policy reads it; ShapesWorld's does not, and draws again from the riddle).
+    RETRY = "that is not it : draw it again"
+
+    def __init__(self, retries: int = 0, **options):
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be an integer >= 0, got {retries!r}")
+        self.retries = retries
+        self.max_turns = 1 + retries
+        super().__init__(**options)
+
+    def respond(self, inputs: TurnInputs) -> TurnFeedback:
+        """After each image: accepted by the verifier, the episode ends; wrong, the user asks again
+        (until ``retries`` run out: ``max_turns``). The turn's reward is the verifier's score, so
+        a later attempt can be credited for its own image."""
+        checks = [verify(image.numpy(), shapes_task(task)) for image, task in zip(inputs.images, inputs.tasks)]
+        return TurnFeedback(
+            next_prompts=[None if check.correct else self.RETRY for check in checks],
+            rewards=[check.score for check in checks] if self.retries else None,
+        )
 
     def shapes_tasks(self, split: str) -> list:
         """Train: every riddle of :data:`CATEGORIES`; held out: the first
@@ -267,6 +291,19 @@ def test_the_oracle_gets_the_full_reward():
     for index in range(len(env.unwrapped.scenario.tasks("heldout"))):
         reward, info = play_oracle(env, index)
         assert reward == pytest.approx(1.0) and info["reward_components"]["correct"] == 1.0
+
+
+def test_a_wrong_image_gets_another_attempt_with_retries():
+    env = unigrpo_env.make("${name}", retries=2, split="heldout")
+    obs, _ = env.reset(seed=0)
+    terminated = False
+    while not terminated:  # a random agent draws wrong images: it uses every attempt
+        obs, reward, terminated, _, info = env.step(env.action_space.sample(mask=obs))
+    turns = info["trajectory"].turns
+    assert len(turns) == 3 and turns[1].prompt == "that is not it : draw it again"
+    assert all(turn.reward is not None for turn in turns)
+    reward, info = play_oracle(env, 0)  # the right image the first time: one turn
+    assert len(info["trajectory"].turns) == 1
 
 
 def test_a_blank_canvas_scores_low():

@@ -275,7 +275,7 @@ def test_a_generated_plugin_installs_into_a_fresh_venv_lists_passes_its_tests_an
     ).endswith("ok")
 
     tested = run("-m", "pytest", "-q", "-p", "no:cacheprovider", cwd=plugin)
-    assert tested.returncode == 0 and "4 passed" in tested.stdout, tested.stdout + tested.stderr
+    assert tested.returncode == 0 and "5 passed" in tested.stdout, tested.stdout + tested.stderr
 
     out = tmp_path / "run"
     trained = run("-m", "unigrpo_env.cli.main", "run", "scenario", "my_edit", "--iterations", "2", "--out", str(out))

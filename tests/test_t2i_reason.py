@@ -197,3 +197,16 @@ def test_make_rejects_unknown_scenarios_and_options():
     env = unigrpo_env.make("t2i_reason", num_steps=4, max_tokens=50, split="heldout")
     obs, _ = env.reset(seed=0)
     assert obs.num_steps == 4 and obs.tokens_left == 50 and env.unwrapped.task.split == "heldout"
+
+
+def test_readme_responding_scenario_example_runs(capsys):
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Environments that respond", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace = {"__name__": "readme_respond"}
+    exec(compile(code, "README.md", "exec"), namespace)
+    trajectory = namespace["info"]["trajectory"]
+    assert len(trajectory.turns) == 3 and all(turn.reward is not None for turn in trajectory.turns)
+    assert trajectory.turns[1].prompt == "that is not it : draw it again" and namespace["terminated"]
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split(" ", 2)[:2] for line in printed[:3]] == [["1", "that"], ["2", "that"], ["2", "None"]]

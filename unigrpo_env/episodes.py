@@ -409,7 +409,8 @@ class EpisodeBatch:
             turn.feedback[row] = dict(entry)
         last = self.max_turns is not None and self.turn + 1 >= self.max_turns
         ending = torch.tensor([error is not None or last or p is None for p in prompts], dtype=torch.bool)
-        self.last_feedback = {"rows": rows, "next_prompts": prompts, "rewards": rewards, "info": info, "error": error}
+        going_on = [None if stop else prompt for prompt, stop in zip(prompts, ending.tolist())]  # max_turns ends too
+        self.last_feedback = {"rows": rows, "next_prompts": going_on, "rewards": rewards, "info": info, "error": error}
         ended = rows[ending]
         if len(ended):
             if error is not None:  # the answer failed: those rows end unscored, with the reason
