@@ -161,7 +161,10 @@ class Evaluator:
             options = {"task_index": [task.index for task in chunk]}
             piped = rollout(policy, envs, settings, seed=seed, options=options, generator=generator)
             rows["pipeline"] += _scores(piped)
-            rows["turn_images"] += list(piped.trajectory.turn_images().cpu().numpy())
+            played = piped.trajectory.turns_played().tolist()  # each episode's own turns
+            images = piped.trajectory.turn_images().cpu().numpy()
+            rows["turn_images"] += [images[i, : played[i]] for i in range(len(played))]
+            rows["turn_prompts"] += [piped.trajectory.prompts_of(i) for i in range(len(played))]
             for name, metric in self.metrics.items():
                 rows[name] += [float(v) for v in metric(piped, scenario)]
             for name, writer in probes.items():
@@ -204,7 +207,7 @@ class Evaluator:
             [f"[{categories[i]}] {tasks[i].prompts[0]} -> reward {rows['pipeline'][i][0]:.2f}" for i in shown],
             out / "grid.png",
         )
-        if tasks[0].num_turns > 1:
+        if max(len(images) for images in rows["turn_images"]) > 1:
             _turn_strips(tasks, categories, rows, _grid_indices(categories, per_category=2), out / "turns.png")
 
 
@@ -260,14 +263,20 @@ def _nanmean(values: list[float]) -> float:
 
 def _turn_strips(tasks: list, categories: Sequence[str], rows: dict, shown: list[int], path: Path) -> None:
     """One row per shown task: the image of every turn, captioned with that turn's prompt."""
-    num_turns = tasks[0].num_turns
+    num_turns = max(len(rows["turn_images"][i]) for i in shown)
     images, captions = [], []
     for i in shown:
+        played = rows["turn_images"][i]
+        prompts = rows["turn_prompts"][i] if "turn_prompts" in rows else tasks[i].prompts
         for k in range(num_turns):
-            images.append(rows["turn_images"][i][k])
-            tail = f" -> reward {rows['pipeline'][i][0]:.2f}" if k == num_turns - 1 else ""
+            if k >= len(played):  # an episode that ended earlier: a blank cell
+                images.append(np.full_like(played[0], 255))
+                captions.append("")
+                continue
+            images.append(played[k])
+            tail = f" -> reward {rows['pipeline'][i][0]:.2f}" if k == len(played) - 1 else ""
             head = f"[{categories[i]}] " if k == 0 else ""
-            captions.append(f"{head}{k + 1}: {tasks[i].prompts[k]}{tail}")
+            captions.append(f"{head}{k + 1}: {prompts[k]}{tail}")
     image_grid(images, captions, path, columns=num_turns, width_chars=32, max_caption_lines=6)
 
 

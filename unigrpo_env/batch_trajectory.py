@@ -241,6 +241,16 @@ class BatchTrajectory(_Record):
             return torch.zeros(self.num_episodes, dtype=torch.long)
         return torch.stack([turn.rows.cpu() for turn in self.turns], dim=1).sum(dim=1)
 
+    def final_images(self) -> torch.Tensor | None:
+        """Each episode's own last image ``[N, H, W, 3]`` uint8 (the last turn it played; None
+        before the first image is done). With equal episodes, :attr:`images`."""
+        images = self.images
+        if images is None or all(turn.all_rows for turn in self.turns):
+            return images
+        done = self.turn_images()
+        last = (self.turns_played() - 1).clamp(min=0, max=done.shape[1] - 1)
+        return done[torch.arange(self.num_episodes), last.to(done.device)]
+
     def prompts_of(self, i: int, turns: int | None = None) -> tuple[str, ...]:
         """Episode ``i``'s user prompts of the first ``turns`` turns it played (default: all)."""
         played = [turn.prompts[i] for turn in self.turns[:turns] if turn.prompts[i] is not None]

@@ -32,6 +32,7 @@ scenario uses variant 0.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -132,10 +133,11 @@ def _scene(objects: list[dict[str, Any]]) -> Scene:
     return Scene(tuple(SceneObject(o["shape"], o["colour"], tuple(o["cell"])) for o in objects))
 
 
-def reference(scene: Scene, obj: SceneObject) -> str:
-    """The shortest words naming ``obj`` uniquely in ``scene``: "the circle", "the red circle"
-    or "the circle at left"."""
-    same_shape = [o for o in scene.objects if o.shape == obj.shape]
+def reference(scene: Scene | Sequence[SceneObject], obj: SceneObject) -> str:
+    """The shortest words naming ``obj`` uniquely in ``scene`` (or among a drawing's objects):
+    "the circle", "the red circle" or "the circle at left"."""
+    objects = scene.objects if isinstance(scene, Scene) else scene
+    same_shape = [o for o in objects if o.shape == obj.shape]
     if len(same_shape) == 1:
         return f"the {obj.shape}"
     if sum(o.colour == obj.colour for o in same_shape) == 1:

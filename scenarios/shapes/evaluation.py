@@ -21,11 +21,20 @@ from unigrpo_env.agents.evaluation import Evaluator
 from unigrpo_env.agents.policy import TextSample, TurnContext
 from unigrpo_env.agents.rollout import Rollout
 from unigrpo_env.scenarios.shapes.quality import image_quality
+from unigrpo_env.scenarios.shapes.rewards import shapes_task
 from unigrpo_env.scenarios.shapes.scene import describe
 from unigrpo_env.scenarios.shapes.tasks import extract_description
+from unigrpo_env.scenarios.shapes.verify import verify
 from unigrpo_env.vector import InterleavedVectorEnv
 
-__all__ = ["shapes_evaluator", "oracle_text_writer", "description_accuracy", "final_image_quality"]
+__all__ = [
+    "shapes_evaluator",
+    "refine_evaluator",
+    "oracle_text_writer",
+    "description_accuracy",
+    "final_image_quality",
+    "correct_after_turn",
+]
 
 
 def oracle_text_writer(context: TurnContext, envs: InterleavedVectorEnv) -> TextSample:
@@ -42,20 +51,53 @@ def oracle_text_writer(context: TurnContext, envs: InterleavedVectorEnv) -> Text
 
 
 def description_accuracy(result: Rollout, scenario) -> list[float]:
-    """1 where the last turn's reasoning ends in exactly the target scene's description, else 0."""
-    text = result.trajectory.turns[-1].text
+    """1 where the episode's last turn's reasoning ends in exactly that turn's target scene's
+    description, else 0."""
+    trajectory = result.trajectory
+    played = trajectory.turns_played().tolist()
     hits = []
     for i, task in enumerate(result.tasks):
+        last = played[i] - 1
+        text = trajectory.turns[last].text
         written = scenario.text_codec.decode(text.tokens[i, : int(text.lengths[i])])
-        truth = describe(scenario.target_scene(task, task.num_turns - 1))
+        truth = describe(scenario.target_scene(task, last))
         hits.append(float(extract_description(written) == truth))
     return hits
 
 
 def final_image_quality(result: Rollout, scenario) -> list[float]:
-    """The image-quality score of each final image."""
-    images = result.trajectory.images.cpu().numpy()
+    """The image-quality score of each episode's own final image."""
+    images = result.trajectory.final_images().cpu().numpy()
     return [image_quality(np.asarray(image)).score for image in images]
+
+
+def correct_after_turn(turn: int):
+    """A metric: whether the verifier accepts each episode's image after ``turn`` turns (its last
+    image where it ended earlier): how far feedback has brought it by then."""
+
+    def metric(result: Rollout, scenario) -> list[float]:
+        trajectory = result.trajectory
+        played = trajectory.turns_played()
+        images = trajectory.turn_images().cpu().numpy()
+        out = []
+        for i, task in enumerate(result.tasks):
+            k = min(turn, int(played[i])) - 1
+            out.append(float(verify(images[i, k], shapes_task(task)).correct))
+        return out
+
+    return metric
+
+
+def refine_evaluator(max_turns: int = 3, **options) -> Evaluator:
+    """The evaluator of ``refine``: the ShapesWorld one, plus the correct rate after each turn
+    (``correct_after_turn_k``, k = 1 … ``max_turns``) and the mean number of turns played."""
+    evaluator = shapes_evaluator(**options)
+    for k in range(1, max_turns + 1):
+        evaluator.metrics[f"correct_after_turn_{k}"] = correct_after_turn(k)
+        evaluator.labels[f"correct_after_turn_{k}"] = f"correct after turn {k}"
+    evaluator.metrics["turns"] = lambda result, scenario: result.trajectory.turns_played().float().tolist()
+    evaluator.labels["turns"] = "turns played"
+    return evaluator
 
 
 def shapes_evaluator(**options) -> Evaluator:
