@@ -1,7 +1,8 @@
 """The ``unigrpo`` command (Typer).
 
     unigrpo run scenario t2i_reason [--config FILE] [--iterations N] [--seed S] [--out DIR] [--resume]
-                                    [--train both|text|image] [--reg mse|kl|none] [--rollout-cfg SCALE] [--eval-cfg SCALE]
+                                    [--train both|text|image] [--reg mse|kl|none] [--advantage trajectory|turn|batch]
+                                    [--rollout-cfg SCALE] [--eval-cfg SCALE]
                                     [--text-adapter full|lora|ln_tuning] [--image-adapter full|lora|ln_tuning]
                                     [--reward "shapes_verifier:1.0,quality:0.2"]
     unigrpo list scenarios|rewards|policies|evaluators|pretrainers
@@ -120,6 +121,12 @@ class Regularizer(str, Enum):
     none = "none"
 
 
+class Advantage(str, Enum):
+    trajectory = "trajectory"
+    turn = "turn"
+    batch = "batch"
+
+
 @app.command()
 def run(
     kind: Runnable = typer.Argument(..., help="What to run: 'scenario'."),
@@ -141,6 +148,12 @@ def run(
     ),
     reg: Regularizer | None = typer.Option(
         None, "--reg", help="Regulariser: mse (velocity MSE), kl (latent KL) or none."
+    ),
+    advantage: Advantage | None = typer.Option(
+        None,
+        "--advantage",
+        help="How turn rewards enter the advantages: trajectory (per group, shared by every turn), turn "
+        "(return-to-go per group and turn) or batch (return-to-go over the batch).",
     ),
     rollout_cfg: float | None = typer.Option(
         None, "--rollout-cfg", min=1.0, callback=finite, help="CFG scale in rollouts (1 = CFG-free)."
@@ -234,6 +247,8 @@ def run(
         overrides["train"] = train.value
     if reg is not None:
         overrides["regularizer"] = reg.value
+    if advantage is not None:
+        overrides["advantage"] = advantage.value
     for key, adapter in {"text_adapter": text_adapter, "image_adapter": image_adapter}.items():
         if adapter is not None:
             overrides[key] = adapter.value
