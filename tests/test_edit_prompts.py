@@ -37,15 +37,20 @@ def test_dialogue_files_text_and_jsonl(tmp_path):
             read_dialogue_file(tmp_path / "bad.jsonl")
 
 
-@pytest.fixture(scope="module")
-def models(chat_folder, tmp_path_factory):  # noqa: F811
+def save_tiny_kontext(folder) -> str:
+    """A tiny random FLUX.1 Kontext pipeline saved to ``folder``; returns its path."""
     from diffusers import FluxKontextPipeline
 
+    FluxKontextPipeline(**tiny_pipeline(guidance_embeds=True).components).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def models(chat_folder, tmp_path_factory):  # noqa: F811
     folder = tmp_path_factory.mktemp("models")
-    FluxKontextPipeline(**tiny_pipeline(guidance_embeds=True).components).save_pretrained(folder / "kontext")
     dialogues = folder / "dialogues.jsonl"
     dialogues.write_text("\n".join(json.dumps(r) for r in DIALOGUES))
-    return {"text": str(chat_folder), "image": str(folder / "kontext"), "prompts": str(dialogues)}
+    return {"text": str(chat_folder), "image": save_tiny_kontext(folder / "kontext"), "prompts": str(dialogues)}
 
 
 def test_dialogues_play_their_own_turns_or_num_turns(models):

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from test_chat_policy import chat_folder  # noqa: F401  (the fixture)
-from test_flux_policy import tiny_pipeline
+from test_edit_prompts import save_tiny_kontext
 from tiny_reward_models import save_tiny_llava
 
 import unigrpo_env
@@ -39,14 +39,11 @@ def test_a_denied_question_reads_as_an_instruction():
 
 @pytest.fixture(scope="module")
 def models(chat_folder, tmp_path_factory):  # noqa: F811
-    from diffusers import FluxKontextPipeline
-
     folder = tmp_path_factory.mktemp("refine_models")
-    FluxKontextPipeline(**tiny_pipeline(guidance_embeds=True).components).save_pretrained(folder / "kontext")
     prompts = folder / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps(r) for r in PROMPTS))
-    critic = save_tiny_llava(folder / "critic")
-    return {"text": str(chat_folder), "image": str(folder / "kontext"), "prompts": str(prompts), "critic": critic}
+    image, critic = save_tiny_kontext(folder / "kontext"), save_tiny_llava(folder / "critic")
+    return {"text": str(chat_folder), "image": image, "prompts": str(prompts), "critic": critic}
 
 
 def _critic(models) -> dict:
