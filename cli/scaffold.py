@@ -157,8 +157,6 @@ from unigrpo_env import TurnFeedback, TurnInputs
 from unigrpo_env.reward import RewardInputs, RewardOutput
 from unigrpo_env.rewards import get_reward, register_reward
 from unigrpo_env.scenarios import SCENARIOS, register_scenario
-from unigrpo_env.scenarios.shapes import verify
-from unigrpo_env.scenarios.shapes.rewards import shapes_task
 
 __all__ = ["${cls}", "${reward_cls}", "CATEGORIES", "HELDOUT_PER_CATEGORY"]
 
@@ -219,16 +217,21 @@ class ${cls}(T2IReasonScenario):
             raise ValueError(f"retries must be an integer >= 0, got {retries!r}")
         self.retries = retries
         self.max_turns = 1 + retries
+        self.verifier = get_reward("shapes_verifier")  # the registered verifier, as the reward uses it
         super().__init__(**options)
 
     def respond(self, inputs: TurnInputs) -> TurnFeedback:
         """After each image: accepted by the verifier, the episode ends; wrong, the user asks again
         (until ``retries`` run out: ``max_turns``). The turn's reward is the verifier's score, so
         a later attempt can be credited for its own image."""
-        checks = [verify(image.numpy(), shapes_task(task)) for image, task in zip(inputs.images, inputs.tasks)]
+        images = inputs.images  # [n, H, W, 3] uint8: the images just drawn
+        shown = RewardInputs(
+            images=images, tasks=inputs.tasks, texts=[[t] for t in inputs.texts], earlier_images=images[:, None][:, :0]
+        )
+        verdict = self.verifier(shown).components
         return TurnFeedback(
-            next_prompts=[None if check.correct else self.RETRY for check in checks],
-            rewards=[check.score for check in checks] if self.retries else None,
+            next_prompts=[None if correct == 1.0 else self.RETRY for correct in verdict["correct"].tolist()],
+            rewards=verdict["fraction"] if self.retries else None,
         )
 
     def shapes_tasks(self, split: str) -> list:
