@@ -250,34 +250,24 @@ class InterleavedVectorEnv(VectorEnv):
                 lengths = lengths.to(tokens.device)
             checked = engine.check_text(tokens, lengths, actions.log_probs)
             engine.apply_text(checked)
-            terminated = False
         elif isinstance(actions, FlowAction):
             ended_before = engine.trajectory.ended.clone()
             checked = engine.check_flow(actions.x_next, actions.log_prob, actions.is_stochastic)
-            terminated = engine.apply_flow(checked)
+            engine.apply_flow(checked)  # the episodes that end report it through trajectory.ended
         else:
             raise InvalidActionError(
                 f"expected a batched TextAction/FlowAction or a list of {self.num_envs} actions, got {type(actions).__name__}"
             )
         trajectory = engine.trajectory
         feedback = engine.last_feedback
-        if (
-            terminated
-            and feedback is not None
-            and bool(ended_before.logical_not().all())
-            and _no_turn_rewards(feedback)
-        ):
-            # every episode ended at this step, none with a turn reward: the terminal rewards as they are
-            rewards = trajectory.rewards.numpy().copy()
-        else:
-            rewards = np.zeros(self.num_envs, dtype=np.float32)
-            if feedback is not None:  # this step finished a turn's image: turn rewards, and the rows that ended
-                turn = feedback["rewards"].numpy()
-                given = ~np.isnan(turn)
-                rewards[feedback["rows"].numpy()[given]] = turn[given]
-                now = (trajectory.ended & ~ended_before).numpy()
-                if now.any():  # the episodes that ended at this step: their terminal rewards
-                    rewards[now] += trajectory.rewards.numpy()[now]
+        rewards = np.zeros(self.num_envs, dtype=np.float32)
+        if feedback is not None:  # this step finished a turn's image
+            now = (trajectory.ended & ~ended_before).numpy()
+            if now.any():  # the episodes that ended here: their terminal rewards
+                rewards[now] = trajectory.rewards.numpy()[now]
+            turn = feedback["rewards"].numpy()
+            given = ~np.isnan(turn)
+            rewards[feedback["rows"].numpy()[given]] += turn[given]  # and the turn's own rewards
         dones = trajectory.ended.numpy().copy()  # each episode from its own last step on
         return self._observation(), rewards, dones, np.zeros(self.num_envs, dtype=np.bool_), self._info()
 
@@ -425,7 +415,3 @@ def _masked(info: dict[str, Any], n: int, masks: dict[str, np.ndarray] | None = 
         out[key] = _masked(value, n) if isinstance(value, dict) else value
         out[f"_{key}"] = (masks or {}).get(key, np.ones(n, dtype=np.bool_))
     return out
-
-
-def _no_turn_rewards(feedback: dict[str, Any]) -> bool:
-    return bool(torch.isnan(feedback["rewards"]).all())
